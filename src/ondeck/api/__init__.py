@@ -1,0 +1,1 @@
+"""The HTTP interface: thin routers over engine functions, problem+json errors."""

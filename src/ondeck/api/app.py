@@ -1,0 +1,41 @@
+"""The FastAPI application; its lifespan runs this process's Node."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ondeck import __version__
+from ondeck.api import automations, health, problems, runs
+from ondeck.node import Node
+from ondeck.settings import Settings
+
+
+def create_app(
+    settings: Settings | None = None, *, run_worker: bool = True, load_automations: bool = True
+) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        node = Node(settings, run_worker=run_worker, load_automations=load_automations)
+        app.state.node = node
+        await node.start()
+        try:
+            yield
+        finally:
+            await node.stop()
+
+    app = FastAPI(
+        title="ondeck",
+        version=__version__,
+        summary="Run automations on demand, safely.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(health.router)
+    app.include_router(automations.router, prefix="/api/v1")
+    app.include_router(runs.router, prefix="/api/v1")
+    return app

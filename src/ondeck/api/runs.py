@@ -1,0 +1,182 @@
+"""Run routes: trigger, list, read, logs (JSON and SSE), cancel, rerun."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.responses import StreamingResponse
+
+from ondeck.api.deps import call, get_node
+from ondeck.api.schemas import LogEntryOut, LogPage, RunOut, RunPage, TriggerBody
+from ondeck.domain import Run
+from ondeck.engine import admission, runs
+from ondeck.engine.admission import AdmissionPolicy, TriggerRequest
+from ondeck.node import Node
+
+router = APIRouter(tags=["runs"])
+NodeDep = Annotated[Node, Depends(get_node)]
+WaitQuery = Annotated[
+    float | None,
+    Query(ge=0, le=600, description="Seconds to wait for the run to finish before answering."),
+]
+IdempotencyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Same key and params within 24 h (ONDECK_IDEMPOTENCY_TTL_SECONDS) "
+        "answer with the same run; same key with other params is a 422.",
+    ),
+]
+
+
+async def _wait_finished(node: Node, run: Run, timeout: float) -> Run:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not run.status.terminal:
+        with node.bus.watch_run(run.id) as changed:
+            run = await call(runs.get, node.store, run.id)
+            remaining = deadline - loop.time()
+            if run.status.terminal or remaining <= 0:
+                break
+            await changed.wait(min(remaining, node.settings.poll_seconds))
+    return run
+
+
+async def _admit(node: Node, request: TriggerRequest, wait: float | None, response: Response) -> RunOut:
+    policy = AdmissionPolicy(idempotency_ttl=node.settings.idempotency_ttl)
+    result = await call(admission.admit, node.store, request, policy)
+    run = result.run
+    if wait:
+        run = await _wait_finished(node, run, wait)
+    response.status_code = 200 if wait and run.status.terminal else 202
+    response.headers["Location"] = f"/api/v1/runs/{run.id}"
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return RunOut.of(run)
+
+
+@router.post("/automations/{name}/runs", response_model=RunOut, status_code=202)
+async def trigger_run(
+    node: NodeDep,
+    name: str,
+    response: Response,
+    body: TriggerBody | None = None,
+    wait: WaitQuery = None,
+    idempotency_key: IdempotencyHeader = None,
+) -> RunOut:
+    """Queue a run. 202 with the run; 200 with the finished run when `wait` sufficed."""
+    key = admission.parse_idempotency_key(idempotency_key) if idempotency_key is not None else None
+    request = TriggerRequest(name, (body or TriggerBody()).params, "api", key)
+    return await _admit(node, request, wait, response)
+
+
+@router.get("/runs", response_model=RunPage)
+async def list_runs(
+    node: NodeDep,
+    response: Response,
+    automation: str | None = None,
+    status: Annotated[list[str], Query(description="Repeat or comma-separate.")] = [],  # noqa: B006
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> RunPage:
+    statuses = [s for value in status for s in value.split(",") if s]
+    items, next_cursor = await call(
+        runs.page, node.store, automation=automation, statuses=statuses, before=cursor, limit=limit
+    )
+    if next_cursor:
+        response.headers["Link"] = f'</api/v1/runs?cursor={next_cursor}&limit={limit}>; rel="next"'
+    return RunPage(items=[RunOut.of(r) for r in items], next_cursor=next_cursor)
+
+
+@router.get("/runs/{run_id}", response_model=RunOut)
+async def get_run(node: NodeDep, run_id: str, wait: WaitQuery = None) -> RunOut:
+    """The run with its transitions and attempts; `wait` long-polls until it is terminal."""
+    if wait:
+        await _wait_finished(node, await call(runs.get, node.store, run_id), wait)
+    return RunOut.of_detail(await call(runs.detail, node.store, run_id))
+
+
+@router.get("/runs/{run_id}/logs", response_model=LogPage)
+async def get_logs(
+    node: NodeDep,
+    run_id: str,
+    after: Annotated[int, Query(ge=0, description="Only entries with seq above this.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+    attempt: int | None = None,
+) -> LogPage:
+    run, entries = await call(runs.logs, node.store, run_id, after=after, limit=limit, attempt=attempt)
+    return LogPage.of(run, entries)
+
+
+def _sse(event: str, data: str, event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {data}\n\n"
+
+
+async def _log_events(node: Node, run_id: str, after: int) -> AsyncIterator[str]:
+    """Every entry after ``after``, then an ``end`` event once the run is terminal."""
+    last, quiet = after, 0.0
+    batch = 1000
+    while True:
+        with node.bus.watch_run(run_id) as changed:
+            run, entries = await call(runs.logs, node.store, run_id, after=last, limit=batch)
+            for entry in entries:
+                yield _sse("log", LogEntryOut.model_validate(entry).model_dump_json(), entry.seq)
+                last = entry.seq
+            if len(entries) == batch:
+                continue
+            if run.status.terminal:
+                yield _sse("end", json.dumps({"status": run.status.value, "exit_code": run.exit_code}))
+                return
+            if await changed.wait(node.settings.poll_seconds):
+                quiet = 0.0
+            else:
+                quiet += node.settings.poll_seconds
+                if quiet >= 15:
+                    yield ": keep-alive\n\n"
+                    quiet = 0.0
+
+
+@router.get(
+    "/runs/{run_id}/logs/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def stream_logs(
+    node: NodeDep,
+    run_id: str,
+    after: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: `log` events (id = seq) and a final `end` event."""
+    await call(runs.get, node.store, run_id)  # 404 before the stream starts
+    start = max(after, last_event_id or 0)
+    return StreamingResponse(
+        _log_events(node, run_id, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunOut, status_code=202)
+async def cancel_run(node: NodeDep, run_id: str) -> RunOut:
+    return RunOut.of(await call(runs.cancel, node.store, run_id))
+
+
+@router.post("/runs/{run_id}/rerun", response_model=RunOut, status_code=202)
+async def rerun(
+    node: NodeDep,
+    run_id: str,
+    response: Response,
+    wait: WaitQuery = None,
+    idempotency_key: IdempotencyHeader = None,
+) -> RunOut:
+    """A new run of the automation's current version with the same params."""
+    original = await call(runs.get, node.store, run_id)
+    key = admission.parse_idempotency_key(idempotency_key) if idempotency_key is not None else None
+    request = TriggerRequest(original.automation, original.params, "rerun", key, rerun_of=original.id)
+    return await _admit(node, request, wait, response)

@@ -1,0 +1,373 @@
+"""The ``ondeck`` command: run the server and workers, and drive them over HTTP.
+
+Exit codes: 0 success (for runs: the run succeeded); 1 the run did not succeed
+or a definition is invalid; 3 the server refused the request or is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+
+from ondeck.settings import Settings
+
+app = typer.Typer(help="ondeck: run automations on demand, safely.", no_args_is_help=True)
+runs_app = typer.Typer(help="Inspect and control runs.", no_args_is_help=True)
+automations_app = typer.Typer(help="Validate, apply and list automations.", no_args_is_help=True)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(automations_app, name="automations")
+app.add_typer(db_app, name="db")
+
+EXIT_RUN_FAILED = 1
+EXIT_API = 3
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def main() -> None:
+    app()
+
+
+# --- talking to the server ---------------------------------------------------
+
+
+class Api:
+    def __init__(self, settings: Settings) -> None:
+        self.base = settings.url.rstrip("/")
+        self.client = httpx.Client(base_url=self.base, timeout=httpx.Timeout(30.0, read=None))
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.client.request(method, f"/api/v1{path}", **kwargs)
+        except httpx.TransportError as exc:
+            _fail(f"cannot reach ondeck at {self.base} ({exc}); is `ondeck server` running?")
+        if response.status_code >= 400:
+            _fail_problem(response)
+        return response.json()
+
+    def events(self, run_id: str) -> Any:
+        """Yield (event, data) pairs from the run's SSE log stream."""
+        try:
+            with self.client.stream("GET", f"/api/v1/runs/{run_id}/logs/stream") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _fail_problem(response)
+                event, data = "message", []
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].removeprefix(" "))
+                    elif not line and data:
+                        yield event, json.loads("\n".join(data))
+                        event, data = "message", []
+        except httpx.TransportError as exc:
+            _fail(f"log stream from {self.base} broke: {exc}")
+
+
+def _fail(message: str, code: int = EXIT_API) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _fail_problem(response: httpx.Response) -> NoReturn:
+    try:
+        body = response.json()
+        message = f"{body.get('title', 'error')} ({response.status_code}): {body.get('detail', '')}"
+    except ValueError:
+        message = f"HTTP {response.status_code}: {response.text[:200]}"
+    _fail(message)
+
+
+def _api() -> Api:
+    return Api(Settings())
+
+
+# --- params ------------------------------------------------------------------
+
+
+def _coerce(text: str, schema: dict[str, Any]) -> Any:
+    kind = schema.get("type")
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            return float(text)
+        if kind == "boolean" and text.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return text.lower() in ("true", "yes", "1")
+        if kind in ("array", "object"):
+            return json.loads(text)
+    except ValueError:
+        pass  # the server's validation names the field and the problem
+    return text
+
+
+def parse_params(pairs: list[str], schema: dict[str, Any]) -> dict[str, Any]:
+    """``k=v`` (typed by the automation's schema) or ``k:=<json>`` (taken as JSON)."""
+    properties = schema.get("properties", {})
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        if ":=" in pair and pair.index(":=") < pair.find("=") + 1:
+            key, raw = pair.split(":=", 1)
+            try:
+                params[key] = json.loads(raw)
+            except ValueError as exc:
+                _fail(f"-p {key}:= needs JSON: {exc}", code=2)
+        elif "=" in pair:
+            key, text = pair.split("=", 1)
+            params[key] = _coerce(text, properties.get(key, {}))
+        else:
+            _fail(f"-p takes key=value or key:=json, not {pair!r}", code=2)
+    return params
+
+
+# --- output ------------------------------------------------------------------
+
+
+def _print_run(run: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(run, indent=2))
+        return
+    typer.echo(f"run {run['id']}  {run['automation']} v{run['version']}  {run['status']}")
+    for label in ("params", "outputs"):
+        if run.get(label):
+            typer.echo(f"  {label}: {json.dumps(run[label])}")
+    if run.get("exit_code") is not None:
+        typer.echo(f"  exit code: {run['exit_code']}")
+    if run.get("error"):
+        typer.echo(f"  error: {run['error']}")
+    for transition in run.get("transitions") or []:
+        typer.echo(f"  {transition['at']}  -> {transition['to_status']}: {transition['reason']}")
+
+
+def _follow(api: Api, run_id: str) -> None:
+    for event, data in api.events(run_id):
+        if event == "log":
+            stream = sys.stdout if data["stream"] == "stdout" else sys.stderr
+            stream.write(data["text"])
+            stream.flush()
+
+
+def _wait(api: Api, run_id: str) -> dict[str, Any]:
+    while True:
+        run: dict[str, Any] = api.request("GET", f"/runs/{run_id}", params={"wait": 30})
+        if run["status"] in ("succeeded", "failed", "timed_out", "cancelled", "rejected"):
+            return run
+
+
+def _finish(api: Api, run: dict[str, Any], wait: bool, follow: bool, as_json: bool) -> None:
+    if follow:
+        _follow(api, run["id"])
+    if wait or follow:
+        run = _wait(api, run["id"])
+        if as_json:
+            _print_run(run, True)
+        else:
+            typer.echo(
+                f"run {run['id']} {run['status']}" + (f": {run['error']}" if run.get("error") else ""),
+                err=True,
+            )
+        if run["status"] != "succeeded":
+            raise typer.Exit(EXIT_RUN_FAILED)
+        return
+    _print_run(run, as_json)
+
+
+# --- commands ----------------------------------------------------------------
+
+
+@app.command()
+def run(
+    name: str,
+    param: Annotated[list[str], typer.Option("-p", "--param", help="key=value or key:=json")] = [],  # noqa: B006
+    wait: Annotated[bool, typer.Option(help="Wait for the run to end; exit 0 only on success.")] = False,
+    follow: Annotated[bool, typer.Option(help="Stream the live log (implies --wait).")] = False,
+    idempotency_key: Annotated[str | None, typer.Option(help="Repeat-safe trigger key.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Trigger automation NAME."""
+    api = _api()
+    automation = api.request("GET", f"/automations/{name}")
+    params = parse_params(param, automation["definition"].get("params", {}))
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    created = api.request("POST", f"/automations/{name}/runs", json={"params": params}, headers=headers)
+    if not as_json and (wait or follow):
+        typer.echo(f"run {created['id']} {created['status']}", err=True)
+    _finish(api, created, wait, follow, as_json)
+
+
+@runs_app.command("list")
+def runs_list(
+    automation: Annotated[str | None, typer.Option(help="Only this automation.")] = None,
+    status: Annotated[list[str], typer.Option(help="Only these statuses.")] = [],  # noqa: B006
+    limit: int = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Recent runs, newest first."""
+    query: dict[str, Any] = {"limit": limit, "status": status}
+    if automation:
+        query["automation"] = automation
+    page = _api().request("GET", "/runs", params=query)
+    if as_json:
+        typer.echo(json.dumps(page, indent=2))
+        return
+    for item in page["items"]:
+        typer.echo(f"{item['id']}  {item['status']:<10} {item['automation']:<24} {item['created_at']}")
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, as_json: JsonOption = False) -> None:
+    """One run with its transitions."""
+    _print_run(_api().request("GET", f"/runs/{run_id}"), as_json)
+
+
+@runs_app.command("logs")
+def runs_logs(
+    run_id: str,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the run ends.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """A run's output."""
+    api = _api()
+    if follow and not as_json:
+        _follow(api, run_id)
+        return
+    after = 0
+    while True:
+        page = api.request("GET", f"/runs/{run_id}/logs", params={"after": after, "limit": 5000})
+        for entry in page["entries"]:
+            if as_json:
+                typer.echo(json.dumps(entry))
+            else:
+                (sys.stdout if entry["stream"] == "stdout" else sys.stderr).write(entry["text"])
+            after = entry["seq"]
+        if len(page["entries"]) < 5000:
+            return
+
+
+@runs_app.command("cancel")
+def runs_cancel(run_id: str, as_json: JsonOption = False) -> None:
+    """Cancel a queued or running run."""
+    _print_run(_api().request("POST", f"/runs/{run_id}/cancel"), as_json)
+
+
+@runs_app.command("rerun")
+def runs_rerun(
+    run_id: str,
+    wait: bool = False,
+    follow: bool = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Run again with the same params."""
+    api = _api()
+    _finish(api, api.request("POST", f"/runs/{run_id}/rerun"), wait, follow, as_json)
+
+
+@automations_app.command("list")
+def automations_list(as_json: JsonOption = False) -> None:
+    """Automations in the catalog."""
+    page = _api().request("GET", "/automations")
+    if as_json:
+        typer.echo(json.dumps(page, indent=2))
+        return
+    for item in page["items"]:
+        typer.echo(f"{item['name']:<24} v{item['version']:<4} {item['runtime']:<7} {item['description']}")
+
+
+def _load(directory: Path) -> list[Any]:
+    from ondeck.spec.loader import load_directory
+
+    automations, problems = load_directory(directory)
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(EXIT_RUN_FAILED)
+    return automations
+
+
+@automations_app.command("validate")
+def automations_validate(directory: Path) -> None:
+    """Check every automation file under DIRECTORY; exit 1 on any error."""
+    automations = _load(directory)
+    typer.echo(f"{len(automations)} automations valid")
+
+
+@automations_app.command("apply")
+def automations_apply(directory: Path) -> None:
+    """Validate, then push every automation under DIRECTORY to the server."""
+    api = _api()
+    for automation in _load(directory):
+        result = api.request("PUT", f"/automations/{automation.name}", json=automation.definition())
+        state = "updated" if result["changed"] else "unchanged"
+        typer.echo(f"{result['name']}: version {result['version']} ({state})")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply database migrations (the server also does this on start)."""
+    from ondeck.store.store import Store
+
+    store = Store(Settings().resolved_database_url)
+    store.upgrade()
+    store.dispose()
+    typer.echo("database is up to date")
+
+
+@app.command()
+def server(
+    host: Annotated[str | None, typer.Option(help="Default ONDECK_HOST or 127.0.0.1.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default ONDECK_PORT or 8000.")] = None,
+    worker: Annotated[bool, typer.Option(help="Run an embedded worker.")] = True,
+    log_level: str = "info",
+) -> None:
+    """API, portal, reaper and (unless --no-worker) a worker, in one process."""
+    import uvicorn
+
+    from ondeck import jsonlog
+    from ondeck.api.app import create_app
+
+    settings = Settings()
+    jsonlog.configure(log_level.upper())
+    application = create_app(settings, run_worker=worker)
+    uvicorn.run(
+        application,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.kill_grace_seconds) + 5,
+    )
+
+
+@app.command("worker")
+def worker_command(
+    concurrency: Annotated[int | None, typer.Option(help="Runs at once (ONDECK_WORKER_CONCURRENCY).")] = None,
+    group: Annotated[str | None, typer.Option(help="Worker group to serve.")] = None,
+    log_level: str = "info",
+) -> None:
+    """Execute runs only; point several at one PostgreSQL database to scale out."""
+    from ondeck import jsonlog
+    from ondeck.node import Node
+
+    jsonlog.configure(log_level.upper())
+
+    async def serve() -> None:
+        node = Node(Settings(), load_automations=False, worker_group=group, worker_concurrency=concurrency)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await node.start()
+        await stop.wait()
+        await node.stop()
+
+    asyncio.run(serve())

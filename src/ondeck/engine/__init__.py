@@ -1,0 +1,1 @@
+"""Admission, queue claims, leases, retries and finishing: the run lifecycle."""

@@ -1,0 +1,113 @@
+"""Ending an attempt: record it, free its slot, then retry or finish the run.
+
+Used by the worker for attempts that ran to an end and by the reaper for
+attempts whose worker disappeared; both go through ``_end_attempt`` so the
+rules for retries and slots are in one place.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
+from ondeck.durations import format_duration
+from ondeck.engine import states
+from ondeck.engine.queue import Claim
+from ondeck.spec.models import Retries
+from ondeck.store.store import Store, Transaction
+
+RETRYABLE = frozenset({RunStatus.FAILED, RunStatus.TIMED_OUT})
+
+
+def backoff(retries: Retries, finished_attempt: int) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random."""
+    delay = min(retries.max_backoff, retries.backoff * 2 ** (finished_attempt - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def append_logs(store: Store, claim: Claim, chunks: Sequence[LogChunk]) -> bool:
+    """Write a batch of output; False if the lease was lost (the attempt is void)."""
+    with store.transaction() as tx:
+        run = tx.get_run(claim.run.id, lock=True)
+        if not _still_owned(run, claim):
+            return False
+        tx.append_logs(claim.run.id, claim.run.attempt, chunks)
+        return True
+
+
+def finish(store: Store, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk] = ()) -> Run | None:
+    """Record the attempt's end with its last output; None if the lease was lost meanwhile."""
+    now = utcnow()
+    with store.transaction() as tx:
+        run = tx.get_run(claim.run.id, lock=True)
+        if run is None or not _still_owned(run, claim):
+            return None
+        tx.append_logs(run.id, run.attempt, chunks)
+        _end_attempt(tx, run, outcome, claim.automation.retries, now)
+        return tx.get_run(run.id)
+
+
+def _still_owned(run: Run | None, claim: Claim) -> bool:
+    return (
+        run is not None
+        and run.status == RunStatus.RUNNING
+        and run.lease_owner == claim.worker
+        and run.attempt == claim.run.attempt
+    )
+
+
+def reap_expired_leases(store: Store, limit: int = 100) -> list[str]:
+    """End every attempt whose lease lapsed (its worker died or hung); returns run ids."""
+    now = utcnow()
+    reaped = []
+    with store.transaction() as tx:
+        for run in tx.expired_leases(now, limit):
+            version = tx.automation_version(run.automation, run.version)
+            retries = Retries.model_validate(version.definition.get("retries", {})) if version else Retries()
+            status = RunStatus.CANCELLED if run.cancel_requested else RunStatus.FAILED
+            error = f"worker lost: {run.lease_owner} stopped renewing its lease"
+            _end_attempt(tx, run, Outcome(status, error=error), retries, now)
+            reaped.append(run.id)
+    return reaped
+
+
+def _end_attempt(tx: Transaction, run: Run, outcome: Outcome, retries: Retries, now: datetime) -> None:
+    tx.finish_attempt(run.id, run.attempt, outcome.status, outcome.exit_code, outcome.error, now)
+    tx.release_slot(run.id)
+    released = {"lease_owner": None, "lease_expires_at": None}
+    result = {"exit_code": outcome.exit_code, "error": outcome.error}
+    if outcome.status in RETRYABLE and not run.cancel_requested and run.attempt < run.max_attempts:
+        delay = backoff(retries, run.attempt)
+        states.check(RunStatus.RUNNING, RunStatus.QUEUED)
+        reason = (
+            f"attempt {run.attempt} {outcome.status}"
+            + (f" ({outcome.error})" if outcome.error else "")
+            + f"; retry {run.attempt + 1}/{run.max_attempts} in {format_duration(delay)}"
+        )
+        tx.move_run(
+            run.id,
+            RunStatus.RUNNING,
+            RunStatus.QUEUED,
+            now,
+            reason,
+            not_before=now + timedelta(seconds=delay),
+            **released,
+            **result,
+        )
+        tx.notify("queue", run.worker_group)
+        return
+    states.check(RunStatus.RUNNING, outcome.status)
+    reason = outcome.error or str(outcome.status)
+    tx.move_run(
+        run.id,
+        RunStatus.RUNNING,
+        outcome.status,
+        now,
+        reason,
+        outputs=outcome.outputs,
+        finished_at=now,
+        **released,
+        **result,
+    )

@@ -1,0 +1,89 @@
+"""Claiming queued runs under a lease, and keeping the lease alive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+from ondeck.domain import Run, RunStatus, utcnow
+from ondeck.engine import states
+from ondeck.spec.models import Automation
+from ondeck.store.store import Store
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One attempt of one run, leased to ``worker`` until it finishes or the lease lapses."""
+
+    run: Run
+    automation: Automation
+    worker: str
+
+
+class DefinitionCache:
+    """Versions never change once stored, so each is parsed once per process."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], Automation] = {}
+
+    def get(self, name: str, version: int, definition: dict[str, object]) -> Automation:
+        key = (name, version)
+        if key not in self._cache:
+            self._cache[key] = Automation.model_validate(definition)
+        return self._cache[key]
+
+
+def claim(
+    store: Store,
+    worker: str,
+    group: str,
+    capacity: int,
+    lease: timedelta,
+    definitions: DefinitionCache,
+) -> list[Claim]:
+    """Lease up to ``capacity`` due runs of ``group``, highest priority first.
+
+    A run with a concurrency key is only taken when a slot of its key can be
+    occupied in this same transaction.
+    """
+    now = utcnow()
+    claims: list[Claim] = []
+    with store.transaction() as tx:
+        for run in tx.queued_candidates(group, now, capacity * 2 + 4):
+            if len(claims) == capacity:
+                break
+            if run.concurrency_key is not None and not tx.take_slot(
+                run.concurrency_key, run.concurrency_limit or 1, run.id
+            ):
+                continue
+            number = run.attempt + 1
+            states.check(run.status, RunStatus.RUNNING)
+            started_at = run.started_at or now
+            fields = {
+                "attempt": number,
+                "lease_owner": worker,
+                "lease_expires_at": now + lease,
+                "started_at": started_at,
+            }
+            if not tx.move_run(
+                run.id,
+                RunStatus.QUEUED,
+                RunStatus.RUNNING,
+                now,
+                f"attempt {number} started on {worker}",
+                **fields,
+            ):
+                continue
+            tx.insert_attempt(run.id, number, worker, now)
+            version = tx.automation_version(run.automation, run.version)
+            assert version is not None, f"run {run.id} refers to a missing automation version"
+            automation = definitions.get(run.automation, run.version, version.definition)
+            claims.append(Claim(replace(run, status=RunStatus.RUNNING, **fields), automation, worker))
+    return claims
+
+
+def renew_leases(store: Store, worker: str, lease: timedelta) -> list[str]:
+    """Extend the worker's leases; returns the ids of its runs asked to cancel."""
+    with store.transaction() as tx:
+        renewed = tx.renew_leases(worker, utcnow() + lease)
+    return [run_id for run_id, cancel in renewed if cancel]

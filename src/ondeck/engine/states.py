@@ -1,0 +1,32 @@
+"""The one table of legal run state transitions."""
+
+from __future__ import annotations
+
+from ondeck.domain import RunStatus
+from ondeck.errors import IllegalTransition
+
+S = RunStatus
+
+TRANSITIONS: dict[RunStatus | None, frozenset[RunStatus]] = {
+    None: frozenset({S.PENDING}),
+    S.PENDING: frozenset({S.WAITING_APPROVAL, S.QUEUED, S.REJECTED, S.CANCELLED}),
+    S.WAITING_APPROVAL: frozenset({S.QUEUED, S.REJECTED, S.CANCELLED}),
+    # running -> queued is a retry (or a lost worker's run going back to the queue).
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.TIMED_OUT, S.CANCELLED, S.QUEUED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.TIMED_OUT: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.REJECTED: frozenset(),
+}
+
+
+def check(from_status: RunStatus | None, to_status: RunStatus) -> None:
+    """Raise ``IllegalTransition`` unless ``from_status -> to_status`` is in the table."""
+    if to_status not in TRANSITIONS[from_status]:
+        raise IllegalTransition(
+            f"a run cannot go from {from_status or 'nothing'} to {to_status}",
+            from_status=from_status,
+            to_status=str(to_status),
+        )

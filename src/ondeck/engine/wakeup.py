@@ -1,0 +1,128 @@
+"""Wake-ups: the store says what changed, waiting coroutines hear it at once.
+
+Channels: ``queue`` (a run became due; payload is the worker group), ``run``
+(a run changed or logged; payload is its id), ``cancel`` (a running run was
+asked to stop). On SQLite the store's in-process notifications are all there
+is; on PostgreSQL a ``LISTEN`` connection adds those of every other process.
+Polling remains only as a fallback: every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import psycopg
+from sqlalchemy import make_url
+
+log = logging.getLogger(__name__)
+CHANNELS = ("queue", "run", "cancel")
+
+
+class Watch:
+    """Registered before state is read, so a change in between is never missed."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """True if woken, False on timeout; re-arms for the next wait."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._event.clear()
+        return True
+
+
+class WakeBus:
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue_watches: set[Watch] = set()
+        self._run_watches: dict[str, set[Watch]] = defaultdict(set)
+        self._cancel_handlers: list[Callable[[str], None]] = []
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def from_thread(self, channel: str, payload: str) -> None:
+        """Thread-safe entry point (store commits and the LISTEN thread call this)."""
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closing during shutdown
+                self._loop.call_soon_threadsafe(self.publish, channel, payload)
+
+    def publish(self, channel: str, payload: str) -> None:
+        if channel == "queue":
+            for watch in list(self._queue_watches):
+                watch.fire()
+        elif channel == "run":
+            for watch in list(self._run_watches.get(payload, ())):
+                watch.fire()
+        elif channel == "cancel":
+            for handler in self._cancel_handlers:
+                handler(payload)
+
+    def on_cancel(self, handler: Callable[[str], None]) -> None:
+        self._cancel_handlers.append(handler)
+
+    @contextlib.contextmanager
+    def watch_queue(self) -> Iterator[Watch]:
+        watch = Watch()
+        self._queue_watches.add(watch)
+        try:
+            yield watch
+        finally:
+            self._queue_watches.discard(watch)
+
+    @contextlib.contextmanager
+    def watch_run(self, run_id: str) -> Iterator[Watch]:
+        watch = Watch()
+        self._run_watches[run_id].add(watch)
+        try:
+            yield watch
+        finally:
+            watches = self._run_watches.get(run_id)
+            if watches is not None:
+                watches.discard(watch)
+                if not watches:
+                    del self._run_watches[run_id]
+
+
+class PostgresListener:
+    """A thread holding one ``LISTEN`` connection; reconnects if it drops."""
+
+    def __init__(self, database_url: str, bus: WakeBus) -> None:
+        url = make_url(database_url).set(drivername="postgresql")
+        self._conninfo = url.render_as_string(hide_password=False)
+        self._bus = bus
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ondeck-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True) as connection:
+                    for channel in CHANNELS:
+                        connection.execute(f"LISTEN ondeck_{channel}")
+                    # Anything missed while (re)connecting: wake everyone once.
+                    self._bus.from_thread("queue", "")
+                    while not self._stop.is_set():
+                        for note in connection.notifies(timeout=1.0):
+                            self._bus.from_thread(note.channel.removeprefix("ondeck_"), note.payload)
+            except psycopg.Error as exc:
+                log.warning("LISTEN connection lost (%s); reconnecting", exc)
+                self._stop.wait(1.0)

@@ -1,0 +1,218 @@
+"""The worker loop: claim due runs, execute them, keep their leases, finish them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from datetime import timedelta
+
+from anyio import to_thread
+
+from ondeck.domain import LogChunk, Outcome, RunStatus
+from ondeck.durations import parse_duration, parse_size
+from ondeck.engine import admission, finish, queue
+from ondeck.engine.queue import Claim, DefinitionCache
+from ondeck.engine.wakeup import WakeBus
+from ondeck.ids import new_id
+from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
+from ondeck.runner.process import run_attempt
+from ondeck.settings import Settings
+from ondeck.spec.expressions import ExpressionError, render
+from ondeck.store.store import Store
+
+log = logging.getLogger(__name__)
+_FLUSH_SECONDS = 0.1
+_FLUSH_BYTES = 512 * 1024
+
+
+class _LogBuffer:
+    """Output waiting to be written; flushed on a timer so live viewers see it promptly."""
+
+    def __init__(self, store: Store, claim: Claim, on_lost: asyncio.Event) -> None:
+        self._store, self._claim, self._on_lost = store, claim, on_lost
+        self._chunks: list[LogChunk] = []
+        self._size = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def full(self) -> bool:
+        return self._size >= _FLUSH_BYTES
+
+    def add(self, chunk: LogChunk) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk.text)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            batch, self._chunks, self._size = self._chunks, [], 0
+            if batch and not await to_thread.run_sync(finish.append_logs, self._store, self._claim, batch):
+                self._on_lost.set()  # another process owns the run now: stop this attempt
+
+    async def flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(_FLUSH_SECONDS)
+            await self.flush()
+
+    async def take_rest(self) -> list[LogChunk]:
+        async with self._lock:
+            batch, self._chunks, self._size = self._chunks, [], 0
+            return batch
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        bus: WakeBus,
+        *,
+        group: str | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        self.store, self.settings, self.bus = store, settings, bus
+        self.group = group or settings.worker_group
+        self.concurrency = concurrency or settings.worker_concurrency
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
+        self.lease = timedelta(seconds=settings.lease_seconds)
+        self._definitions = DefinitionCache()
+        self._active: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        bus.on_cancel(self._cancel)
+
+    def _cancel(self, run_id: str) -> None:
+        event = self._active.get(run_id)
+        if event is not None:
+            event.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and execute until ``stop`` is set; then stop in-flight attempts."""
+        heartbeat = asyncio.create_task(self._heartbeat())
+        log.info("worker %s started (group %s, concurrency %d)", self.id, self.group, self.concurrency)
+        try:
+            while not stop.is_set():
+                with self.bus.watch_queue() as woken:
+                    claimed = await self._claim()
+                    if claimed and len(self._active) < self.concurrency:
+                        continue  # there may be more due right now
+                    waiter = asyncio.create_task(woken.wait(self.settings.poll_seconds))
+                    stopped = asyncio.create_task(stop.wait())
+                    await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    stopped.cancel()
+        finally:
+            self._stopping = True
+            for event in self._active.values():
+                event.set()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=self.settings.kill_grace_seconds + 10)
+            heartbeat.cancel()
+            log.info("worker %s stopped", self.id)
+
+    async def _claim(self) -> int:
+        free = self.concurrency - len(self._active)
+        if free <= 0:
+            return 0
+        try:
+            claims = await to_thread.run_sync(
+                queue.claim, self.store, self.id, self.group, free, self.lease, self._definitions
+            )
+        except Exception:
+            log.exception("claiming runs failed; will retry")
+            return 0
+        for claim in claims:
+            self._active[claim.run.id] = asyncio.Event()
+            task = asyncio.create_task(self._execute(claim))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(claims)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease.total_seconds() / 3)
+            if not self._active:
+                continue
+            try:
+                to_cancel = await to_thread.run_sync(queue.renew_leases, self.store, self.id, self.lease)
+            except Exception:
+                log.exception("renewing leases failed; will retry")
+                continue
+            for run_id in to_cancel:
+                self._cancel(run_id)
+
+    def attempt_for(self, claim: Claim) -> Attempt:
+        """Translate a claimed run into the runner's terms (limits, args, budget)."""
+        automation, run, settings = claim.automation, claim.run, self.settings
+        context = {"params": run.params, "run": {"id": run.id, "attempt": run.attempt}}
+        limits = automation.limits
+        return Attempt(
+            run_id=run.id,
+            number=run.attempt,
+            runtime=automation.run.runtime,
+            script=automation.run.script,
+            args=[render(arg, context) for arg in automation.run.args],
+            entrypoint=automation.run.entrypoint,
+            params=run.params,
+            timeout=automation.timeout or parse_duration(settings.default_timeout),
+            limits=ResourceLimits(
+                memory_bytes=limits.memory or parse_size(settings.limit_memory),
+                cpu_seconds=int(limits.cpu or parse_duration(settings.limit_cpu)),
+                processes=limits.processes or settings.limit_processes,
+                file_size_bytes=limits.file_size or parse_size(settings.limit_file_size),
+            ),
+            log_budget=settings.log_cap_bytes - run.log_bytes,
+            workspace_root=settings.workspaces_dir.resolve(),
+            kill_grace=settings.kill_grace_seconds,
+        )
+
+    async def _execute(self, claim: Claim) -> None:
+        run_id = claim.run.id
+        stop = self._active[run_id]
+        buffer = _LogBuffer(self.store, claim, stop)
+        flusher = asyncio.create_task(buffer.flush_periodically())
+        outcome = Outcome(RunStatus.FAILED, None, "the attempt ended without a result")
+        try:
+            attempt = self.attempt_for(claim)
+            async with contextlib.aclosing(run_attempt(attempt, stop)) as events:
+                async for event in events:
+                    if isinstance(event, Output):
+                        buffer.add(event.chunk)
+                        if buffer.full:
+                            await buffer.flush()
+                    elif isinstance(event, Finished):
+                        outcome = event.outcome
+        except ExpressionError as exc:
+            outcome = Outcome(RunStatus.FAILED, None, f"run.args: {exc}")
+        except Exception as exc:
+            log.exception("run %s: the runner failed", run_id)
+            outcome = Outcome(RunStatus.FAILED, None, f"runner error: {type(exc).__name__}: {exc}")
+        finally:
+            flusher.cancel()
+        if self._stopping and outcome.status == RunStatus.CANCELLED:
+            outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
+        try:
+            rest = await buffer.take_rest()
+            await to_thread.run_sync(finish.finish, self.store, claim, outcome, rest)
+        except Exception:
+            # The lease will lapse and the reaper will end the attempt: nothing is lost.
+            log.exception("run %s: recording the result failed", run_id)
+        finally:
+            del self._active[run_id]
+            self.bus.publish("queue", self.group)
+
+
+async def reap_forever(store: Store, interval: float, stop: asyncio.Event) -> None:
+    """End attempts whose leases lapsed and purge expired idempotency keys."""
+    while not stop.is_set():
+        try:
+            reaped = await to_thread.run_sync(finish.reap_expired_leases, store)
+            if reaped:
+                log.warning("reaped runs with lapsed leases: %s", ", ".join(reaped))
+            await to_thread.run_sync(admission.purge_expired_keys, store)
+        except Exception:
+            log.exception("reaping failed; will retry")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)

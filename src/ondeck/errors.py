@@ -1,0 +1,79 @@
+"""One exception hierarchy for the whole product.
+
+Every error carries a stable ``code`` (part of the API contract: it becomes the
+problem+json ``type``) and an HTTP ``status``. The API maps them to
+problem+json once; the CLI maps them to exit codes once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OndeckError(Exception):
+    code = "error"
+    status = 500
+    title = "Internal error"
+
+    def __init__(self, detail: str, **extensions: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extensions = extensions
+
+
+class InvalidRequest(OndeckError):
+    code = "invalid-request"
+    status = 400
+    title = "Invalid request"
+
+
+class NotFound(OndeckError):
+    code = "not-found"
+    status = 404
+    title = "Not found"
+
+
+class Conflict(OndeckError):
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class InvalidDefinition(OndeckError):
+    """An automation definition is malformed; ``errors`` names file and field."""
+
+    code = "invalid-definition"
+    status = 422
+    title = "Invalid automation definition"
+
+
+class InvalidParams(OndeckError):
+    """Params fail the automation's schema; ``errors`` lists the failing paths."""
+
+    code = "invalid-params"
+    status = 422
+    title = "Invalid parameters"
+
+
+class IdempotencyMismatch(OndeckError):
+    code = "idempotency-key-reused"
+    status = 422
+    title = "Idempotency key reused with different parameters"
+
+
+class ConcurrencyRejected(OndeckError):
+    code = "concurrency-limit"
+    status = 409
+    title = "Concurrency limit reached"
+
+
+class IllegalTransition(OndeckError):
+    code = "illegal-transition"
+    status = 409
+    title = "Illegal run state transition"
+
+
+class StoreUnavailable(OndeckError):
+    code = "store-unavailable"
+    status = 503
+    title = "Store unavailable"

@@ -1,0 +1,1 @@
+"""One attempt of one run, as a process: no database, no HTTP, only events."""

@@ -1,0 +1,52 @@
+"""What the runner is given, and what it reports back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ondeck.domain import LogChunk, Outcome
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    memory_bytes: int
+    cpu_seconds: int
+    processes: int
+    file_size_bytes: int
+
+
+@dataclass(frozen=True)
+class Attempt:
+    run_id: str
+    number: int
+    runtime: str  # bash | python | exec
+    script: str | None
+    args: list[str]
+    entrypoint: str  # script | main
+    params: dict[str, Any]
+    timeout: float
+    limits: ResourceLimits
+    log_budget: int
+    workspace_root: Path
+    kill_grace: float = 5.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Started:
+    pid: int
+
+
+@dataclass(frozen=True)
+class Output:
+    chunk: LogChunk
+
+
+@dataclass(frozen=True)
+class Finished:
+    outcome: Outcome
+
+
+Event = Started | Output | Finished

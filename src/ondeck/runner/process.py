@@ -1,0 +1,261 @@
+"""Execute one attempt as a sandboxed process and report events as they happen.
+
+Parameters reach the program only as data: environment variables and a JSON
+file. Nothing a caller sends is ever spliced into shell text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import re
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ondeck.domain import LogChunk, Outcome, RunStatus, utcnow
+from ondeck.durations import format_duration
+from ondeck.runner import processes
+from ondeck.runner.attempt import Attempt, Event, Finished, Output, ResourceLimits, Started
+from ondeck.runner.workspace import Workspace
+
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ENTRY = Path(__file__).with_name("python_entry.py")
+_PRLIMIT = shutil.which("prlimit")
+_READ_SIZE = 64 * 1024
+_OUTPUTS_MAX = 1024 * 1024
+_EOF = object()
+
+
+def param_env_name(name: str) -> str:
+    return "ONDECK_PARAM_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def build_env(attempt: Attempt, workspace: Workspace) -> dict[str, str]:
+    """A minimal environment: nothing of the server's own environment leaks in."""
+    env = {
+        "PATH": SAFE_PATH,
+        "HOME": str(workspace.work),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TMPDIR": str(workspace.tmp),
+        "ONDECK_RUN_ID": attempt.run_id,
+        "ONDECK_ATTEMPT": str(attempt.number),
+        "ONDECK_WORKSPACE": str(workspace.work),
+        "ONDECK_PARAMS": str(workspace.params_file),
+        "ONDECK_OUTPUTS": str(workspace.outputs_file),
+    }
+    for name, value in attempt.params.items():
+        text = _env_value(value)
+        if "\0" not in text:  # not representable in the environment; the JSON file has it
+            env[param_env_name(name)] = text
+    env.update(attempt.extra_env)
+    return env
+
+
+def _limit_prefix(limits: ResourceLimits) -> list[str]:
+    if _PRLIMIT is None:
+        return []
+    return [
+        _PRLIMIT,
+        f"--as={limits.memory_bytes}",
+        f"--cpu={limits.cpu_seconds}",
+        f"--nproc={limits.processes}",
+        f"--fsize={limits.file_size_bytes}",
+        "--core=0",
+        "--",
+    ]
+
+
+def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
+    if attempt.runtime == "exec":
+        program = attempt.args
+    elif attempt.runtime == "bash":
+        script = workspace.meta / "script.sh"
+        script.write_text(attempt.script or "", encoding="utf-8")
+        # As GitHub Actions does: no rc files, stop at the first failing command or pipe stage.
+        program = ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script), *attempt.args]
+    else:
+        script = workspace.meta / "script.py"
+        script.write_text(attempt.script or "", encoding="utf-8")
+        if attempt.entrypoint == "main":
+            program = [sys.executable, "-I", str(_ENTRY), str(script)]
+        else:
+            program = [sys.executable, "-I", str(script), *attempt.args]
+    return _limit_prefix(attempt.limits) + program
+
+
+class _OutputBudget:
+    """Shared by both pipes: caps what is kept, but the pipes are always drained."""
+
+    def __init__(self, limit: int) -> None:
+        self.remaining = limit
+        self.limit = limit
+        self.truncated = False
+
+
+async def _pump(
+    stream: asyncio.StreamReader,
+    name: str,
+    budget: _OutputBudget,
+    queue: asyncio.Queue[LogChunk | object],
+) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while True:
+        data = await stream.read(_READ_SIZE)
+        if not data:
+            tail = decoder.decode(b"", final=True)
+            if tail and not budget.truncated:
+                await queue.put(LogChunk(name, tail, utcnow()))
+            break
+        if budget.truncated:
+            continue
+        if len(data) > budget.remaining:
+            data = data[: budget.remaining]
+            budget.truncated = True
+        budget.remaining -= len(data)
+        text = decoder.decode(data, final=budget.truncated)
+        if text:
+            await queue.put(LogChunk(name, text, utcnow()))
+        if budget.truncated:
+            marker = f"\n[ondeck] output truncated at {budget.limit} bytes; the rest was discarded\n"
+            await queue.put(LogChunk("system", marker, utcnow()))
+    await queue.put(_EOF)
+
+
+def _read_outputs(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None, None
+    if size == 0:
+        return None, None
+    if size > _OUTPUTS_MAX:
+        return None, f"outputs file is larger than {_OUTPUTS_MAX} bytes"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"outputs file is not valid JSON: {exc}"
+    if not isinstance(value, dict):
+        return None, "outputs file must hold a JSON object"
+    return value, None
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncIterator[Event]:
+    """Run ``attempt``; yields Started, Output…, then exactly one Finished.
+
+    Whatever happens — timeout, cancel, the consumer going away — every process
+    of the attempt is killed and the workspace removed before this returns.
+    """
+    workspace = Workspace.create(attempt.workspace_root, attempt.run_id, attempt.number)
+    process: asyncio.subprocess.Process | None = None
+    try:
+        workspace.params_file.write_text(json.dumps(attempt.params), encoding="utf-8")
+        argv = build_argv(attempt, workspace)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=workspace.work,
+                env=build_env(attempt, workspace),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            yield Finished(Outcome(RunStatus.FAILED, None, f"cannot start {argv[0]}: {exc.strerror}"))
+            return
+        yield Started(process.pid)
+        async for event in _supervise(process, attempt, cancel, workspace):
+            yield event
+    finally:
+        if process is not None and processes.group_alive(process.pid):
+            await processes.terminate(process.pid, attempt.run_id, attempt.number, 0)
+        await asyncio.to_thread(workspace.remove)
+
+
+async def _supervise(
+    process: asyncio.subprocess.Process, attempt: Attempt, cancel: asyncio.Event, workspace: Workspace
+) -> AsyncIterator[Event]:
+    assert process.stdout is not None and process.stderr is not None
+    budget = _OutputBudget(max(attempt.log_budget, 0))
+    queue: asyncio.Queue[LogChunk | object] = asyncio.Queue(maxsize=64)
+    pumps = [
+        asyncio.create_task(_pump(process.stdout, "stdout", budget, queue)),
+        asyncio.create_task(_pump(process.stderr, "stderr", budget, queue)),
+    ]
+    stopper = asyncio.create_task(_stop_when_due(process, attempt, cancel))
+    try:
+        open_pipes = 2
+        while open_pipes:
+            item = await queue.get()
+            if item is _EOF:
+                open_pipes -= 1
+            elif isinstance(item, LogChunk):
+                yield Output(item)
+        reason = await stopper
+        code = await process.wait()
+    finally:
+        for task in (*pumps, stopper):
+            task.cancel()
+    if reason == "timeout":
+        outcome = Outcome(RunStatus.TIMED_OUT, code, f"timed out after {format_duration(attempt.timeout)}")
+    elif reason == "cancel":
+        outcome = Outcome(RunStatus.CANCELLED, code, "cancelled")
+    else:
+        outputs, problem = _read_outputs(workspace.outputs_file)
+        if code != 0:
+            outcome = Outcome(RunStatus.FAILED, code, _describe_exit(code), outputs)
+        elif problem:
+            outcome = Outcome(RunStatus.FAILED, code, problem)
+        else:
+            outcome = Outcome(RunStatus.SUCCEEDED, code, None, outputs)
+    yield Finished(outcome)
+
+
+async def _stop_when_due(
+    process: asyncio.subprocess.Process, attempt: Attempt, cancel: asyncio.Event
+) -> str | None:
+    """Wait for exit, timeout or cancel; make sure the whole group is gone either way.
+
+    Returns why the attempt was stopped (``timeout``/``cancel``) or None if it exited.
+    Background children left after a normal exit are terminated too, which is
+    also what closes the pipes they inherited.
+    """
+    exited = asyncio.create_task(process.wait())
+    cancelled = asyncio.create_task(cancel.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {exited, cancelled}, timeout=attempt.timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        cancelled.cancel()
+    reason = None
+    if exited not in done:
+        reason = "cancel" if cancel.is_set() else "timeout"
+        await processes.terminate(process.pid, attempt.run_id, attempt.number, attempt.kill_grace)
+    elif processes.group_alive(process.pid):
+        await processes.terminate(process.pid, attempt.run_id, attempt.number, attempt.kill_grace)
+    await exited
+    return reason

@@ -1,0 +1,61 @@
+"""A fresh directory per attempt, removed afterwards whatever happened."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def work(self) -> Path:
+        """The script's working directory and HOME."""
+        return self.root / "work"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def meta(self) -> Path:
+        """Files ondeck writes for the script: params, the script itself; outputs come back here."""
+        return self.root / "meta"
+
+    @property
+    def params_file(self) -> Path:
+        return self.meta / "params.json"
+
+    @property
+    def outputs_file(self) -> Path:
+        return self.meta / "outputs.json"
+
+    @classmethod
+    def create(cls, parent: Path, run_id: str, attempt: int) -> Workspace:
+        parent.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix=f"{run_id}-{attempt}-", dir=parent))
+        os.chmod(root, 0o700)
+        workspace = cls(root)
+        for directory in (workspace.work, workspace.tmp, workspace.meta):
+            directory.mkdir()
+        return workspace
+
+    def remove(self) -> None:
+        """Delete everything, including files a script made read-only."""
+
+        def _make_writable(function: object, path: str, _exc: object) -> None:
+            try:
+                os.chmod(os.path.dirname(path), stat.S_IRWXU)
+                os.chmod(path, stat.S_IRWXU)
+            except OSError:
+                return
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+
+        shutil.rmtree(self.root, onerror=_make_writable)
+        shutil.rmtree(self.root, ignore_errors=True)

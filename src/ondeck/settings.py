@@ -1,0 +1,65 @@
+"""All configuration, from ``ONDECK_*`` environment variables, in one object.
+
+No other module reads ``os.environ``: they receive a ``Settings``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_EXAMPLES = Path(__file__).parent / "examples" / "automations"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONDECK_", extra="ignore")
+
+    data_dir: Path = Field(Path(".ondeck"), description="Where the SQLite file and workspaces live.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; default sqlite under data_dir. Use postgresql+psycopg://… to scale out.",
+    )
+    automations_dir: Path | None = Field(
+        None, description="Loaded at server start; default ./automations, else the bundled examples."
+    )
+    url: str = Field("http://127.0.0.1:8000", description="Server URL the CLI talks to.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    lease_seconds: float = Field(30.0, gt=0.5, description="Run lease; renewed every third of it.")
+    poll_seconds: float = Field(1.0, gt=0, description="Fallback queue poll when no wake-up arrives.")
+    worker_concurrency: int = Field(8, ge=1, description="Runs one worker process executes at once.")
+    worker_group: str = "default"
+    kill_grace_seconds: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL grace period.")
+    default_timeout: str = Field("1h", description="Run timeout when an automation sets none.")
+    log_cap_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Captured output per run.")
+    idempotency_ttl_seconds: float = Field(24 * 3600, gt=0)
+
+    limit_memory: str = Field("4GiB", description="RLIMIT_AS default for scripts.")
+    limit_cpu: str = Field("1h", description="RLIMIT_CPU default for scripts.")
+    limit_processes: int = Field(4096, description="RLIMIT_NPROC default (counts per user).")
+    limit_file_size: str = Field("1GiB", description="RLIMIT_FSIZE default for scripts.")
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'ondeck.db').resolve()}"
+
+    @property
+    def idempotency_ttl(self) -> timedelta:
+        return timedelta(seconds=self.idempotency_ttl_seconds)
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.data_dir / "workspaces"
+
+    def resolved_automations_dir(self) -> Path:
+        if self.automations_dir is not None:
+            return self.automations_dir
+        local = Path("automations")
+        return local if local.is_dir() else BUNDLED_EXAMPLES

@@ -1,0 +1,1 @@
+"""Automation definitions: models, YAML loading, parameter schemas, expressions."""

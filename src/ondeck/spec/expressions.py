@@ -1,0 +1,67 @@
+"""``${{ … }}`` expressions: JMESPath over a context such as ``{"params": …}``.
+
+A string that is exactly one expression evaluates to the expression's value
+(keeping its JSON type); an expression embedded in other text is rendered as
+text. Expressions only ever *read* data: JMESPath has no side effects, which is
+why it was chosen over a general-purpose template language.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import jmespath
+import jmespath.exceptions
+
+_EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}", re.DOTALL)
+
+
+class ExpressionError(ValueError):
+    pass
+
+
+def expressions_in(template: str) -> list[str]:
+    return [match.group(1) for match in _EXPRESSION.finditer(template)]
+
+
+def check(template: str) -> None:
+    """Raise ``ExpressionError`` if any expression in ``template`` does not compile."""
+    for source in expressions_in(template):
+        _compile(source)
+
+
+def _compile(source: str) -> Any:
+    try:
+        return jmespath.compile(source)
+    except jmespath.exceptions.JMESPathError as exc:
+        raise ExpressionError(f"invalid expression ${{{{ {source} }}}}: {exc}") from exc
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def evaluate(template: str, context: dict[str, Any]) -> Any:
+    """Evaluate ``template`` against ``context``; plain strings come back unchanged."""
+    whole = _EXPRESSION.fullmatch(template.strip())
+    if whole:
+        return _search(whole.group(1), context)
+    return _EXPRESSION.sub(lambda m: _as_text(_search(m.group(1), context)), template)
+
+
+def render(template: str, context: dict[str, Any]) -> str:
+    """Like ``evaluate`` but always text (JSON for non-string values)."""
+    return _as_text(evaluate(template, context))
+
+
+def _search(source: str, context: dict[str, Any]) -> Any:
+    try:
+        return _compile(source).search(context)
+    except jmespath.exceptions.JMESPathError as exc:
+        raise ExpressionError(f"expression ${{{{ {source} }}}} failed: {exc}") from exc

@@ -1,0 +1,135 @@
+"""The automation definition, as written in YAML (or sent as JSON)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from ondeck.durations import parse_duration, parse_size
+from ondeck.spec import expressions
+from ondeck.spec.params import check_schema
+from ondeck.spec.python_main import find_main, infer_schema
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSpec(_Strict):
+    """What to execute. ``file`` is resolved by the loader into ``script``."""
+
+    runtime: Literal["bash", "python", "exec"]
+    script: str | None = None
+    file: str | None = None
+    args: list[str] = Field(default_factory=list)
+    entrypoint: Literal["script", "main"] = "script"
+
+    @model_validator(mode="after")
+    def _has_program(self) -> RunSpec:
+        if self.runtime == "exec":
+            if not self.args:
+                raise ValueError("runtime exec needs args: the program and its arguments")
+            if self.script is not None:
+                raise ValueError("runtime exec takes args, not script")
+        elif self.script is None:
+            raise ValueError(f"runtime {self.runtime} needs script (or file)")
+        for arg in self.args:
+            expressions.check(arg)
+        return self
+
+
+class Retries(_Strict):
+    attempts: int = Field(1, ge=1, le=100, description="Total attempts, the first included.")
+    backoff: Duration = 1.0
+    max_backoff: Duration = 60.0
+
+
+class Concurrency(_Strict):
+    key: str
+    limit: int = Field(1, ge=1, le=10_000)
+    policy: Literal["queue", "reject", "cancel_running"] = "queue"
+
+    @field_validator("key")
+    @classmethod
+    def _key_compiles(cls, value: str) -> str:
+        expressions.check(value)
+        return value
+
+
+class Limits(_Strict):
+    memory: Size | None = None
+    cpu: Duration | None = None
+    processes: int | None = Field(None, ge=1)
+    file_size: Size | None = None
+
+
+class Automation(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    tags: list[str] = Field(default_factory=list)
+    params: dict[str, Any] | None = Field(None, validate_default=True)
+    run: RunSpec
+    timeout: Duration | None = None
+    retries: Retries = Field(default_factory=Retries)
+    concurrency: Concurrency | None = None
+    limits: Limits = Field(default_factory=Limits)
+    worker_group: str = Field("default", pattern=r"^[A-Za-z0-9._-]{1,63}$")
+    priority: int = Field(0, ge=-100, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_params(cls, data: Any) -> Any:
+        """Python ``main(...)`` scripts get their schema from the signature.
+
+        Runs before field validation so that the inferred schema goes through
+        the same checks as a written one.
+        """
+        if not isinstance(data, dict):
+            return data
+        run = data.get("run")
+        if not (isinstance(run, dict) and run.get("runtime") == "python"):
+            return data
+        script = run.get("script")
+        if not isinstance(script, str):
+            return data
+        main = find_main(script)
+        if main is None:
+            return data
+        data = {**data, "run": {**run, "entrypoint": run.get("entrypoint", "main")}}
+        if data.get("params") is None:
+            data["params"] = infer_schema(main)
+        return data
+
+    @field_validator("params")
+    @classmethod
+    def _params_schema(cls, value: dict[str, Any] | None) -> dict[str, Any]:
+        """An absent schema means no params; unknown params are refused by default.
+
+        ``additionalProperties: false`` unless the author says otherwise, so a
+        mistyped ``-p nmae=x`` is an error rather than silently ignored.
+        """
+        schema = dict(value) if value else {"type": "object", "properties": {}}
+        schema.setdefault("additionalProperties", False)
+        check_schema(schema)
+        return schema
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        assert self.params is not None
+        return self.params
+
+    def definition(self) -> dict[str, Any]:
+        """The canonical JSON form stored as a version."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def digest(self) -> str:
+        canonical = json.dumps(self.definition(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()

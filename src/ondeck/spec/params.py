@@ -1,0 +1,55 @@
+"""Parameter validation against an automation's JSON Schema (2020-12)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from ondeck.errors import InvalidParams
+
+
+def check_schema(schema: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``schema`` is a valid JSON Schema for an object."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise ValueError(f"params is not a valid JSON Schema: {exc.message}") from exc
+    if schema.get("type") != "object":
+        raise ValueError("params must be a JSON Schema with type: object")
+
+
+def _apply_defaults(schema: dict[str, Any], value: Any) -> None:
+    if not isinstance(value, dict):
+        return
+    for name, prop in (schema.get("properties") or {}).items():
+        if not isinstance(prop, dict):
+            continue
+        if name not in value and "default" in prop:
+            value[name] = copy.deepcopy(prop["default"])
+        if name in value:
+            _apply_defaults(prop, value[name])
+
+
+def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Return ``params`` with schema defaults filled in, or raise ``InvalidParams``.
+
+    The error lists every failing JSON pointer path, so a form or a CLI user can
+    fix all fields in one go.
+    """
+    if not isinstance(params, dict):
+        raise InvalidParams("params must be a JSON object", errors=[{"path": "", "message": "not an object"}])
+    filled = copy.deepcopy(params)
+    _apply_defaults(schema, filled)
+    validator = Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        listed = [
+            {"path": "/" + "/".join(str(p) for p in error.absolute_path), "message": error.message}
+            for error in errors
+        ]
+        summary = "; ".join(f"{item['path']}: {item['message']}" for item in listed)
+        raise InvalidParams(f"params do not match the schema: {summary}", errors=listed)
+    return filled

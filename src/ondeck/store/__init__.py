@@ -1,0 +1,1 @@
+"""The only code that speaks SQL: tables, migrations, and the queries."""

@@ -1,0 +1,463 @@
+"""The store: one transaction at a time, each a ``Transaction`` of domain-level queries.
+
+Business rules live in the engine, which composes these queries inside one
+``store.transaction()``; this module only knows how to read and write rows.
+On SQLite, writers are serialised by a process-wide lock (SQLite allows one
+writer anyway; queuing in-process is cheaper than spinning on SQLITE_BUSY).
+On PostgreSQL, claims and reaping use ``FOR UPDATE SKIP LOCKED`` and
+notifications go out with ``pg_notify`` at commit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import fields
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from ondeck.domain import (
+    AttemptRecord,
+    AutomationVersion,
+    LogChunk,
+    LogEntry,
+    Run,
+    RunStatus,
+    Transition,
+)
+from ondeck.errors import StoreUnavailable
+from ondeck.store import database
+from ondeck.store.tables import (
+    attempts,
+    automation_versions,
+    automations,
+    concurrency_slots,
+    idempotency_keys,
+    log_entries,
+    run_transitions,
+    runs,
+)
+
+Listener = Callable[[str, str], None]
+ACTIVE = (RunStatus.PENDING, RunStatus.WAITING_APPROVAL, RunStatus.QUEUED, RunStatus.RUNNING)
+_RUN_FIELDS = [f.name for f in fields(Run)]
+
+__all__ = ["IntegrityError", "Store", "Transaction"]
+
+
+def _run(row: Any) -> Run:
+    values = {name: getattr(row, name) for name in _RUN_FIELDS}
+    values["status"] = RunStatus(values["status"])
+    return Run(**values)
+
+
+def _version(row: Any) -> AutomationVersion:
+    return AutomationVersion(row.name, row.version, row.definition, row.digest, row.created_at)
+
+
+class Transaction:
+    """Queries bound to one open database transaction."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+        self.postgres = connection.dialect.name == "postgresql"
+        self.notifications: list[tuple[str, str]] = []
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Wake listeners after commit (in this process, and on PostgreSQL everywhere)."""
+        self.notifications.append((channel, payload))
+        if self.postgres:
+            self._c.execute(text("SELECT pg_notify(:c, :p)"), {"c": f"ondeck_{channel}", "p": payload})
+
+    def ping(self) -> None:
+        self._c.execute(text("SELECT 1"))
+
+    # --- automations -------------------------------------------------------
+
+    def current_automation(self, name: str) -> AutomationVersion | None:
+        row = self._c.execute(
+            select(automation_versions)
+            .join(
+                automations,
+                and_(
+                    automations.c.name == automation_versions.c.name,
+                    automations.c.current_version == automation_versions.c.version,
+                ),
+            )
+            .where(automations.c.name == name)
+        ).first()
+        return _version(row) if row else None
+
+    def automation_version(self, name: str, version: int) -> AutomationVersion | None:
+        row = self._c.execute(
+            select(automation_versions).where(
+                automation_versions.c.name == name, automation_versions.c.version == version
+            )
+        ).first()
+        return _version(row) if row else None
+
+    def current_automations(self) -> list[AutomationVersion]:
+        rows = self._c.execute(
+            select(automation_versions)
+            .join(
+                automations,
+                and_(
+                    automations.c.name == automation_versions.c.name,
+                    automations.c.current_version == automation_versions.c.version,
+                ),
+            )
+            .order_by(automation_versions.c.name)
+        )
+        return [_version(row) for row in rows]
+
+    def save_automation_version(
+        self, name: str, definition: dict[str, Any], digest: str, now: datetime
+    ) -> AutomationVersion:
+        latest = self._c.execute(
+            select(func.max(automation_versions.c.version)).where(automation_versions.c.name == name)
+        ).scalar()
+        version = (latest or 0) + 1
+        self._c.execute(
+            insert(automation_versions).values(
+                name=name, version=version, definition=definition, digest=digest, created_at=now
+            )
+        )
+        if latest is None:
+            self._c.execute(
+                insert(automations).values(name=name, current_version=version, created_at=now, updated_at=now)
+            )
+        else:
+            self._c.execute(
+                update(automations)
+                .where(automations.c.name == name)
+                .values(current_version=version, updated_at=now)
+            )
+        return AutomationVersion(name, version, definition, digest, now)
+
+    # --- runs --------------------------------------------------------------
+
+    def insert_run(self, run: Run, reason: str) -> None:
+        values = {name: getattr(run, name) for name in _RUN_FIELDS}
+        values["status"] = str(run.status)
+        self._c.execute(insert(runs).values(**values))
+        self._transition(run.id, None, run.status, run.created_at, reason)
+
+    def get_run(self, run_id: str, *, lock: bool = False) -> Run | None:
+        query = select(runs).where(runs.c.id == run_id)
+        if lock:
+            query = query.with_for_update()
+        row = self._c.execute(query).first()
+        return _run(row) if row else None
+
+    def list_runs(
+        self,
+        *,
+        automation: str | None = None,
+        statuses: Sequence[str] = (),
+        before: str | None = None,
+        limit: int = 50,
+    ) -> list[Run]:
+        query = select(runs).order_by(runs.c.id.desc()).limit(limit)
+        if automation:
+            query = query.where(runs.c.automation == automation)
+        if statuses:
+            query = query.where(runs.c.status.in_(list(statuses)))
+        if before:
+            query = query.where(runs.c.id < before)
+        return [_run(row) for row in self._c.execute(query)]
+
+    def move_run(
+        self,
+        run_id: str,
+        from_status: RunStatus,
+        to_status: RunStatus,
+        now: datetime,
+        reason: str,
+        **values: Any,
+    ) -> bool:
+        """Set a run's status if it is still ``from_status``; record the transition.
+
+        The status guard in the WHERE clause makes every move a compare-and-set,
+        so two processes can never both move the same run.
+        """
+        result = self._c.execute(
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.status == str(from_status))
+            .values(status=str(to_status), **values)
+        )
+        if result.rowcount != 1:
+            return False
+        self._transition(run_id, from_status, to_status, now, reason)
+        self.notify("run", run_id)
+        return True
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        self._c.execute(update(runs).where(runs.c.id == run_id).values(**values))
+
+    def _transition(
+        self, run_id: str, from_status: str | None, to_status: str, now: datetime, reason: str
+    ) -> None:
+        self._c.execute(
+            insert(run_transitions).values(
+                run_id=run_id, from_status=from_status, to_status=str(to_status), at=now, reason=reason
+            )
+        )
+
+    def transitions(self, run_id: str) -> list[Transition]:
+        rows = self._c.execute(
+            select(run_transitions).where(run_transitions.c.run_id == run_id).order_by(run_transitions.c.id)
+        )
+        return [Transition(r.from_status, r.to_status, r.at, r.reason) for r in rows]
+
+    # --- queue and concurrency --------------------------------------------
+
+    def queued_candidates(self, worker_group: str, now: datetime, limit: int) -> list[Run]:
+        """Queued runs that are due and whose concurrency key has a free slot."""
+        used = (
+            select(func.count())
+            .select_from(concurrency_slots)
+            .where(concurrency_slots.c.key == runs.c.concurrency_key)
+            .scalar_subquery()
+        )
+        query = (
+            select(runs)
+            .where(
+                runs.c.status == RunStatus.QUEUED.value,
+                runs.c.worker_group == worker_group,
+                runs.c.not_before <= now,
+                or_(runs.c.concurrency_key.is_(None), used < runs.c.concurrency_limit),
+            )
+            .order_by(runs.c.priority.desc(), runs.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True, of=runs)
+        )
+        return [_run(row) for row in self._c.execute(query)]
+
+    def take_slot(self, key: str, limit: int, run_id: str) -> bool:
+        """Occupy one of ``limit`` slots of ``key``; False when all are taken.
+
+        The primary key (key, slot) is what enforces the limit, on every backend
+        and across any number of processes.
+        """
+        taken = set(
+            self._c.execute(select(concurrency_slots.c.slot).where(concurrency_slots.c.key == key)).scalars()
+        )
+        for slot in range(limit):
+            if slot in taken:
+                continue
+            try:
+                with self._c.begin_nested():
+                    self._c.execute(insert(concurrency_slots).values(key=key, slot=slot, run_id=run_id))
+            except IntegrityError:
+                continue  # taken by a concurrent claim since we looked
+            return True
+        return False
+
+    def release_slot(self, run_id: str) -> None:
+        self._c.execute(delete(concurrency_slots).where(concurrency_slots.c.run_id == run_id))
+
+    def lock_concurrency_key(self, key: str) -> None:
+        """Serialise admissions for one key (SQLite writers are serial already)."""
+        if self.postgres:
+            self._c.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+
+    def active_runs_with_key(self, key: str) -> list[Run]:
+        rows = self._c.execute(
+            select(runs)
+            .where(runs.c.concurrency_key == key, runs.c.status.in_([s.value for s in ACTIVE]))
+            .order_by(runs.c.id)
+        )
+        return [_run(row) for row in rows]
+
+    # --- leases and attempts -----------------------------------------------
+
+    def renew_leases(self, worker: str, until: datetime) -> list[tuple[str, bool]]:
+        """Extend every lease ``worker`` holds; returns (run id, cancel requested)."""
+        rows = self._c.execute(
+            update(runs)
+            .where(runs.c.lease_owner == worker, runs.c.status == RunStatus.RUNNING.value)
+            .values(lease_expires_at=until)
+            .returning(runs.c.id, runs.c.cancel_requested)
+        )
+        return [(row.id, bool(row.cancel_requested)) for row in rows]
+
+    def expired_leases(self, now: datetime, limit: int) -> list[Run]:
+        rows = self._c.execute(
+            select(runs)
+            .where(runs.c.status == RunStatus.RUNNING.value, runs.c.lease_expires_at < now)
+            .order_by(runs.c.lease_expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [_run(row) for row in rows]
+
+    def insert_attempt(self, run_id: str, number: int, worker: str, now: datetime) -> None:
+        self._c.execute(
+            insert(attempts).values(
+                run_id=run_id, number=number, worker=worker, status="running", started_at=now
+            )
+        )
+
+    def finish_attempt(
+        self,
+        run_id: str,
+        number: int,
+        status: str,
+        exit_code: int | None,
+        error: str | None,
+        now: datetime,
+    ) -> None:
+        self._c.execute(
+            update(attempts)
+            .where(attempts.c.run_id == run_id, attempts.c.number == number)
+            .values(status=status, exit_code=exit_code, error=error, finished_at=now)
+        )
+
+    def attempts(self, run_id: str) -> list[AttemptRecord]:
+        rows = self._c.execute(
+            select(attempts).where(attempts.c.run_id == run_id).order_by(attempts.c.number)
+        )
+        return [
+            AttemptRecord(r.number, r.worker, r.status, r.exit_code, r.error, r.started_at, r.finished_at)
+            for r in rows
+        ]
+
+    # --- logs --------------------------------------------------------------
+
+    def append_logs(self, run_id: str, attempt: int, chunks: Sequence[LogChunk]) -> None:
+        if not chunks:
+            return
+        size = sum(len(chunk.text.encode()) for chunk in chunks)
+        last = self._c.execute(
+            update(runs)
+            .where(runs.c.id == run_id)
+            .values(log_seq=runs.c.log_seq + len(chunks), log_bytes=runs.c.log_bytes + size)
+            .returning(runs.c.log_seq)
+        ).scalar_one()
+        first = last - len(chunks) + 1
+        self._c.execute(
+            insert(log_entries),
+            [
+                {
+                    "run_id": run_id,
+                    "seq": first + i,
+                    "attempt": attempt,
+                    "stream": chunk.stream,
+                    "text": chunk.text,
+                    "at": chunk.at,
+                }
+                for i, chunk in enumerate(chunks)
+            ],
+        )
+        self.notify("run", run_id)
+
+    def logs_after(
+        self, run_id: str, after: int = 0, limit: int = 1000, attempt: int | None = None
+    ) -> list[LogEntry]:
+        query = (
+            select(log_entries)
+            .where(log_entries.c.run_id == run_id, log_entries.c.seq > after)
+            .order_by(log_entries.c.seq)
+            .limit(limit)
+        )
+        if attempt is not None:
+            query = query.where(log_entries.c.attempt == attempt)
+        return [LogEntry(r.seq, r.attempt, r.stream, r.text, r.at) for r in self._c.execute(query)]
+
+    # --- idempotency -------------------------------------------------------
+
+    def find_idempotency(self, scope: str, key: str, now: datetime) -> tuple[str, str] | None:
+        """(fingerprint, run id) for an unexpired key."""
+        row = self._c.execute(
+            select(idempotency_keys.c.fingerprint, idempotency_keys.c.run_id).where(
+                idempotency_keys.c.scope == scope,
+                idempotency_keys.c.key == key,
+                idempotency_keys.c.expires_at > now,
+            )
+        ).first()
+        return (row.fingerprint, row.run_id) if row else None
+
+    def save_idempotency(
+        self, scope: str, key: str, fingerprint: str, run_id: str, expires_at: datetime, now: datetime
+    ) -> None:
+        self._c.execute(
+            delete(idempotency_keys).where(
+                idempotency_keys.c.scope == scope,
+                idempotency_keys.c.key == key,
+                idempotency_keys.c.expires_at <= now,
+            )
+        )
+        self._c.execute(
+            insert(idempotency_keys).values(
+                scope=scope, key=key, fingerprint=fingerprint, run_id=run_id, expires_at=expires_at
+            )
+        )
+
+    def purge_idempotency(self, now: datetime) -> int:
+        result = self._c.execute(delete(idempotency_keys).where(idempotency_keys.c.expires_at <= now))
+        return int(result.rowcount or 0)
+
+
+class Store:
+    """Owns the engine; hands out transactions; tells listeners what changed."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = database.create_db_engine(url)
+        self.dialect = self.engine.dialect.name
+        self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
+        self._listeners: list[Listener] = []
+
+    def upgrade(self) -> None:
+        database.upgrade(self.engine)
+
+    def is_current(self) -> bool:
+        return database.is_current(self.engine)
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(channel, payload)`` after each commit that notified."""
+        self._listeners.append(listener)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A read-write transaction, committed when the block ends without error."""
+        if self._write_lock is not None:
+            self._write_lock.acquire()
+        try:
+            with (
+                self._translate_errors(),
+                self.engine.connect().execution_options(ondeck_write=True) as connection,
+                connection.begin(),
+            ):
+                tx = Transaction(connection)
+                yield tx
+        finally:
+            if self._write_lock is not None:
+                self._write_lock.release()
+        for channel, payload in tx.notifications:
+            for listener in self._listeners:
+                listener(channel, payload)
+
+    @contextmanager
+    def read(self) -> Iterator[Transaction]:
+        """A read-only snapshot; never blocks writers on either backend."""
+        with self._translate_errors(), self.engine.connect() as connection, connection.begin():
+            yield Transaction(connection)
+
+    @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as exc:
+            raise StoreUnavailable(f"database unavailable: {exc.orig}") from exc
+
+    def ping(self) -> None:
+        with self.read() as tx:
+            tx.ping()
+
+    def dispose(self) -> None:
+        self.engine.dispose()

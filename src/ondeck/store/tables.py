@@ -1,0 +1,155 @@
+"""SQLAlchemy Core tables. Migrations in ``migrations/versions`` create them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python on every backend (SQLite stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType: Any = JSON().with_variant(JSONB(), "postgresql")
+
+metadata = MetaData()
+
+automations = Table(
+    "automations",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("current_version", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+automation_versions = Table(
+    "automation_versions",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("definition", JSONType, nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", String(26), primary_key=True),
+    Column("automation", String(63), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("params", JSONType, nullable=False),
+    Column("outputs", JSONType),
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("worker_group", String(63), nullable=False),
+    Column("not_before", UTCDateTime, nullable=False),
+    Column("concurrency_key", Text),
+    Column("concurrency_limit", Integer),
+    Column("lease_owner", String(80)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("trigger", String(40), nullable=False),
+    Column("idempotency_key", Text),
+    Column("rerun_of", String(26)),
+    Column("log_seq", Integer, nullable=False, default=0),
+    Column("log_bytes", BigInteger, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Index("ix_runs_queue", "status", "worker_group", "priority", "id"),
+    Index("ix_runs_automation", "automation", "id"),
+    Index("ix_runs_concurrency", "concurrency_key", "status"),
+    Index("ix_runs_lease", "status", "lease_expires_at"),
+)
+
+run_transitions = Table(
+    "run_transitions",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("run_id", String(26), nullable=False, index=True),
+    Column("from_status", String(20)),
+    Column("to_status", String(20), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("run_id", String(26), primary_key=True),
+    Column("number", Integer, primary_key=True),
+    Column("worker", String(80), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+)
+
+log_entries = Table(
+    "log_entries",
+    metadata,
+    Column("run_id", String(26), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("attempt", Integer, nullable=False),
+    Column("stream", String(10), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("scope", String(200), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("run_id", String(26), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False, index=True),
+)
+
+concurrency_slots = Table(
+    "concurrency_slots",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("slot", Integer, primary_key=True),
+    Column("run_id", String(26), nullable=False, unique=True),
+)
