@@ -97,6 +97,23 @@ def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
     return _limit_prefix(attempt.limits) + program
 
 
+class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Tells when the process exits, even while its children still hold the pipes.
+
+    ``Process.wait()`` only returns once every pipe is closed, which a
+    background grandchild can delay forever; the group must be killed first.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=_READ_SIZE, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
 class _OutputBudget:
     """Shared by both pipes: caps what is kept, but the pipes are always drained."""
 
@@ -173,8 +190,10 @@ async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncIterator[
     try:
         workspace.params_file.write_text(json.dumps(attempt.params), encoding="utf-8")
         argv = build_argv(attempt, workspace)
+        loop = asyncio.get_running_loop()
         try:
-            process = await asyncio.create_subprocess_exec(
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _ExitAwareProtocol(loop),
                 *argv,
                 cwd=workspace.work,
                 env=build_env(attempt, workspace),
@@ -183,11 +202,12 @@ async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncIterator[
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
             )
+            process = asyncio.subprocess.Process(transport, protocol, loop)
         except OSError as exc:
             yield Finished(Outcome(RunStatus.FAILED, None, f"cannot start {argv[0]}: {exc.strerror}"))
             return
         yield Started(process.pid)
-        async for event in _supervise(process, attempt, cancel, workspace):
+        async for event in _supervise(process, protocol.exited, attempt, cancel, workspace):
             yield event
     finally:
         if process is not None and processes.group_alive(process.pid):
@@ -196,7 +216,11 @@ async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncIterator[
 
 
 async def _supervise(
-    process: asyncio.subprocess.Process, attempt: Attempt, cancel: asyncio.Event, workspace: Workspace
+    process: asyncio.subprocess.Process,
+    exited: asyncio.Future[None],
+    attempt: Attempt,
+    cancel: asyncio.Event,
+    workspace: Workspace,
 ) -> AsyncIterator[Event]:
     assert process.stdout is not None and process.stderr is not None
     budget = _OutputBudget(max(attempt.log_budget, 0))
@@ -205,7 +229,7 @@ async def _supervise(
         asyncio.create_task(_pump(process.stdout, "stdout", budget, queue)),
         asyncio.create_task(_pump(process.stderr, "stderr", budget, queue)),
     ]
-    stopper = asyncio.create_task(_stop_when_due(process, attempt, cancel))
+    stopper = asyncio.create_task(_stop_when_due(process.pid, exited, attempt, cancel))
     try:
         open_pipes = 2
         while open_pipes:
@@ -235,7 +259,7 @@ async def _supervise(
 
 
 async def _stop_when_due(
-    process: asyncio.subprocess.Process, attempt: Attempt, cancel: asyncio.Event
+    pid: int, exited: asyncio.Future[None], attempt: Attempt, cancel: asyncio.Event
 ) -> str | None:
     """Wait for exit, timeout or cancel; make sure the whole group is gone either way.
 
@@ -243,7 +267,6 @@ async def _stop_when_due(
     Background children left after a normal exit are terminated too, which is
     also what closes the pipes they inherited.
     """
-    exited = asyncio.create_task(process.wait())
     cancelled = asyncio.create_task(cancel.wait())
     try:
         done, _ = await asyncio.wait(
@@ -254,8 +277,8 @@ async def _stop_when_due(
     reason = None
     if exited not in done:
         reason = "cancel" if cancel.is_set() else "timeout"
-        await processes.terminate(process.pid, attempt.run_id, attempt.number, attempt.kill_grace)
-    elif processes.group_alive(process.pid):
-        await processes.terminate(process.pid, attempt.run_id, attempt.number, attempt.kill_grace)
+        await processes.terminate(pid, attempt.run_id, attempt.number, attempt.kill_grace)
+    elif processes.group_alive(pid):
+        await processes.terminate(pid, attempt.run_id, attempt.number, attempt.kill_grace)
     await exited
     return reason

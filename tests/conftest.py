@@ -1,0 +1,88 @@
+"""Shared fixtures: every store-backed fixture runs on SQLite and on real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ondeck.store.store import Store
+from tests.support import Server, base_env
+
+PG_ADMIN = os.environ.get("ONDECK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_available() -> bool:
+    try:
+        with psycopg.connect(PG_ADMIN, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_reachable() -> None:
+    if not _pg_available():
+        message = f"PostgreSQL is not reachable at {PG_ADMIN}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (required in CI)")
+        pytest.skip(message)
+
+
+def _pg_schema_url() -> Iterator[str]:
+    """A fresh schema per use, so tests never see each other's rows."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    base = PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_url(pg_reachable: None) -> Iterator[str]:
+    yield from _pg_schema_url()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ondeck.db'}"
+    else:
+        request.getfixturevalue("pg_reachable")
+        yield from _pg_schema_url()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    store = Store(database_url)
+    store.upgrade()
+    yield store
+    store.dispose()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real ``ondeck server`` (with its worker) per module and backend."""
+    data = tmp_path_factory.mktemp("server")
+    (data / "automations").mkdir()
+    if request.param == "sqlite":
+        urls: Iterator[str] = iter([f"sqlite:///{data / 'ondeck.db'}"])
+    else:
+        request.getfixturevalue("pg_reachable")
+        urls = _pg_schema_url()
+    url = next(urls)
+    proc = Server(base_env(data, url, ONDECK_WORKER_CONCURRENCY="8"), data / "server.log").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        for _ in urls:  # drops the PostgreSQL schema
+            pass

@@ -1,0 +1,138 @@
+"""Test helpers: waiting with deadlines, and real ondeck processes on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+TERMINAL = {"succeeded", "failed", "timed_out", "cancelled", "rejected"}
+
+
+def wait_until(
+    probe: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, message: str = "condition"
+) -> T:
+    """Poll ``probe`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OndeckProcess:
+    """``ondeck server`` or ``ondeck worker`` as a real child process."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log_path = args, env, log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OndeckProcess:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ondeck", *self.args],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.env.get("ONDECK_DATA_DIR"),
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        self.process.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Server(OndeckProcess):
+    def __init__(self, env: dict[str, str], log: Path, extra: list[str] | None = None) -> None:
+        self.port = free_port()
+        env = {**env, "ONDECK_PORT": str(self.port)}
+        super().__init__(["server", *(extra or [])], env, log)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        super().start()
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+
+            def ready() -> bool:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise AssertionError(f"server exited early:\n{self.log()}")
+                try:
+                    return client.get("/readyz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_until(ready, timeout=60, interval=0.1, message="server readiness")
+        return self
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url + "/api/v1", timeout=60, **kwargs)
+
+
+def base_env(data_dir: Path, database_url: str, automations_dir: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(data_dir),
+        "ONDECK_DATA_DIR": str(data_dir),
+        "ONDECK_DATABASE_URL": database_url,
+        "ONDECK_AUTOMATIONS_DIR": str(automations_dir or data_dir / "automations"),
+        "ONDECK_POLL_SECONDS": "0.5",
+        "ONDECK_KILL_GRACE_SECONDS": "2",
+    }
+    env.update(extra)
+    return env
+
+
+def wait_for_run(client: httpx.Client, run_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll until the run is terminal (the server long-polls with ``wait``)."""
+
+    def finished() -> dict[str, Any] | None:
+        run: dict[str, Any] = client.get(f"/runs/{run_id}", params={"wait": 5}).json()
+        return run if run["status"] in TERMINAL else None
+
+    return wait_until(finished, timeout=timeout, interval=0, message=f"run {run_id} to finish")
+
+
+def put_automation(client: httpx.Client, definition: dict[str, Any]) -> dict[str, Any]:
+    response = client.put(f"/automations/{definition['name']}", json=definition)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result

@@ -1,0 +1,265 @@
+"""Admission, claims, leases, retries and the reaper against a real store (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from ondeck.domain import Outcome, RunStatus
+from ondeck.engine import catalog, finish, queue, runs
+from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit, parse_idempotency_key
+from ondeck.engine.queue import DefinitionCache
+from ondeck.errors import ConcurrencyRejected, Conflict, IdempotencyMismatch, InvalidParams, InvalidRequest, NotFound
+from ondeck.spec.loader import parse_definition
+from ondeck.store.store import Store
+
+LEASE = timedelta(seconds=30)
+
+
+def define(store: Store, **fields: Any) -> str:
+    definition = {"name": "job", "run": {"runtime": "bash", "script": "true"}, **fields}
+    catalog.apply(store, parse_definition(definition))
+    return str(definition["name"])
+
+
+def claim(store: Store, worker: str = "w1", capacity: int = 10, lease: timedelta = LEASE) -> list[queue.Claim]:
+    return queue.claim(store, worker, "default", capacity, lease, DefinitionCache())
+
+
+def test_applying_the_same_definition_twice_keeps_one_version(store: Store) -> None:
+    automation = parse_definition({"name": "a", "run": {"runtime": "bash", "script": "true"}})
+    assert catalog.apply(store, automation).changed
+    again = catalog.apply(store, automation)
+    assert not again.changed and again.version.version == 1
+    changed = parse_definition({"name": "a", "run": {"runtime": "bash", "script": "false"}})
+    assert catalog.apply(store, changed).version.version == 2
+    assert catalog.get(store, "a", 1).definition["run"]["script"] == "true"
+
+
+def test_a_run_records_the_version_it_was_admitted_with(store: Store) -> None:
+    define(store)
+    first = admit(store, TriggerRequest("job")).run
+    define(store, description="changed")
+    second = admit(store, TriggerRequest("job")).run
+    assert (first.version, second.version) == (1, 2)
+
+
+def test_invalid_params_write_nothing(store: Store) -> None:
+    define(store, params={"type": "object", "required": ["x"], "properties": {"x": {"type": "integer"}}})
+    with pytest.raises(InvalidParams):
+        admit(store, TriggerRequest("job", {"x": "nope"}))
+    assert runs.page(store, automation=None, statuses=[], before=None, limit=10) == ([], None)
+
+
+def test_unknown_automation_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        admit(store, TriggerRequest("nope"))
+
+
+def test_admitted_run_is_queued_with_defaults_and_history(store: Store) -> None:
+    define(store, params={"type": "object", "properties": {"env": {"type": "string", "default": "dev"}}})
+    run = admit(store, TriggerRequest("job")).run
+    assert run.status == RunStatus.QUEUED and run.params == {"env": "dev"}
+    history = runs.detail(store, run.id).transitions
+    assert [(t.from_status, t.to_status) for t in history] == [(None, "pending"), ("pending", "queued")]
+
+
+def test_idempotency_key_returns_the_same_run(store: Store) -> None:
+    define(store, params={"type": "object", "properties": {"n": {"type": "integer"}}})
+    first = admit(store, TriggerRequest("job", {"n": 1}, idempotency_key="k1"))
+    again = admit(store, TriggerRequest("job", {"n": 1}, idempotency_key="k1"))
+    assert again.replayed and again.run.id == first.run.id
+    with pytest.raises(IdempotencyMismatch):
+        admit(store, TriggerRequest("job", {"n": 2}, idempotency_key="k1"))
+    other = admit(store, TriggerRequest("job", {"n": 1}, idempotency_key="k2"))
+    assert other.run.id != first.run.id
+
+
+def test_expired_idempotency_key_admits_a_new_run(store: Store) -> None:
+    define(store)
+    policy = AdmissionPolicy(idempotency_ttl=timedelta(seconds=-1))
+    first = admit(store, TriggerRequest("job", idempotency_key="k"), policy)
+    second = admit(store, TriggerRequest("job", idempotency_key="k"), policy)
+    assert first.run.id != second.run.id and not second.replayed
+
+
+@pytest.mark.parametrize(
+    ("header", "key"), [('"abc-123"', "abc-123"), ("abc-123", "abc-123"), ('"a\\"b"', 'a"b')]
+)
+def test_idempotency_header_forms(header: str, key: str) -> None:
+    assert parse_idempotency_key(header) == key
+
+
+@pytest.mark.parametrize("header", ['""', "x" * 256, '"a"b"', "caf\u00e9"])
+def test_bad_idempotency_headers_are_refused(header: str) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_idempotency_key(header)
+
+
+def test_claim_takes_a_lease_and_finish_ends_the_run(store: Store) -> None:
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    (claimed,) = claim(store)
+    assert claimed.run.id == run.id and claimed.run.attempt == 1
+    assert claim(store, "w2") == []  # nothing left to take
+    done = finish.finish(store, claimed, Outcome(RunStatus.SUCCEEDED, 0, None, {"ok": True}))
+    assert done is not None and done.status == RunStatus.SUCCEEDED and done.outputs == {"ok": True}
+    assert done.lease_owner is None and done.finished_at is not None
+
+
+def test_priority_orders_the_queue(store: Store) -> None:
+    define(store, name="low", priority=-5)
+    define(store, name="high", priority=5)
+    admit(store, TriggerRequest("low"))
+    admit(store, TriggerRequest("high"))
+    assert [c.run.automation for c in claim(store, capacity=1)] == ["high"]
+
+
+def test_failed_attempt_is_retried_after_backoff_then_fails(store: Store) -> None:
+    define(store, retries={"attempts": 2, "backoff": "0s"})
+    admit(store, TriggerRequest("job"))
+    (first,) = claim(store)
+    after = finish.finish(store, first, Outcome(RunStatus.FAILED, 1, "exit code 1"))
+    assert after is not None and after.status == RunStatus.QUEUED
+    (second,) = claim(store)
+    assert second.run.attempt == 2
+    final = finish.finish(store, second, Outcome(RunStatus.FAILED, 1, "exit code 1"))
+    assert final is not None and final.status == RunStatus.FAILED
+    attempts = runs.detail(store, final.id).attempts
+    assert [(a.number, a.status) for a in attempts] == [(1, "failed"), (2, "failed")]
+
+
+def test_retry_waits_for_not_before(store: Store) -> None:
+    define(store, retries={"attempts": 2, "backoff": "1h"})
+    admit(store, TriggerRequest("job"))
+    (first,) = claim(store)
+    finish.finish(store, first, Outcome(RunStatus.FAILED, 1, "boom"))
+    assert claim(store) == []
+
+
+def test_backoff_grows_exponentially_within_jitter_and_cap() -> None:
+    from ondeck.spec.models import Retries
+
+    retries = Retries(attempts=10, backoff=2, max_backoff=10)
+    for attempt, full in [(1, 2), (2, 4), (3, 8), (4, 10), (8, 10)]:
+        delay = finish.backoff(retries, attempt)
+        assert full / 2 <= delay <= full
+
+
+def test_expired_lease_is_reaped_and_retried(store: Store) -> None:
+    define(store, retries={"attempts": 2, "backoff": "0s"})
+    run = admit(store, TriggerRequest("job")).run
+    (lost,) = claim(store, lease=timedelta(seconds=-1))
+    assert finish.reap_expired_leases(store) == [run.id]
+    requeued = runs.get(store, run.id)
+    assert requeued.status == RunStatus.QUEUED
+    assert "worker lost" in (requeued.error or "")
+    # The dead worker's late result is refused: its lease is gone.
+    assert finish.finish(store, lost, Outcome(RunStatus.SUCCEEDED, 0)) is None
+    (again,) = claim(store, "w2")
+    assert again.run.attempt == 2
+
+
+def test_expired_lease_without_retries_fails_the_run(store: Store) -> None:
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    claim(store, lease=timedelta(seconds=-1))
+    finish.reap_expired_leases(store)
+    failed = runs.get(store, run.id)
+    assert failed.status == RunStatus.FAILED and "worker lost" in (failed.error or "")
+
+
+def test_renewed_lease_is_not_reaped(store: Store) -> None:
+    define(store)
+    admit(store, TriggerRequest("job"))
+    claim(store, lease=timedelta(seconds=-1))
+    assert queue.renew_leases(store, "w1", LEASE) == []
+    assert finish.reap_expired_leases(store) == []
+
+
+def test_concurrency_key_limits_claims_and_slot_is_released(store: Store) -> None:
+    define(store, params={"type": "object", "properties": {"env": {"type": "string"}}},
+           concurrency={"key": "${{ params.env }}", "limit": 1})
+    a1 = admit(store, TriggerRequest("job", {"env": "a"})).run
+    a2 = admit(store, TriggerRequest("job", {"env": "a"})).run
+    b1 = admit(store, TriggerRequest("job", {"env": "b"})).run
+    first = claim(store)
+    assert sorted(c.run.id for c in first) == sorted([a1.id, b1.id])
+    assert claim(store) == []  # a2 waits for a1's slot
+    finish.finish(store, next(c for c in first if c.run.id == a1.id), Outcome(RunStatus.SUCCEEDED, 0))
+    assert [c.run.id for c in claim(store)] == [a2.id]
+
+
+def test_slot_is_released_when_the_reaper_ends_an_attempt(store: Store) -> None:
+    define(store, concurrency={"key": "one", "limit": 1})
+    admit(store, TriggerRequest("job"))
+    second = admit(store, TriggerRequest("job")).run
+    claim(store, lease=timedelta(seconds=-1))
+    finish.reap_expired_leases(store)
+    assert [c.run.id for c in claim(store)] == [second.id]
+
+
+def test_reject_policy_records_a_rejected_run(store: Store) -> None:
+    define(store, concurrency={"key": "k", "limit": 1, "policy": "reject"})
+    admit(store, TriggerRequest("job"))
+    with pytest.raises(ConcurrencyRejected) as caught:
+        admit(store, TriggerRequest("job"))
+    rejected = runs.get(store, caught.value.extensions["run_id"])
+    assert rejected.status == RunStatus.REJECTED and "concurrency limit" in (rejected.error or "")
+
+
+def test_cancel_running_policy_cancels_the_older_runs(store: Store) -> None:
+    define(store, concurrency={"key": "k", "limit": 1, "policy": "cancel_running"})
+    queued = admit(store, TriggerRequest("job")).run
+    claim(store)
+    newer = admit(store, TriggerRequest("job")).run
+    assert runs.get(store, queued.id).cancel_requested
+    assert runs.get(store, newer.id).status == RunStatus.QUEUED
+
+
+def test_cancel_queued_is_immediate_and_cancel_finished_conflicts(store: Store) -> None:
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    assert runs.cancel(store, run.id).status == RunStatus.CANCELLED
+    with pytest.raises(Conflict):
+        runs.cancel(store, run.id)
+
+
+def test_cancel_running_asks_the_worker_and_the_lease_renewal_tells_it(store: Store) -> None:
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    claim(store)
+    assert runs.cancel(store, run.id).cancel_requested
+    assert queue.renew_leases(store, "w1", LEASE) == [run.id]
+
+
+def test_logs_are_numbered_in_order_and_kept_per_attempt(store: Store) -> None:
+    from ondeck.domain import LogChunk, utcnow
+
+    define(store, retries={"attempts": 2, "backoff": "0s"})
+    run = admit(store, TriggerRequest("job")).run
+    (first,) = claim(store)
+    finish.append_logs(store, first, [LogChunk("stdout", "a\n", utcnow()), LogChunk("stderr", "b\n", utcnow())])
+    finish.finish(store, first, Outcome(RunStatus.FAILED, 1, "x"), [LogChunk("stdout", "c\n", utcnow())])
+    (second,) = claim(store)
+    finish.finish(store, second, Outcome(RunStatus.SUCCEEDED, 0), [LogChunk("stdout", "d\n", utcnow())])
+    _, entries = runs.logs(store, run.id)
+    assert [(e.seq, e.attempt, e.text) for e in entries] == [(1, 1, "a\n"), (2, 1, "b\n"), (3, 1, "c\n"), (4, 2, "d\n")]
+    _, only_second = runs.logs(store, run.id, attempt=2)
+    assert [e.text for e in only_second] == ["d\n"]
+
+
+def test_pagination_walks_all_runs_newest_first(store: Store) -> None:
+    define(store)
+    ids = [admit(store, TriggerRequest("job")).run.id for _ in range(5)]
+    seen, cursor = [], None
+    while True:
+        items, cursor = runs.page(store, automation="job", statuses=[], before=cursor, limit=2)
+        seen += [r.id for r in items]
+        if cursor is None:
+            break
+    assert seen == sorted(ids, reverse=True)
+    with pytest.raises(InvalidRequest):
+        runs.page(store, automation=None, statuses=["bogus"], before=None, limit=2)

@@ -1,0 +1,198 @@
+"""The runner on its own: real processes, no database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ondeck.domain import Outcome, RunStatus
+from ondeck.runner import processes
+from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
+from ondeck.runner.process import param_env_name, run_attempt
+
+LIMITS = ResourceLimits(memory_bytes=2 << 30, cpu_seconds=60, processes=4096, file_size_bytes=1 << 30)
+
+
+def make(tmp_path: Path, script: str | None, **fields: Any) -> Attempt:
+    values: dict[str, Any] = {
+        "run_id": f"r{time.monotonic_ns()}",
+        "number": 1,
+        "runtime": "bash",
+        "script": script,
+        "args": [],
+        "entrypoint": "script",
+        "params": {},
+        "timeout": 30.0,
+        "limits": LIMITS,
+        "log_budget": 1 << 20,
+        "workspace_root": tmp_path / "ws",
+        "kill_grace": 1.0,
+    }
+    values.update(fields)
+    return Attempt(**values)
+
+
+def execute(attempt: Attempt, cancel_after: float | None = None) -> tuple[Outcome, str]:
+    async def go() -> tuple[Outcome, str]:
+        cancel = asyncio.Event()
+        if cancel_after is not None:
+            asyncio.get_running_loop().call_later(cancel_after, cancel.set)
+        text, outcome = [], None
+        async for event in run_attempt(attempt, cancel):
+            if isinstance(event, Output):
+                text.append(event.chunk.text)
+            elif isinstance(event, Finished):
+                outcome = event.outcome
+        assert outcome is not None
+        return outcome, "".join(text)
+
+    return asyncio.run(go())
+
+
+def test_params_are_inert_data(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = f"$(touch {marker}); `touch {marker}`; rm -rf ~"
+    script = 'echo "[$ONDECK_PARAM_TARGET]"; cat "$ONDECK_PARAMS"'
+    outcome, text = execute(make(tmp_path, script, params={"target": evil}))
+    assert outcome.status == RunStatus.SUCCEEDED
+    assert f"[{evil}]" in text
+    assert not marker.exists()
+
+
+def test_environment_is_minimal_and_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVER_ONLY_SECRET", "leak")
+    params = {"count": 3, "flag": True, "list": [1, 2], "dashed-name": "x"}
+    outcome, text = execute(make(tmp_path, "env", params=params))
+    env = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    assert "SERVER_ONLY_SECRET" not in env
+    assert env["ONDECK_PARAM_COUNT"] == "3"
+    assert env["ONDECK_PARAM_FLAG"] == "true"
+    assert env["ONDECK_PARAM_LIST"] == "[1,2]"
+    assert env["ONDECK_PARAM_DASHED_NAME"] == "x"
+    assert env["ONDECK_ATTEMPT"] == "1"
+    assert env["HOME"] == env["PWD"]
+    assert param_env_name("a.b-c") == "ONDECK_PARAM_A_B_C"
+
+
+def test_workspace_is_fresh_and_removed(tmp_path: Path) -> None:
+    outcome, text = execute(make(tmp_path, "pwd; ls -A | wc -l; touch left-behind; chmod 000 .."))
+    lines = text.split()
+    assert outcome.status == RunStatus.SUCCEEDED
+    assert lines[1] == "0"
+    assert not Path(lines[0]).exists()
+    assert list((tmp_path / "ws").iterdir()) == []
+
+
+def test_outputs_file_becomes_outputs(tmp_path: Path) -> None:
+    outcome, _ = execute(make(tmp_path, 'echo \'{"answer": 42}\' > "$ONDECK_OUTPUTS"'))
+    assert outcome.outputs == {"answer": 42}
+
+
+def test_outputs_that_are_not_an_object_fail_the_run(tmp_path: Path) -> None:
+    outcome, _ = execute(make(tmp_path, 'echo "[1]" > "$ONDECK_OUTPUTS"'))
+    assert outcome.status == RunStatus.FAILED and "JSON object" in (outcome.error or "")
+
+
+def test_exit_code_is_recorded(tmp_path: Path) -> None:
+    outcome, _ = execute(make(tmp_path, "exit 7"))
+    assert (outcome.status, outcome.exit_code, outcome.error) == (RunStatus.FAILED, 7, "exit code 7")
+
+
+def test_bash_stops_at_the_first_failure(tmp_path: Path) -> None:
+    outcome, text = execute(make(tmp_path, "false | true; echo unreachable"))
+    assert outcome.status == RunStatus.FAILED and "unreachable" not in text
+
+
+def test_timeout_kills_the_whole_group(tmp_path: Path) -> None:
+    attempt = make(tmp_path, "sleep 300.321 & (sleep 301.321; echo) & setsid sleep 302.321 & sleep 1000", timeout=1.0)
+    started = time.monotonic()
+    outcome, _ = execute(attempt)
+    assert outcome.status == RunStatus.TIMED_OUT and "timed out after 1s" in (outcome.error or "")
+    assert time.monotonic() - started < 10
+    assert processes.tagged_processes(attempt.run_id, 1) == []
+
+
+def test_term_ignoring_script_is_killed_after_grace(tmp_path: Path) -> None:
+    attempt = make(tmp_path, "trap '' TERM; echo ready; sleep 1000", timeout=0.5, kill_grace=0.5)
+    outcome, _ = execute(attempt)
+    assert outcome.status == RunStatus.TIMED_OUT and outcome.exit_code == -9
+    assert processes.tagged_processes(attempt.run_id, 1) == []
+
+
+def test_cancel_stops_the_attempt(tmp_path: Path) -> None:
+    attempt = make(tmp_path, "sleep 1000")
+    outcome, _ = execute(attempt, cancel_after=0.3)
+    assert outcome.status == RunStatus.CANCELLED
+    assert processes.tagged_processes(attempt.run_id, 1) == []
+
+
+def test_background_children_do_not_outlive_a_finished_run(tmp_path: Path) -> None:
+    attempt = make(tmp_path, "sleep 303.321 & echo done")
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED and "done" in text
+    assert processes.tagged_processes(attempt.run_id, 1) == []
+
+
+def test_output_is_capped_and_pipes_are_drained(tmp_path: Path) -> None:
+    attempt = make(tmp_path, "head -c 5000000 /dev/zero | tr '\\0' y; echo; echo finished >&2", log_budget=10_000)
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED
+    assert "output truncated at 10000 bytes" in text
+    assert len(text) < 10_000 + 200
+
+
+def test_both_streams_are_captured_and_labelled(tmp_path: Path) -> None:
+    async def go() -> dict[str, str]:
+        streams: dict[str, str] = {}
+        async for event in run_attempt(make(tmp_path, "echo out; echo err >&2"), asyncio.Event()):
+            if isinstance(event, Output):
+                streams[event.chunk.stream] = streams.get(event.chunk.stream, "") + event.chunk.text
+        return streams
+
+    assert asyncio.run(go()) == {"stdout": "out\n", "stderr": "err\n"}
+
+
+def test_memory_limit_applies(tmp_path: Path) -> None:
+    limits = ResourceLimits(memory_bytes=200 << 20, cpu_seconds=60, processes=4096, file_size_bytes=1 << 30)
+    script = "python3 -c 'x = bytearray(500 * 1024 * 1024)'"
+    outcome, text = execute(make(tmp_path, script, limits=limits))
+    assert outcome.status == RunStatus.FAILED and "MemoryError" in text
+
+
+def test_file_size_limit_applies(tmp_path: Path) -> None:
+    limits = ResourceLimits(memory_bytes=2 << 30, cpu_seconds=60, processes=4096, file_size_bytes=1 << 20)
+    outcome, _ = execute(make(tmp_path, "head -c 5000000 /dev/zero > big", limits=limits))
+    assert outcome.status == RunStatus.FAILED
+
+
+def test_python_main_receives_params_and_returns_outputs(tmp_path: Path) -> None:
+    script = "def main(name: str, times: int = 2):\n    print('hi', name)\n    return {'echo': name * times}\n"
+    attempt = make(tmp_path, script, runtime="python", entrypoint="main", params={"name": "ab", "times": 3})
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED and outcome.outputs == {"echo": "ababab"}
+    assert "hi ab" in text
+
+
+def test_python_main_non_dict_return_is_wrapped(tmp_path: Path) -> None:
+    attempt = make(tmp_path, "def main():\n    return [1, 2]\n", runtime="python", entrypoint="main")
+    assert execute(attempt)[0].outputs == {"result": [1, 2]}
+
+
+def test_python_exception_fails_with_traceback_in_log(tmp_path: Path) -> None:
+    attempt = make(tmp_path, "def main():\n    raise RuntimeError('nope')\n", runtime="python", entrypoint="main")
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.FAILED and "RuntimeError: nope" in text
+
+
+def test_exec_runtime_passes_args_without_a_shell(tmp_path: Path) -> None:
+    outcome, text = execute(make(tmp_path, None, runtime="exec", args=["printf", "%s|", "a b", "$(id)"]))
+    assert outcome.status == RunStatus.SUCCEEDED and text == "a b|$(id)|"
+
+
+def test_missing_program_fails_cleanly(tmp_path: Path) -> None:
+    outcome, _ = execute(make(tmp_path, None, runtime="exec", args=["/nonexistent/tool"]))
+    assert outcome.status == RunStatus.FAILED

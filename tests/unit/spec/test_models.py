@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ondeck.errors import InvalidDefinition
+from ondeck.spec.loader import load_directory, load_file, parse_definition
+
+HELLO = {"name": "hello", "run": {"runtime": "bash", "script": "echo hi"}}
+
+
+def test_minimal_definition_gets_safe_defaults() -> None:
+    automation = parse_definition(HELLO)
+    assert automation.schema == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert automation.retries.attempts == 1
+    assert automation.worker_group == "default"
+
+
+def test_durations_are_parsed() -> None:
+    automation = parse_definition({**HELLO, "timeout": "10m", "retries": {"attempts": 3, "backoff": "2s"}})
+    assert automation.timeout == 600
+    assert automation.retries.backoff == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"name": "Bad Name"}, "name"),
+        ({"run": {"runtime": "ruby", "script": "x"}}, "run.runtime"),
+        ({"run": {"runtime": "bash"}}, "run"),
+        ({"timeout": "soon"}, "timeout"),
+        ({"concurrency": {"key": "${{ params.[ }}"}}, "concurrency.key"),
+        ({"params": {"type": "string"}}, "params"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
+def test_errors_name_the_field(change: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidDefinition) as caught:
+        parse_definition({**HELLO, **change}, "ops/hello.yaml")
+    fields = [e["field"] for e in caught.value.extensions["errors"]]
+    assert field in fields
+    assert "ops/hello.yaml" in caught.value.detail
+
+
+def test_same_definition_has_same_digest_and_changes_alter_it() -> None:
+    assert parse_definition(HELLO).digest() == parse_definition(dict(HELLO)).digest()
+    assert parse_definition(HELLO).digest() != parse_definition({**HELLO, "description": "x"}).digest()
+
+
+def test_python_main_signature_becomes_the_schema() -> None:
+    script = (
+        "from typing import Literal\n"
+        "def main(host: str, port: int = 22, env: Literal['dev', 'prod'] = 'dev', tags: list[str] = [], "
+        "dry: bool = False, ratio: float | None = None):\n    return {}\n"
+    )
+    automation = parse_definition({"name": "py", "run": {"runtime": "python", "script": script}})
+    assert automation.run.entrypoint == "main"
+    schema = automation.schema
+    assert schema["required"] == ["host"]
+    assert schema["properties"]["port"] == {"type": "integer", "default": 22}
+    assert schema["properties"]["env"] == {"enum": ["dev", "prod"], "default": "dev"}
+    assert schema["properties"]["tags"] == {"type": "array", "items": {"type": "string"}, "default": []}
+    assert schema["properties"]["dry"] == {"type": "boolean", "default": False}
+    assert schema["additionalProperties"] is False
+
+
+def test_python_without_main_is_a_plain_script() -> None:
+    automation = parse_definition({"name": "py", "run": {"runtime": "python", "script": "print(1)"}})
+    assert automation.run.entrypoint == "script"
+
+
+def test_exec_runtime_needs_args() -> None:
+    with pytest.raises(InvalidDefinition, match="args"):
+        parse_definition({"name": "x", "run": {"runtime": "exec"}})
+
+
+def test_file_reference_is_inlined_relative_to_the_yaml(tmp_path: Path) -> None:
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "go.sh").write_text("echo from file\n")
+    (tmp_path / "a.yaml").write_text("name: a\nrun: {runtime: bash, file: scripts/go.sh}\n")
+    assert load_file(tmp_path / "a.yaml").run.script == "echo from file\n"
+
+
+def test_directory_load_reports_each_broken_file_and_duplicates(tmp_path: Path) -> None:
+    (tmp_path / "good.yaml").write_text("name: good\nrun: {runtime: bash, script: 'true'}\n")
+    (tmp_path / "bad.yaml").write_text("name: bad\nrun: {runtime: bash}\ntimeout: forever\n")
+    (tmp_path / "broken.yml").write_text("name: [unclosed\n")
+    (tmp_path / "dupe.yaml").write_text("name: good\nrun: {runtime: bash, script: 'true'}\n")
+    automations, problems = load_directory(tmp_path)
+    assert [a.name for a in automations] == ["good"]
+    text = "\n".join(problems)
+    assert "bad.yaml: timeout" in text
+    assert "broken.yml" in text and "invalid YAML" in text
+    assert "already defined" in text
+
+
+def test_bundled_examples_are_valid() -> None:
+    from ondeck.settings import BUNDLED_EXAMPLES
+
+    automations, problems = load_directory(BUNDLED_EXAMPLES)
+    assert problems == []
+    assert {"hello", "disk-report", "always-fails", "slow-count", "deploy"} <= {a.name for a in automations}

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+
+from ondeck.errors import InvalidParams
+from ondeck.spec.params import check_schema, validate_params
+
+SCHEMA = {
+    "type": "object",
+    "required": ["service"],
+    "additionalProperties": False,
+    "properties": {
+        "service": {"type": "string", "pattern": "^[a-z0-9-]+$"},
+        "env": {"type": "string", "enum": ["dev", "prod"], "default": "dev"},
+        "options": {"type": "object", "properties": {"force": {"type": "boolean", "default": False}}},
+    },
+}
+
+
+def test_defaults_are_applied_including_nested() -> None:
+    assert validate_params(SCHEMA, {"service": "api", "options": {}}) == {
+        "service": "api",
+        "env": "dev",
+        "options": {"force": False},
+    }
+
+
+def test_every_failing_path_is_listed() -> None:
+    with pytest.raises(InvalidParams) as caught:
+        validate_params(SCHEMA, {"service": "Bad Name", "env": "qa", "extra": 1})
+    paths = sorted(e["path"] for e in caught.value.extensions["errors"])
+    assert paths == ["/", "/env", "/service"]
+    assert "/service" in caught.value.detail
+
+
+def test_missing_required_is_an_error() -> None:
+    with pytest.raises(InvalidParams, match="service"):
+        validate_params(SCHEMA, {})
+
+
+def test_validation_does_not_mutate_the_input() -> None:
+    given = {"service": "api"}
+    validate_params(SCHEMA, given)
+    assert given == {"service": "api"}
+
+
+def test_schema_must_describe_an_object() -> None:
+    with pytest.raises(ValueError, match="type: object"):
+        check_schema({"type": "string"})
+    with pytest.raises(ValueError, match="not a valid JSON Schema"):
+        check_schema({"type": "object", "properties": {"x": {"type": 5}}})
