@@ -107,7 +107,9 @@ class Server(OndeckProcess):
         return httpx.Client(base_url=self.url + "/api/v1", timeout=60, **kwargs)
 
 
-def base_env(data_dir: Path, database_url: str, automations_dir: Path | None = None, **extra: str) -> dict[str, str]:
+def base_env(
+    data_dir: Path, database_url: str, automations_dir: Path | None = None, **extra: str
+) -> dict[str, str]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(data_dir),

@@ -19,7 +19,8 @@ MEDIA_TYPE = "application/problem+json"
 def problem(
     status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None, **ext: Any
 ) -> JSONResponse:
-    body = {"type": f"/problems/{code}", "title": title, "status": status, "detail": detail, **ext}
+    # Extensions never override the standard members.
+    body = {**ext, "type": f"/problems/{code}", "title": title, "status": status, "detail": detail}
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 

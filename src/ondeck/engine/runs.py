@@ -71,7 +71,7 @@ def cancel(store: Store, run_id: str, reason: str = "cancelled on request") -> R
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
         if run.status.terminal:
-            raise Conflict(f"run {run_id} has already finished ({run.status})", status=str(run.status))
+            raise Conflict(f"run {run_id} has already finished ({run.status})", run_status=str(run.status))
         request_cancel(tx, run, now, reason)
         updated = tx.get_run(run_id)
     assert updated is not None

@@ -11,7 +11,14 @@ from ondeck.domain import Outcome, RunStatus
 from ondeck.engine import catalog, finish, queue, runs
 from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit, parse_idempotency_key
 from ondeck.engine.queue import DefinitionCache
-from ondeck.errors import ConcurrencyRejected, Conflict, IdempotencyMismatch, InvalidParams, InvalidRequest, NotFound
+from ondeck.errors import (
+    ConcurrencyRejected,
+    Conflict,
+    IdempotencyMismatch,
+    InvalidParams,
+    InvalidRequest,
+    NotFound,
+)
 from ondeck.spec.loader import parse_definition
 from ondeck.store.store import Store
 
@@ -24,7 +31,9 @@ def define(store: Store, **fields: Any) -> str:
     return str(definition["name"])
 
 
-def claim(store: Store, worker: str = "w1", capacity: int = 10, lease: timedelta = LEASE) -> list[queue.Claim]:
+def claim(
+    store: Store, worker: str = "w1", capacity: int = 10, lease: timedelta = LEASE
+) -> list[queue.Claim]:
     return queue.claim(store, worker, "default", capacity, lease, DefinitionCache())
 
 
@@ -180,8 +189,11 @@ def test_renewed_lease_is_not_reaped(store: Store) -> None:
 
 
 def test_concurrency_key_limits_claims_and_slot_is_released(store: Store) -> None:
-    define(store, params={"type": "object", "properties": {"env": {"type": "string"}}},
-           concurrency={"key": "${{ params.env }}", "limit": 1})
+    define(
+        store,
+        params={"type": "object", "properties": {"env": {"type": "string"}}},
+        concurrency={"key": "${{ params.env }}", "limit": 1},
+    )
     a1 = admit(store, TriggerRequest("job", {"env": "a"})).run
     a2 = admit(store, TriggerRequest("job", {"env": "a"})).run
     b1 = admit(store, TriggerRequest("job", {"env": "b"})).run
@@ -241,12 +253,19 @@ def test_logs_are_numbered_in_order_and_kept_per_attempt(store: Store) -> None:
     define(store, retries={"attempts": 2, "backoff": "0s"})
     run = admit(store, TriggerRequest("job")).run
     (first,) = claim(store)
-    finish.append_logs(store, first, [LogChunk("stdout", "a\n", utcnow()), LogChunk("stderr", "b\n", utcnow())])
+    finish.append_logs(
+        store, first, [LogChunk("stdout", "a\n", utcnow()), LogChunk("stderr", "b\n", utcnow())]
+    )
     finish.finish(store, first, Outcome(RunStatus.FAILED, 1, "x"), [LogChunk("stdout", "c\n", utcnow())])
     (second,) = claim(store)
     finish.finish(store, second, Outcome(RunStatus.SUCCEEDED, 0), [LogChunk("stdout", "d\n", utcnow())])
     _, entries = runs.logs(store, run.id)
-    assert [(e.seq, e.attempt, e.text) for e in entries] == [(1, 1, "a\n"), (2, 1, "b\n"), (3, 1, "c\n"), (4, 2, "d\n")]
+    assert [(e.seq, e.attempt, e.text) for e in entries] == [
+        (1, 1, "a\n"),
+        (2, 1, "b\n"),
+        (3, 1, "c\n"),
+        (4, 2, "d\n"),
+    ]
     _, only_second = runs.logs(store, run.id, attempt=2)
     assert [e.text for e in only_second] == ["d\n"]
 

@@ -108,7 +108,9 @@ def test_bash_stops_at_the_first_failure(tmp_path: Path) -> None:
 
 
 def test_timeout_kills_the_whole_group(tmp_path: Path) -> None:
-    attempt = make(tmp_path, "sleep 300.321 & (sleep 301.321; echo) & setsid sleep 302.321 & sleep 1000", timeout=1.0)
+    attempt = make(
+        tmp_path, "sleep 300.321 & (sleep 301.321; echo) & setsid sleep 302.321 & sleep 1000", timeout=1.0
+    )
     started = time.monotonic()
     outcome, _ = execute(attempt)
     assert outcome.status == RunStatus.TIMED_OUT and "timed out after 1s" in (outcome.error or "")
@@ -138,7 +140,9 @@ def test_background_children_do_not_outlive_a_finished_run(tmp_path: Path) -> No
 
 
 def test_output_is_capped_and_pipes_are_drained(tmp_path: Path) -> None:
-    attempt = make(tmp_path, "head -c 5000000 /dev/zero | tr '\\0' y; echo; echo finished >&2", log_budget=10_000)
+    attempt = make(
+        tmp_path, "head -c 5000000 /dev/zero | tr '\\0' y; echo; echo finished >&2", log_budget=10_000
+    )
     outcome, text = execute(attempt)
     assert outcome.status == RunStatus.SUCCEEDED
     assert "output truncated at 10000 bytes" in text
@@ -170,7 +174,9 @@ def test_file_size_limit_applies(tmp_path: Path) -> None:
 
 
 def test_python_main_receives_params_and_returns_outputs(tmp_path: Path) -> None:
-    script = "def main(name: str, times: int = 2):\n    print('hi', name)\n    return {'echo': name * times}\n"
+    script = (
+        "def main(name: str, times: int = 2):\n    print('hi', name)\n    return {'echo': name * times}\n"
+    )
     attempt = make(tmp_path, script, runtime="python", entrypoint="main", params={"name": "ab", "times": 3})
     outcome, text = execute(attempt)
     assert outcome.status == RunStatus.SUCCEEDED and outcome.outputs == {"echo": "ababab"}
@@ -183,7 +189,9 @@ def test_python_main_non_dict_return_is_wrapped(tmp_path: Path) -> None:
 
 
 def test_python_exception_fails_with_traceback_in_log(tmp_path: Path) -> None:
-    attempt = make(tmp_path, "def main():\n    raise RuntimeError('nope')\n", runtime="python", entrypoint="main")
+    attempt = make(
+        tmp_path, "def main():\n    raise RuntimeError('nope')\n", runtime="python", entrypoint="main"
+    )
     outcome, text = execute(attempt)
     assert outcome.status == RunStatus.FAILED and "RuntimeError: nope" in text
 

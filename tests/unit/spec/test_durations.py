@@ -7,7 +7,16 @@ from ondeck.durations import format_duration, parse_duration, parse_size
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("250ms", 0.25), (45, 45), ("2", 2), ("1d", 86400)],
+    [
+        ("90s", 90),
+        ("10m", 600),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("250ms", 0.25),
+        (45, 45),
+        ("2", 2),
+        ("1d", 86400),
+    ],
 )
 def test_parse_duration_accepts_human_forms(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -19,7 +28,9 @@ def test_parse_duration_rejects_garbage_with_a_hint(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(("text", "size"), [("512MiB", 512 * 1024**2), ("2GB", 2 * 1000**3), ("10k", 10_000), (7, 7)])
+@pytest.mark.parametrize(
+    ("text", "size"), [("512MiB", 512 * 1024**2), ("2GB", 2 * 1000**3), ("10k", 10_000), (7, 7)]
+)
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 

@@ -1,0 +1,208 @@
+"""The HTTP API against a real server, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import Server, put_automation, wait_for_run
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+def client(server: Server) -> httpx.Client:
+    with server.client() as client:
+        yield client
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def define(client: httpx.Client, script: str = "echo hi", **fields: Any) -> str:
+    name = unique("api")
+    put_automation(client, {"name": name, "run": {"runtime": "bash", "script": script}, **fields})
+    return name
+
+
+def assert_problem(response: httpx.Response, status: int, *words: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status and body["detail"]
+    for word in words:
+        assert word in body["detail"]
+    return body
+
+
+def test_trigger_returns_202_and_the_run_finishes_with_outputs(client: httpx.Client) -> None:
+    name = define(
+        client,
+        'echo "hi $ONDECK_PARAM_WHO"; cp "$ONDECK_PARAMS" "$ONDECK_OUTPUTS"',
+        params={"type": "object", "properties": {"who": {"type": "string", "default": "you"}}},
+    )
+    response = client.post(f"/automations/{name}/runs", json={"params": {}})
+    assert response.status_code == 202
+    assert response.headers["location"] == f"/api/v1/runs/{response.json()['id']}"
+    run = wait_for_run(client, response.json()["id"])
+    assert run["status"] == "succeeded" and run["outputs"] == {"who": "you"} and run["exit_code"] == 0
+    for field in ("version", "attempt", "created_at", "started_at", "finished_at", "error", "params"):
+        assert field in run
+    assert [t["to_status"] for t in run["transitions"]] == ["pending", "queued", "running", "succeeded"]
+    logs = client.get(f"/runs/{run['id']}/logs").json()
+    assert "".join(e["text"] for e in logs["entries"]) == "hi you\n"
+    assert set(logs["entries"][0]) == {"seq", "attempt", "stream", "text", "time"}
+
+
+def test_wait_answers_with_the_finished_run(client: httpx.Client) -> None:
+    name = define(client, "exit 4")
+    response = client.post(f"/automations/{name}/runs", params={"wait": 30})
+    assert response.status_code == 200
+    assert response.json()["status"] == "failed" and response.json()["exit_code"] == 4
+
+
+def test_invalid_params_are_422_with_paths_and_no_run_is_written(client: httpx.Client) -> None:
+    name = define(
+        client, params={"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}
+    )
+    body = assert_problem(client.post(f"/automations/{name}/runs", json={"params": {"n": "x"}}), 422, "/n")
+    assert body["errors"][0]["path"] == "/n"
+    assert client.get("/runs", params={"automation": name}).json()["items"] == []
+
+
+def test_idempotency_key_over_http(client: httpx.Client) -> None:
+    name = define(client, params={"type": "object", "properties": {"n": {"type": "integer"}}})
+    headers = {"Idempotency-Key": '"order-17"'}
+    first = client.post(f"/automations/{name}/runs", json={"params": {"n": 1}}, headers=headers)
+    again = client.post(
+        f"/automations/{name}/runs", json={"params": {"n": 1}}, headers={"Idempotency-Key": "order-17"}
+    )
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert_problem(
+        client.post(f"/automations/{name}/runs", json={"params": {"n": 2}}, headers=headers),
+        422,
+        "Idempotency-Key",
+    )
+    assert_problem(client.post(f"/automations/{name}/runs", headers={"Idempotency-Key": '""'}), 400)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status"),
+    [
+        ("GET", "/automations/does-not-exist", {}, 404),
+        ("POST", "/automations/does-not-exist/runs", {}, 404),
+        ("GET", "/runs/nope", {}, 404),
+        ("GET", "/runs/nope/logs", {}, 404),
+        ("GET", "/runs/nope/logs/stream", {}, 404),
+        ("POST", "/runs/nope/cancel", {}, 404),
+        ("POST", "/runs/nope/rerun", {}, 404),
+        ("GET", "/no/such/route", {}, 404),
+        ("GET", "/runs", {"params": {"status": "bogus"}}, 400),
+        ("GET", "/runs", {"params": {"limit": 0}}, 422),
+        (
+            "PUT",
+            "/automations/x",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+        ),
+        ("PUT", "/automations/x", {"json": {"run": {"runtime": "cobol"}}}, 422),
+        ("PUT", "/automations/x", {"json": {"name": "y", "run": {"runtime": "bash", "script": "true"}}}, 422),
+        ("POST", "/automations/does-not-exist/runs", {"json": {"params": [1]}}, 422),
+    ],
+)
+def test_errors_are_problem_json(
+    client: httpx.Client, method: str, path: str, kwargs: dict[str, Any], status: int
+) -> None:
+    assert_problem(client.request(method, path, **kwargs), status)
+
+
+def test_definition_errors_name_the_field(client: httpx.Client) -> None:
+    body = assert_problem(
+        client.put("/automations/x", json={"run": {"runtime": "cobol"}}), 422, "run.runtime"
+    )
+    assert any(e["field"] == "run.runtime" for e in body["errors"])
+
+
+def test_put_creates_versions_only_on_change(client: httpx.Client) -> None:
+    name = unique("ver")
+    definition = {"name": name, "run": {"runtime": "bash", "script": "true"}}
+    assert put_automation(client, definition)["version"] == 1
+    assert put_automation(client, definition) | {"created_at": None} == put_automation(client, definition) | {
+        "created_at": None
+    }
+    changed = put_automation(client, {**definition, "description": "new"})
+    assert changed["version"] == 2 and changed["changed"] is True
+    assert client.get(f"/automations/{name}", params={"version": 1}).json()["definition"]["description"] == ""
+    names = [a["name"] for a in client.get("/automations").json()["items"]]
+    assert name in names
+
+
+def test_runs_list_filters_and_paginates_with_link(client: httpx.Client) -> None:
+    name = define(client)
+    ids = [client.post(f"/automations/{name}/runs").json()["id"] for _ in range(5)]
+    for run_id in ids:
+        wait_for_run(client, run_id)
+    seen, cursor = [], None
+    while True:
+        response = client.get(
+            "/runs", params={"automation": name, "limit": 2, **({"cursor": cursor} if cursor else {})}
+        )
+        page = response.json()
+        seen += [r["id"] for r in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+        assert 'rel="next"' in response.headers["link"]
+    assert seen == sorted(ids, reverse=True)
+    succeeded = client.get("/runs", params={"automation": name, "status": "succeeded,failed"}).json()["items"]
+    assert len(succeeded) == 5
+    assert client.get("/runs", params={"automation": name, "status": "queued"}).json()["items"] == []
+
+
+def test_cancel_and_rerun(client: httpx.Client) -> None:
+    name = define(client, "sleep 600", params={"type": "object", "properties": {"x": {"type": "integer"}}})
+    run = client.post(f"/automations/{name}/runs", json={"params": {"x": 5}}).json()
+    cancelled = client.post(f"/runs/{run['id']}/cancel")
+    assert cancelled.status_code == 202
+    final = wait_for_run(client, run["id"], timeout=30)
+    assert final["status"] == "cancelled"
+    assert_problem(client.post(f"/runs/{run['id']}/cancel"), 409, "already finished")
+    again = client.post(f"/runs/{run['id']}/rerun")
+    assert again.status_code == 202
+    rerun = again.json()
+    assert rerun["rerun_of"] == run["id"] and rerun["params"] == {"x": 5} and rerun["trigger"] == "rerun"
+    client.post(f"/runs/{rerun['id']}/cancel")
+
+
+def test_retries_keep_each_attempts_logs_apart(client: httpx.Client) -> None:
+    name = define(client, 'echo "attempt $ONDECK_ATTEMPT"; exit 1', retries={"attempts": 2, "backoff": "0s"})
+    run = wait_for_run(client, client.post(f"/automations/{name}/runs").json()["id"])
+    assert run["status"] == "failed" and run["attempt"] == 2
+    assert [a["status"] for a in run["attempts"]] == ["failed", "failed"]
+    for number in (1, 2):
+        entries = client.get(f"/runs/{run['id']}/logs", params={"attempt": number}).json()["entries"]
+        assert "".join(e["text"] for e in entries) == f"attempt {number}\n"
+
+
+def test_sse_stream_of_a_finished_run_replays_everything_then_ends(client: httpx.Client) -> None:
+    name = define(client, "echo one; echo two >&2")
+    run = wait_for_run(client, client.post(f"/automations/{name}/runs").json()["id"])
+    with client.stream("GET", f"/runs/{run['id']}/logs/stream") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    assert "event: log" in body and '"text":"one\\n"' in body and '"stream":"stderr"' in body
+    assert body.rstrip().splitlines()[-1] == 'data: {"status": "succeeded", "exit_code": 0}'
+
+
+def test_health_and_openapi(server: Server) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").json()["status"] == "ready"
+        spec = client.get("/openapi.json").json()
+        assert "/api/v1/automations/{name}/runs" in spec["paths"]
+        assert client.get("/docs").status_code == 200

@@ -1,0 +1,117 @@
+"""The ``ondeck`` command as a user types it, against a real server with the bundled examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ondeck.settings import BUNDLED_EXAMPLES
+from tests.support import Server, base_env
+
+
+@pytest.fixture(scope="module")
+def examples_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data = tmp_path_factory.mktemp("cli")
+    env = base_env(data, f"sqlite:///{data / 'ondeck.db'}", BUNDLED_EXAMPLES)
+    server = Server(env, data / "server.log").start()
+    yield server
+    server.stop()
+
+
+def ondeck(server: Server, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "ONDECK_URL": server.url, "HOME": str(cwd or Path.cwd())}
+    return subprocess.run(
+        [sys.executable, "-m", "ondeck", *args], env=env, capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def test_run_hello_follow_prints_the_live_log_and_exits_zero(examples_server: Server) -> None:
+    result = ondeck(examples_server, "run", "hello", "-p", "name=world", "--wait", "--follow")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello, world!\n"
+    assert "succeeded" in result.stderr
+
+
+def test_run_that_fails_exits_one_after_retries(examples_server: Server) -> None:
+    result = ondeck(examples_server, "run", "always-fails", "--follow")
+    assert result.returncode == 1
+    assert result.stdout.count("trying") == 3
+    assert "failed: exit code 3" in result.stderr
+
+
+def test_python_main_params_are_typed_from_the_schema(examples_server: Server) -> None:
+    result = ondeck(examples_server, "run", "disk-report", "-p", "warn_percent=0", "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)
+    assert run["params"]["warn_percent"] == 0 and run["outputs"]["warning"] is True
+
+
+def test_bad_param_is_a_clear_error(examples_server: Server) -> None:
+    result = ondeck(examples_server, "run", "hello", "-p", "greeting=yo")
+    assert result.returncode == 3
+    assert "/greeting" in result.stderr and "Invalid parameters" in result.stderr
+
+
+def test_idempotency_key_returns_the_same_run(examples_server: Server) -> None:
+    first = ondeck(examples_server, "run", "hello", "--idempotency-key", "cli-k1", "--json")
+    again = ondeck(examples_server, "run", "hello", "--idempotency-key", "cli-k1", "--json")
+    assert json.loads(first.stdout)["id"] == json.loads(again.stdout)["id"]
+
+
+def test_runs_commands(examples_server: Server) -> None:
+    run = json.loads(ondeck(examples_server, "run", "slow-count", "-p", "count=600", "--json").stdout)
+    cancel = ondeck(examples_server, "runs", "cancel", run["id"])
+    assert cancel.returncode == 0 and run["id"] in cancel.stdout
+    finished = ondeck(examples_server, "runs", "show", run["id"], "--json")
+    assert json.loads(finished.stdout)["id"] == run["id"]
+    listing = ondeck(examples_server, "runs", "list", "--automation", "slow-count")
+    assert run["id"] in listing.stdout
+    rerun = ondeck(examples_server, "runs", "rerun", run["id"], "--json")
+    new = json.loads(rerun.stdout)
+    assert new["rerun_of"] == run["id"]
+    ondeck(examples_server, "runs", "cancel", new["id"])
+    hello = json.loads(ondeck(examples_server, "run", "hello", "--wait", "--json").stdout)
+    logs = ondeck(examples_server, "runs", "logs", hello["id"])
+    assert logs.stdout == "hello, world!\n"
+    followed = ondeck(examples_server, "runs", "logs", hello["id"], "--follow")
+    assert followed.stdout == "hello, world!\n"
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "ONDECK_URL": "http://127.0.0.1:9", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "ondeck", "runs", "list"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 3 and "cannot reach ondeck" in result.stderr
+
+
+def test_automations_validate_and_apply(examples_server: Server, tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.yaml").write_text("name: cli-applied\nrun: {runtime: bash, script: 'echo applied'}\n")
+    assert ondeck(examples_server, "automations", "validate", str(good)).returncode == 0
+    applied = ondeck(examples_server, "automations", "apply", str(good))
+    assert applied.returncode == 0 and "cli-applied: version 1 (updated)" in applied.stdout
+    again = ondeck(examples_server, "automations", "apply", str(good))
+    assert "cli-applied: version 1 (unchanged)" in again.stdout
+    assert "cli-applied" in ondeck(examples_server, "automations", "list").stdout
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "b.yaml").write_text("name: b\nrun: {runtime: bash, script: x}\nretries: {attempts: 0}\n")
+    result = ondeck(examples_server, "automations", "validate", str(bad))
+    assert result.returncode == 1 and "b.yaml: retries.attempts" in result.stderr
+    assert ondeck(examples_server, "automations", "apply", str(bad)).returncode == 1
+
+
+def test_db_upgrade(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "ONDECK_DATA_DIR": str(tmp_path / "d"), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "ondeck", "db", "upgrade"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and (tmp_path / "d" / "ondeck.db").exists()
