@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from ondeck.domain import RunStatus
@@ -29,5 +31,5 @@ def test_illegal_transitions_raise(source: RunStatus | None, target: RunStatus) 
 
 def test_the_normal_path_is_legal() -> None:
     path = [None, RunStatus.PENDING, RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.SUCCEEDED]
-    for source, target in zip(path, path[1:], strict=False):
+    for source, target in itertools.pairwise(path):
         check(source, target)

@@ -66,7 +66,7 @@ def test_params_are_inert_data(tmp_path: Path) -> None:
 def test_environment_is_minimal_and_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SERVER_ONLY_SECRET", "leak")
     params = {"count": 3, "flag": True, "list": [1, 2], "dashed-name": "x"}
-    outcome, text = execute(make(tmp_path, "env", params=params))
+    _outcome, text = execute(make(tmp_path, "env", params=params))
     env = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     assert "SERVER_ONLY_SECRET" not in env
     assert env["ONDECK_PARAM_COUNT"] == "3"
