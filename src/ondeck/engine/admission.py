@@ -75,7 +75,7 @@ def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None 
     policy = policy or AdmissionPolicy()
     version = catalog.get(store, request.automation)
     automation = catalog.definition_of(version)
-    params = validate_params(automation.schema, request.params)
+    params = validate_params(automation.params_schema, request.params)
     concurrency = automation.concurrency
     key = None
     if concurrency is not None:
@@ -138,7 +138,7 @@ def _write(
         if concurrency is not None and run.concurrency_key is not None:
             status, reason = _apply_concurrency(tx, run, concurrency)
         states.check(RunStatus.PENDING, status)
-        extra = {"finished_at": now, "error": reason} if status == RunStatus.REJECTED else {}
+        extra: dict[str, Any] = {"finished_at": now, "error": reason} if status == RunStatus.REJECTED else {}
         tx.move_run(run.id, RunStatus.PENDING, status, now, reason, **extra)
         if status == RunStatus.QUEUED:
             tx.notify("queue", run.worker_group)

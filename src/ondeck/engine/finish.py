@@ -24,7 +24,7 @@ RETRYABLE = frozenset({RunStatus.FAILED, RunStatus.TIMED_OUT})
 def backoff(retries: Retries, finished_attempt: int) -> float:
     """Exponential backoff with equal jitter: half fixed, half random."""
     delay = min(retries.max_backoff, retries.backoff * 2 ** (finished_attempt - 1))
-    return delay / 2 + random.uniform(0, delay / 2)
+    return float(delay / 2 + random.uniform(0, delay / 2))
 
 
 def append_logs(store: Store, claim: Claim, chunks: Sequence[LogChunk]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 from ondeck.domain import Run, RunStatus, utcnow
 from ondeck.engine import states
@@ -59,7 +60,7 @@ def claim(
             number = run.attempt + 1
             states.check(run.status, RunStatus.RUNNING)
             started_at = run.started_at or now
-            fields = {
+            fields: dict[str, Any] = {
                 "attempt": number,
                 "lease_owner": worker,
                 "lease_expires_at": now + lease,

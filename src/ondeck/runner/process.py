@@ -13,7 +13,7 @@ import re
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncIterator[Event]:
+async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncGenerator[Event, None]:
     """Run ``attempt``; yields Started, Output…, then exactly one Finished.
 
     Whatever happens — timeout, cancel, the consumer going away — every process
@@ -221,7 +221,7 @@ async def _supervise(
     attempt: Attempt,
     cancel: asyncio.Event,
     workspace: Workspace,
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     assert process.stdout is not None and process.stderr is not None
     budget = _OutputBudget(max(attempt.log_budget, 0))
     queue: asyncio.Queue[LogChunk | object] = asyncio.Queue(maxsize=64)
@@ -268,9 +268,10 @@ async def _stop_when_due(
     also what closes the pipes they inherited.
     """
     cancelled = asyncio.create_task(cancel.wait())
+    waiting: set[asyncio.Future[Any]] = {exited, cancelled}
     try:
         done, _ = await asyncio.wait(
-            {exited, cancelled}, timeout=attempt.timeout, return_when=asyncio.FIRST_COMPLETED
+            waiting, timeout=attempt.timeout, return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         cancelled.cancel()

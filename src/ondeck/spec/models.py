@@ -116,13 +116,13 @@ class Automation(_Strict):
         ``additionalProperties: false`` unless the author says otherwise, so a
         mistyped ``-p nmae=x`` is an error rather than silently ignored.
         """
-        schema = dict(value) if value else {"type": "object", "properties": {}}
+        schema: dict[str, Any] = dict(value) if value else {"type": "object", "properties": {}}
         schema.setdefault("additionalProperties", False)
         check_schema(schema)
         return schema
 
     @property
-    def schema(self) -> dict[str, Any]:
+    def params_schema(self) -> dict[str, Any]:
         assert self.params is not None
         return self.params
 

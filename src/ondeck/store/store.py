@@ -243,7 +243,7 @@ class Transaction:
         The primary key (key, slot) is what enforces the limit, on every backend
         and across any number of processes.
         """
-        taken = set(
+        taken: set[int] = set(
             self._c.execute(select(concurrency_slots.c.slot).where(concurrency_slots.c.key == key)).scalars()
         )
         for slot in range(limit):
@@ -332,7 +332,7 @@ class Transaction:
         if not chunks:
             return
         size = sum(len(chunk.text.encode()) for chunk in chunks)
-        last = self._c.execute(
+        last: int = self._c.execute(
             update(runs)
             .where(runs.c.id == run_id)
             .values(log_seq=runs.c.log_seq + len(chunks), log_bytes=runs.c.log_bytes + size)

@@ -12,7 +12,7 @@ HELLO = {"name": "hello", "run": {"runtime": "bash", "script": "echo hi"}}
 
 def test_minimal_definition_gets_safe_defaults() -> None:
     automation = parse_definition(HELLO)
-    assert automation.schema == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert automation.params_schema == {"type": "object", "properties": {}, "additionalProperties": False}
     assert automation.retries.attempts == 1
     assert automation.worker_group == "default"
 
@@ -56,7 +56,7 @@ def test_python_main_signature_becomes_the_schema() -> None:
     )
     automation = parse_definition({"name": "py", "run": {"runtime": "python", "script": script}})
     assert automation.run.entrypoint == "main"
-    schema = automation.schema
+    schema = automation.params_schema
     assert schema["required"] == ["host"]
     assert schema["properties"]["port"] == {"type": "integer", "default": 22}
     assert schema["properties"]["env"] == {"enum": ["dev", "prod"], "default": "dev"}
