@@ -15,6 +15,9 @@ from typing import Any, TypeVar
 import httpx
 
 T = TypeVar("T")
+# Every test server accepts this admin token (ONDECK_ADMIN_TOKEN); clients send it.
+ADMIN_TOKEN = "odk_test-admin-token-0123456789abcdefghijklmnopqrstuv"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TERMINAL = {"succeeded", "failed", "timed_out", "cancelled", "rejected"}
 
 
@@ -103,8 +106,10 @@ class Server(OndeckProcess):
             wait_until(ready, timeout=60, interval=0.1, message="server readiness")
         return self
 
-    def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url + "/api/v1", timeout=60, **kwargs)
+    def client(self, token: str | None = ADMIN_TOKEN, **kwargs: Any) -> httpx.Client:
+        """A client of ``/api/v1`` sending ``token`` (the admin's unless told otherwise)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url + "/api/v1", timeout=60, headers=headers, **kwargs)
 
 
 def base_env(
@@ -118,6 +123,9 @@ def base_env(
         "ONDECK_AUTOMATIONS_DIR": str(automations_dir or data_dir / "automations"),
         "ONDECK_POLL_SECONDS": "0.5",
         "ONDECK_KILL_GRACE_SECONDS": "2",
+        "ONDECK_ADMIN_TOKEN": ADMIN_TOKEN,
+        "ONDECK_TOKEN": ADMIN_TOKEN,
+        "ONDECK_RATE_LIMIT": "",
     }
     env.update(extra)
     return env

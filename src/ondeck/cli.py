@@ -16,12 +16,20 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 
+from ondeck import __version__
+from ondeck.auth.tokens import TOKEN_FILE
 from ondeck.settings import Settings
 
 app = typer.Typer(help="ondeck: run automations on demand, safely.", no_args_is_help=True)
 runs_app = typer.Typer(help="Inspect and control runs.", no_args_is_help=True)
 automations_app = typer.Typer(help="Validate, apply and list automations.", no_args_is_help=True)
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens (admin).", no_args_is_help=True)
+secrets_app = typer.Typer(help="Secrets: write-only values injected into runs (admin).", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(secrets_app, name="secrets")
+app.add_typer(audit_app, name="audit")
 app.add_typer(runs_app, name="runs")
 app.add_typer(automations_app, name="automations")
 app.add_typer(db_app, name="db")
@@ -38,10 +46,27 @@ def main() -> None:
 # --- talking to the server ---------------------------------------------------
 
 
+def _token(settings: Settings) -> str | None:
+    """``ONDECK_TOKEN``, else the bootstrap admin token a local server saved in its data dir."""
+    if settings.token:
+        return settings.token
+    saved = settings.data_dir / TOKEN_FILE
+    try:
+        return saved.read_text().strip() or None
+    except OSError:
+        return None
+
+
 class Api:
     def __init__(self, settings: Settings) -> None:
         self.base = settings.url.rstrip("/")
-        self.client = httpx.Client(base_url=self.base, timeout=httpx.Timeout(30.0, read=None))
+        headers = {"User-Agent": f"ondeck-cli/{__version__}"}
+        token = _token(settings)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.client = httpx.Client(
+            base_url=self.base, timeout=httpx.Timeout(30.0, read=None), headers=headers
+        )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -50,7 +75,7 @@ class Api:
             _fail(f"cannot reach ondeck at {self.base} ({exc}); is `ondeck server` running?")
         if response.status_code >= 400:
             _fail_problem(response)
-        return response.json()
+        return response.json() if response.content else None
 
     def events(self, run_id: str) -> Any:
         """Yield (event, data) pairs from the run's SSE log stream."""
@@ -371,3 +396,138 @@ def worker_command(
         await node.stop()
 
     asyncio.run(serve())
+
+
+@runs_app.command("approve")
+def runs_approve(run_id: str, comment: str = "", as_json: JsonOption = False) -> None:
+    """Approve a run that waits for approval."""
+    _print_run(_api().request("POST", f"/runs/{run_id}/approve", json={"comment": comment}), as_json)
+
+
+@runs_app.command("reject")
+def runs_reject(run_id: str, comment: str = "", as_json: JsonOption = False) -> None:
+    """Reject a run that waits for approval."""
+    _print_run(_api().request("POST", f"/runs/{run_id}/reject", json={"comment": comment}), as_json)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Option("--name", help="Unique name; also usable in approver lists.")],
+    role: Annotated[list[str], typer.Option("--role", help="viewer, operator, approver or admin.")],
+    expires: Annotated[str | None, typer.Option(help="Lifetime such as 30d.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a token; it is printed once and never again."""
+    body = {"name": name, "roles": role, "expires_in": expires}
+    issued = _api().request("POST", "/tokens", json=body)
+    if as_json:
+        typer.echo(json.dumps(issued, indent=2))
+        return
+    typer.echo(issued["token"])
+    typer.echo(f"token {name!r} ({', '.join(issued['roles'])}) created; it will not be shown again", err=True)
+
+
+@tokens_app.command("list")
+def tokens_list(as_json: JsonOption = False) -> None:
+    """Tokens with their roles and last use (never their values)."""
+    items = _api().request("GET", "/tokens")
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    for t in items:
+        state = (
+            "revoked" if t["revoked_at"] else f"expires {t['expires_at']}" if t["expires_at"] else "active"
+        )
+        typer.echo(f"{t['name']:<24} {','.join(t['roles']):<20} {state:<12} last used {t['last_used_at']}")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: str) -> None:
+    """Revoke a token at once."""
+    _api().request("DELETE", f"/tokens/{name}")
+    typer.echo(f"token {name!r} revoked")
+
+
+@secrets_app.command("set")
+def secrets_set(
+    name: str,
+    scope: Annotated[str, typer.Option(help="global, environment:<name> or automation:<name>.")] = "global",
+) -> None:
+    """Set NAME to the value read from standard input (never from the command line)."""
+    value = sys.stdin.read().removesuffix("\n")
+    if not value:
+        _fail('no value on standard input; e.g. `printf %s "$VALUE" | ondeck secrets set NAME`', code=2)
+    _api().request("PUT", f"/secrets/{name}", json={"value": value, "scope": scope})
+    typer.echo(f"secret {name} set in scope {scope}")
+
+
+@secrets_app.command("list")
+def secrets_list(as_json: JsonOption = False) -> None:
+    """Secret names, scopes and who changed them (never values)."""
+    items = _api().request("GET", "/secrets")
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    for s in items:
+        typer.echo(f"{s['name']:<24} {s['scope']:<28} updated {s['updated_at']} by {s['updated_by']}")
+
+
+@secrets_app.command("delete")
+def secrets_delete(name: str, scope: str = "global") -> None:
+    """Delete a secret."""
+    _api().request("DELETE", f"/secrets/{name}", params={"scope": scope})
+    typer.echo(f"secret {name} deleted from scope {scope}")
+
+
+@secrets_app.command("rotate-key")
+def secrets_rotate_key() -> None:
+    """Re-encrypt every secret under a new master key (run where the database is reachable)."""
+    from ondeck.engine import secret_store
+    from ondeck.store.store import Store
+    from ondeck.vault import Vault
+
+    settings = Settings()
+    store = Store(settings.resolved_database_url)
+    vault = Vault.open(settings.data_dir, settings.master_key)
+    new, count = secret_store.rotate_key(store, vault, settings.data_dir)
+    store.dispose()
+    typer.echo(f"{count} secrets re-encrypted; new key saved to {settings.data_dir / 'master.key'}")
+    if settings.master_key:
+        typer.echo(
+            "ONDECK_MASTER_KEY is set: set it to the new key below on every host, then restart:", err=True
+        )
+        typer.echo(new.keys[0].decode())
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit chain from the database; exit 1 naming the first broken entry."""
+    from ondeck.engine import audit_log
+    from ondeck.store.store import Store
+
+    store = Store(Settings().resolved_database_url)
+    result = audit_log.verify(store)
+    store.dispose()
+    if not result.intact:
+        _fail(f"audit chain broken at entry {result.broken_id}: {result.reason}", code=EXIT_RUN_FAILED)
+    typer.echo(f"audit chain intact: {result.entries} entries")
+
+
+@audit_app.command("list")
+def audit_list(
+    action: str | None = None, actor: str | None = None, limit: int = 50, as_json: JsonOption = False
+) -> None:
+    """Recent audit entries, newest first."""
+    query: dict[str, Any] = {"limit": limit}
+    if action:
+        query["action"] = action
+    if actor:
+        query["actor"] = actor
+    page = _api().request("GET", "/audit", params=query)
+    if as_json:
+        typer.echo(json.dumps(page, indent=2))
+        return
+    for e in page["items"]:
+        typer.echo(
+            f"{e['id']:>6} {e['at']} {e['actor']:<16} {e['action']:<18} {e['target']} {json.dumps(e['detail'])}"
+        )

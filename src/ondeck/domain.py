@@ -70,6 +70,9 @@ class Run:
     log_bytes: int = 0
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    principal: str | None = None
+    environment: str | None = None
+    approval: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,3 +120,34 @@ class Outcome:
     exit_code: int | None = None
     error: str | None = None
     outputs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: str
+    name: str
+    roles: list[str]
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """A secret's metadata: never its value."""
+
+    name: str
+    scope: str
+    updated_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Decision:
+    approver: str
+    decision: str  # approve | reject
+    comment: str
+    at: datetime

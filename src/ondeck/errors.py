@@ -15,10 +15,44 @@ class OndeckError(Exception):
     status = 500
     title = "Internal error"
 
-    def __init__(self, detail: str, **extensions: Any) -> None:
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extensions: Any) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers or {}
         self.extensions = extensions
+
+
+class Unauthenticated(OndeckError):
+    code = "unauthenticated"
+    status = 401
+    title = "Authentication required"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="ondeck"'})
+
+
+class Forbidden(OndeckError):
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+
+class RateLimited(OndeckError):
+    code = "rate-limited"
+    status = 429
+    title = "Too many requests"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)}, retry_after=retry_after)
+
+
+class CircuitOpen(OndeckError):
+    code = "circuit-open"
+    status = 503
+    title = "Circuit breaker open"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)}, retry_after=retry_after)
 
 
 class InvalidRequest(OndeckError):

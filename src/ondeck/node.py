@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import dataclass, field
 
 from anyio import to_thread
 
-from ondeck.engine import catalog
+from ondeck.auth import tokens
+from ondeck.auth.principals import SYSTEM
+from ondeck.engine import catalog, environments, limits
+from ondeck.engine.admission import AdmissionPolicy
 from ondeck.engine.wakeup import PostgresListener, WakeBus
 from ondeck.engine.worker import Worker, reap_forever
+from ondeck.errors import InvalidDefinition
 from ondeck.settings import Settings
+from ondeck.spec.environments import load_environments
 from ondeck.spec.loader import load_directory
 from ondeck.store.store import Store
+from ondeck.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,8 @@ class Node:
     worker_group: str | None = None
     worker_concurrency: int | None = None
     store: Store = field(init=False)
+    vault: Vault = field(init=False)
+    admission_policy: AdmissionPolicy = field(init=False)
     bus: WakeBus = field(init=False, default_factory=WakeBus)
     worker: Worker | None = field(init=False, default=None)
     _stop: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -38,6 +47,11 @@ class Node:
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.resolved_database_url)
+        self.vault = Vault.open(self.settings.data_dir, self.settings.master_key)
+        self.admission_policy = AdmissionPolicy(
+            idempotency_ttl=self.settings.idempotency_ttl,
+            global_rate_limit=limits.parse_global_limit(self.settings.rate_limit),
+        )
 
     async def start(self) -> None:
         self.bus.bind(asyncio.get_running_loop())
@@ -45,6 +59,17 @@ class Node:
         await to_thread.run_sync(self.store.upgrade)
         if self.load_automations:
             await to_thread.run_sync(self._load_automations)
+            token = await to_thread.run_sync(
+                tokens.bootstrap, self.store, self.settings.data_dir, self.settings.admin_token
+            )
+            if token:
+                # Printed, not logged: log lines are kept and shipped, this must not be.
+                print(
+                    f"\nondeck: first start. Admin token (shown once; also saved to "
+                    f"{self.settings.data_dir / tokens.TOKEN_FILE}):\n\n    {token}\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if self.store.dialect == "postgresql":
             self._listener = PostgresListener(self.store.url, self.bus)
             self._listener.start()
@@ -55,6 +80,7 @@ class Node:
                 self.store,
                 self.settings,
                 self.bus,
+                self.vault,
                 group=self.worker_group,
                 concurrency=self.worker_concurrency,
             )
@@ -62,6 +88,11 @@ class Node:
 
     def _load_automations(self) -> None:
         directory = self.settings.resolved_automations_dir()
+        try:
+            for environment in load_environments(directory):
+                environments.put(self.store, SYSTEM, environment)
+        except InvalidDefinition as exc:
+            log.error("environments not loaded: %s", exc.detail)
         automations, problems = load_directory(directory)
         for problem in problems:
             log.error("automation not loaded: %s", problem)

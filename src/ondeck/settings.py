@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     default_timeout: str = Field("1h", description="Run timeout when an automation sets none.")
     log_cap_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Captured output per run.")
     idempotency_ttl_seconds: float = Field(24 * 3600, gt=0)
+    admin_token: str | None = Field(None, description="Use this value as the bootstrap admin token.")
+    token: str | None = Field(None, description="The CLI's API token.")
+    master_key: str | None = Field(None, description="Fernet key(s) for secrets; default a key file.")
+    rate_limit: str | None = Field("6000/1m", description="Per-principal trigger limit; empty disables.")
 
     limit_memory: str = Field("4GiB", description="RLIMIT_AS default for scripts.")
     limit_cpu: str = Field("1h", description="RLIMIT_CPU default for scripts.")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ondeck.settings import BUNDLED_EXAMPLES
-from tests.support import Server, base_env
+from tests.support import ADMIN_TOKEN, Server, base_env
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def examples_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 
 
 def ondeck(server: Server, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "ONDECK_URL": server.url, "HOME": str(cwd or Path.cwd())}
+    env = {"PATH": "/usr/bin:/bin", "ONDECK_URL": server.url, "HOME": str(cwd or Path.cwd()), "ONDECK_TOKEN": ADMIN_TOKEN}
     return subprocess.run(
         [sys.executable, "-m", "ondeck", *args], env=env, capture_output=True, text=True, timeout=120, cwd=cwd
     )

@@ -4,35 +4,36 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body
 
-from ondeck.api.deps import call, get_node
+from ondeck.api.deps import AdminDep, NodeDep, ReaderDep, call
 from ondeck.api.schemas import AutomationList, AutomationOut, AutomationSummary
 from ondeck.engine import catalog
 from ondeck.errors import InvalidDefinition
-from ondeck.node import Node
 from ondeck.spec.loader import parse_definition
 
 router = APIRouter(prefix="/automations", tags=["automations"])
-NodeDep = Annotated[Node, Depends(get_node)]
 
 
 @router.get("", response_model=AutomationList)
-async def list_automations(node: NodeDep) -> AutomationList:
-    versions = await call(catalog.list_current, node.store)
+async def list_automations(node: NodeDep, principal: ReaderDep) -> AutomationList:
+    """The automations the caller may see."""
+    versions = await call(catalog.visible, node.store, principal)
     return AutomationList(items=[AutomationSummary.of(v) for v in versions])
 
 
 @router.get("/{name}", response_model=AutomationOut)
-async def get_automation(node: NodeDep, name: str, version: int | None = None) -> AutomationOut:
-    return AutomationOut.of(await call(catalog.get, node.store, name, version))
+async def get_automation(
+    node: NodeDep, principal: ReaderDep, name: str, version: int | None = None
+) -> AutomationOut:
+    return AutomationOut.of(await call(catalog.get_visible, node.store, principal, name, version))
 
 
 @router.put("/{name}", response_model=AutomationOut)
 async def put_automation(
-    node: NodeDep, name: str, definition: Annotated[dict[str, Any], Body()]
+    node: NodeDep, principal: AdminDep, name: str, definition: Annotated[dict[str, Any], Body()]
 ) -> AutomationOut:
-    """Create or update; an identical definition does not make a new version."""
+    """Create or update (admin); an identical definition does not make a new version."""
     definition.setdefault("name", name)
     if definition["name"] != name:
         raise InvalidDefinition(
@@ -40,5 +41,5 @@ async def put_automation(
             errors=[{"field": "name", "message": "must match the URL"}],
         )
     automation = parse_definition(definition)
-    applied = await call(catalog.apply, node.store, automation)
+    applied = await call(catalog.apply_as, node.store, principal, automation)
     return AutomationOut.of(applied.version, changed=applied.changed)

@@ -27,7 +27,7 @@ def problem(
 def install(app: FastAPI) -> None:
     @app.exception_handler(OndeckError)
     async def _ondeck_error(request: Request, exc: OndeckError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.title, exc.detail, **exc.extensions)
+        return problem(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers, **exc.extensions)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

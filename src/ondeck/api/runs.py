@@ -7,18 +7,17 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from ondeck.api.deps import call, get_node
-from ondeck.api.schemas import LogEntryOut, LogPage, RunOut, RunPage, TriggerBody
+from ondeck.api.deps import NodeDep, PrincipalDep, ReaderDep, call
+from ondeck.api.schemas import DecisionBody, LogEntryOut, LogPage, RunOut, RunPage, TriggerBody
 from ondeck.domain import Run
-from ondeck.engine import admission, runs
-from ondeck.engine.admission import AdmissionPolicy, TriggerRequest
+from ondeck.engine import admission, approvals, runs
+from ondeck.engine.admission import TriggerRequest
 from ondeck.node import Node
 
 router = APIRouter(tags=["runs"])
-NodeDep = Annotated[Node, Depends(get_node)]
 WaitQuery = Annotated[
     float | None,
     Query(ge=0, le=600, description="Seconds to wait for the run to finish before answering."),
@@ -47,8 +46,7 @@ async def _wait_finished(node: Node, run: Run, timeout: float) -> Run:
 
 
 async def _admit(node: Node, request: TriggerRequest, wait: float | None, response: Response) -> RunOut:
-    policy = AdmissionPolicy(idempotency_ttl=node.settings.idempotency_ttl)
-    result = await call(admission.admit, node.store, request, policy)
+    result = await call(admission.admit, node.store, request, node.admission_policy)
     run = result.run
     if wait:
         run = await _wait_finished(node, run, wait)
@@ -62,7 +60,9 @@ async def _admit(node: Node, request: TriggerRequest, wait: float | None, respon
 @router.post("/automations/{name}/runs", response_model=RunOut, status_code=202)
 async def trigger_run(
     node: NodeDep,
+    principal: PrincipalDep,
     name: str,
+    request: Request,
     response: Response,
     body: TriggerBody | None = None,
     wait: WaitQuery = None,
@@ -70,13 +70,15 @@ async def trigger_run(
 ) -> RunOut:
     """Queue a run. 202 with the run; 200 with the finished run when `wait` sufficed."""
     key = admission.parse_idempotency_key(idempotency_key) if idempotency_key is not None else None
-    request = TriggerRequest(name, (body or TriggerBody()).params, "api", key)
-    return await _admit(node, request, wait, response)
+    via = "cli" if request.headers.get("user-agent", "").startswith("ondeck-cli") else "api"
+    trigger = TriggerRequest(name, (body or TriggerBody()).params, via, key, principal=principal)
+    return await _admit(node, trigger, wait, response)
 
 
 @router.get("/runs", response_model=RunPage)
 async def list_runs(
     node: NodeDep,
+    principal: ReaderDep,
     response: Response,
     automation: str | None = None,
     status: Annotated[list[str], Query(description="Repeat or comma-separate.")] = [],  # noqa: B006
@@ -85,7 +87,7 @@ async def list_runs(
 ) -> RunPage:
     statuses = [s for value in status for s in value.split(",") if s]
     items, next_cursor = await call(
-        runs.page, node.store, automation=automation, statuses=statuses, before=cursor, limit=limit
+        runs.page, node.store, principal, automation=automation, statuses=statuses, before=cursor, limit=limit
     )
     if next_cursor:
         response.headers["Link"] = f'</api/v1/runs?cursor={next_cursor}&limit={limit}>; rel="next"'
@@ -93,22 +95,25 @@ async def list_runs(
 
 
 @router.get("/runs/{run_id}", response_model=RunOut)
-async def get_run(node: NodeDep, run_id: str, wait: WaitQuery = None) -> RunOut:
-    """The run with its transitions and attempts; `wait` long-polls until it is terminal."""
+async def get_run(node: NodeDep, principal: ReaderDep, run_id: str, wait: WaitQuery = None) -> RunOut:
+    """The run with its transitions, attempts and approval decisions; `wait` long-polls until it ends."""
     if wait:
-        await _wait_finished(node, await call(runs.get, node.store, run_id), wait)
-    return RunOut.of_detail(await call(runs.detail, node.store, run_id))
+        await _wait_finished(node, await call(runs.get, node.store, run_id, principal), wait)
+    return RunOut.of_detail(await call(runs.detail, node.store, principal, run_id))
 
 
 @router.get("/runs/{run_id}/logs", response_model=LogPage)
 async def get_logs(
     node: NodeDep,
+    principal: ReaderDep,
     run_id: str,
     after: Annotated[int, Query(ge=0, description="Only entries with seq above this.")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
     attempt: int | None = None,
 ) -> LogPage:
-    run, entries = await call(runs.logs, node.store, run_id, after=after, limit=limit, attempt=attempt)
+    run, entries = await call(
+        runs.logs, node.store, run_id, after=after, limit=limit, attempt=attempt, principal=principal
+    )
     return LogPage.of(run, entries)
 
 
@@ -148,12 +153,13 @@ async def _log_events(node: Node, run_id: str, after: int) -> AsyncIterator[str]
 )
 async def stream_logs(
     node: NodeDep,
+    principal: ReaderDep,
     run_id: str,
     after: Annotated[int, Query(ge=0)] = 0,
     last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: `log` events (id = seq) and a final `end` event."""
-    await call(runs.get, node.store, run_id)  # 404 before the stream starts
+    await call(runs.get, node.store, run_id, principal)  # 404/403 before the stream starts
     start = max(after, last_event_id or 0)
     return StreamingResponse(
         _log_events(node, run_id, start),
@@ -163,20 +169,41 @@ async def stream_logs(
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut, status_code=202)
-async def cancel_run(node: NodeDep, run_id: str) -> RunOut:
-    return RunOut.of(await call(runs.cancel, node.store, run_id))
+async def cancel_run(node: NodeDep, principal: PrincipalDep, run_id: str) -> RunOut:
+    """Operators may cancel the runs they started; admins any run."""
+    return RunOut.of(await call(runs.cancel, node.store, principal, run_id))
+
+
+@router.post("/runs/{run_id}/approve", response_model=RunOut)
+async def approve_run(
+    node: NodeDep, principal: PrincipalDep, run_id: str, body: DecisionBody | None = None
+) -> RunOut:
+    """Approve a run waiting for approval; it is queued once every rule has enough approvers."""
+    comment = body.comment if body else ""
+    return RunOut.of(await call(approvals.decide, node.store, principal, run_id, True, comment))
+
+
+@router.post("/runs/{run_id}/reject", response_model=RunOut)
+async def reject_run(
+    node: NodeDep, principal: PrincipalDep, run_id: str, body: DecisionBody | None = None
+) -> RunOut:
+    comment = body.comment if body else ""
+    return RunOut.of(await call(approvals.decide, node.store, principal, run_id, False, comment))
 
 
 @router.post("/runs/{run_id}/rerun", response_model=RunOut, status_code=202)
 async def rerun(
     node: NodeDep,
+    principal: PrincipalDep,
     run_id: str,
     response: Response,
     wait: WaitQuery = None,
     idempotency_key: IdempotencyHeader = None,
 ) -> RunOut:
     """A new run of the automation's current version with the same params."""
-    original = await call(runs.get, node.store, run_id)
+    original = await call(runs.get, node.store, run_id, principal)
     key = admission.parse_idempotency_key(idempotency_key) if idempotency_key is not None else None
-    request = TriggerRequest(original.automation, original.params, "rerun", key, rerun_of=original.id)
-    return await _admit(node, request, wait, response)
+    trigger = TriggerRequest(
+        original.automation, original.params, "rerun", key, rerun_of=original.id, principal=principal
+    )
+    return await _admit(node, trigger, wait, response)

@@ -53,6 +53,9 @@ class RunOut(_Out):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    principal: str | None
+    environment: str | None
+    approval: dict[str, Any] | None
     transitions: list[TransitionOut] | None = None
     attempts: list[AttemptOut] | None = None
 
@@ -88,6 +91,11 @@ class LogPage(BaseModel):
     @classmethod
     def of(cls, run: Run, entries: list[LogEntry]) -> LogPage:
         return cls(run_status=run.status, entries=[LogEntryOut.model_validate(e) for e in entries])
+
+
+class DecisionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    comment: str = ""
 
 
 class TriggerBody(BaseModel):

@@ -1,9 +1,11 @@
 """``admit``: the one door every trigger goes through.
 
-Validation happens before anything is written, so bad input never leaves a
-half-written run. Everything that is written — the run, its transitions, its
-idempotency key, the cancellation of runs it displaces — is written in one
-transaction.
+In order: the automation exists, the params fit its schema, the principal
+may run it with these params in the selected environment; then, in one
+transaction, idempotency, rate limits, the circuit breaker, the run row, its
+concurrency rule, its approval gate, and the audit entry. Validation happens
+before anything is written, so bad input never leaves a half-written run; a
+refusal is audited in a transaction of its own.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
+from ondeck.auth.policy import authorize_run
+from ondeck.auth.principals import SYSTEM, Principal
 from ondeck.domain import Run, RunStatus, utcnow
-from ondeck.engine import catalog, states
+from ondeck.engine import approvals, catalog, environments, limits, states
 from ondeck.engine.runs import request_cancel
-from ondeck.errors import ConcurrencyRejected, IdempotencyMismatch, InvalidRequest, NotFound
+from ondeck.errors import ConcurrencyRejected, IdempotencyMismatch, InvalidRequest, NotFound, OndeckError
 from ondeck.ids import new_id
+from ondeck.masking import MASK
 from ondeck.spec.expressions import ExpressionError, render
+from ondeck.spec.models import Automation
 from ondeck.spec.params import validate_params
 from ondeck.store.store import IntegrityError, Store, Transaction
 
@@ -31,6 +37,7 @@ class TriggerRequest:
     trigger: str = "api"
     idempotency_key: str | None = None
     rerun_of: str | None = None
+    principal: Principal = SYSTEM
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Admission:
 @dataclass(frozen=True)
 class AdmissionPolicy:
     idempotency_ttl: timedelta = timedelta(hours=24)
+    global_rate_limit: tuple[int, float] | None = None  # (count, per seconds) per principal
 
 
 def parse_idempotency_key(header: str) -> str:
@@ -70,12 +78,59 @@ def _fingerprint(params: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def masked_params(automation: Automation | None, params: Any) -> Any:
+    """Params for the audit log: values the schema marks writeOnly or format password are masked."""
+    if automation is None or not isinstance(params, dict):
+        return params
+    properties = automation.params_schema.get("properties", {})
+    sensitive = {
+        name
+        for name, prop in properties.items()
+        if isinstance(prop, dict) and (prop.get("writeOnly") or prop.get("format") == "password")
+    }
+    return {k: (MASK if k in sensitive else v) for k, v in params.items()}
+
+
 def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None = None) -> Admission:
-    """Validate, de-duplicate and queue one run; raise a problem for bad input."""
+    """Validate, authorise, de-duplicate and queue one run; raise a problem for bad input."""
     policy = policy or AdmissionPolicy()
-    version = catalog.get(store, request.automation)
-    automation = catalog.definition_of(version)
-    params = validate_params(automation.params_schema, request.params)
+    automation: Automation | None = None
+    try:
+        version = catalog.get(store, request.automation)
+        automation = catalog.definition_of(version)
+        params = validate_params(automation.params_schema, request.params)
+        environment = environments.resolve(store, automation, params)
+        authorize_run(request.principal, automation.name, automation.access, params, environment)
+        run = _new_run(
+            request, automation, version.version, params, environment.name if environment else None
+        )
+        approval = approvals.requirement(automation, environment, params, run.created_at)
+        run = replace(run, approval=approval)
+        fingerprint = _fingerprint(request.params)
+        # A concurrent request with the same idempotency key can win the insert race;
+        # the second pass then finds its run and answers with it.
+        for last_try in (False, True):
+            try:
+                admission = _write(store, run, automation, fingerprint, policy, request)
+                break
+            except IntegrityError:
+                if last_try:
+                    raise
+    except OndeckError as refusal:
+        _audit_refusal(store, request, automation, refusal)
+        raise
+    if admission.run.status == RunStatus.REJECTED:
+        raise ConcurrencyRejected(admission.run.error or "rejected", run_id=admission.run.id)
+    return admission
+
+
+def _new_run(
+    request: TriggerRequest,
+    automation: Automation,
+    version: int,
+    params: dict[str, Any],
+    environment: str | None,
+) -> Run:
     concurrency = automation.concurrency
     key = None
     if concurrency is not None:
@@ -84,10 +139,10 @@ def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None 
         except ExpressionError as exc:
             raise InvalidRequest(f"concurrency key: {exc}") from exc
     now = utcnow()
-    run = Run(
+    return Run(
         id=new_id(),
         automation=automation.name,
-        version=version.version,
+        version=version,
         status=RunStatus.PENDING,
         params=params,
         max_attempts=automation.retries.attempts,
@@ -100,29 +155,18 @@ def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None 
         concurrency_limit=concurrency.limit if concurrency else None,
         idempotency_key=request.idempotency_key,
         rerun_of=request.rerun_of,
+        principal=request.principal.name,
+        environment=environment,
     )
-    fingerprint = _fingerprint(request.params)
-    # A concurrent request with the same idempotency key can win the insert race;
-    # the second pass then finds its run and answers with it.
-    limits = (concurrency.policy, concurrency.limit) if concurrency else None
-    for last_try in (False, True):
-        try:
-            admission = _write(store, run, fingerprint, policy, limits)
-            break
-        except IntegrityError:
-            if last_try:
-                raise
-    if admission.run.status == RunStatus.REJECTED:
-        raise ConcurrencyRejected(admission.run.error or "rejected", run_id=admission.run.id)
-    return admission
 
 
 def _write(
     store: Store,
     run: Run,
+    automation: Automation,
     fingerprint: str,
     policy: AdmissionPolicy,
-    concurrency: tuple[str, int] | None,
+    request: TriggerRequest,
 ) -> Admission:
     now = run.created_at
     with store.transaction() as tx:
@@ -133,16 +177,73 @@ def _write(
             tx.save_idempotency(
                 run.automation, run.idempotency_key, fingerprint, run.id, now + policy.idempotency_ttl, now
             )
-        tx.insert_run(run, f"triggered via {run.trigger}")
+        _check_limits(tx, run, automation, policy)
+        tx.insert_run(run, f"triggered via {run.trigger} by {run.principal}")
         status, reason = RunStatus.QUEUED, "admitted"
-        if concurrency is not None and run.concurrency_key is not None:
-            status, reason = _apply_concurrency(tx, run, concurrency)
+        if automation.concurrency is not None and run.concurrency_key is not None:
+            status, reason = _apply_concurrency(
+                tx, run, automation.concurrency.policy, automation.concurrency.limit
+            )
+        if status == RunStatus.QUEUED and run.approval is not None:
+            status, reason = (
+                RunStatus.WAITING_APPROVAL,
+                f"waiting for approval ({approvals.describe(run.approval)})",
+            )
         states.check(RunStatus.PENDING, status)
         extra: dict[str, Any] = {"finished_at": now, "error": reason} if status == RunStatus.REJECTED else {}
         tx.move_run(run.id, RunStatus.PENDING, status, now, reason, **extra)
         if status == RunStatus.QUEUED:
             tx.notify("queue", run.worker_group)
+        tx.append_audit(
+            run.principal or "system",
+            "run.triggered",
+            f"run:{run.id}",
+            {
+                "automation": run.automation,
+                "version": run.version,
+                "via": run.trigger,
+                "params": masked_params(automation, request.params),
+                "decision": str(status),
+                "reason": reason,
+            },
+            now,
+        )
         return Admission(replace(run, status=status, **extra))
+
+
+def _check_limits(tx: Transaction, run: Run, automation: Automation, policy: AdmissionPolicy) -> None:
+    now = run.created_at
+    principal = run.principal or "system"
+    if policy.global_rate_limit is not None:
+        count, per = policy.global_rate_limit
+        limits.check_rate(tx, f"*:{principal}", count, per, now, f"principal {principal}")
+    rule = automation.rate_limit
+    if rule is not None:
+        if rule.scope == "principal":
+            key, what = f"{automation.name}:{principal}", f"{automation.name!r} by {principal}"
+        else:
+            key, what = automation.name, f"{automation.name!r}"
+        limits.check_rate(tx, key, rule.limit, rule.per, now, what)
+    if automation.circuit_breaker is not None:
+        limits.check_breaker(tx, automation.name, run.id, now)
+
+
+def _audit_refusal(
+    store: Store, request: TriggerRequest, automation: Automation | None, refusal: OndeckError
+) -> None:
+    with store.transaction() as tx:
+        tx.append_audit(
+            request.principal.name,
+            "run.refused",
+            f"automation:{request.automation}",
+            {
+                "via": request.trigger,
+                "params": masked_params(automation, request.params),
+                "status": refusal.status,
+                "reason": refusal.detail,
+            },
+            utcnow(),
+        )
 
 
 def _replay(tx: Transaction, found: tuple[str, str], fingerprint: str) -> Admission:
@@ -158,8 +259,7 @@ def _replay(tx: Transaction, found: tuple[str, str], fingerprint: str) -> Admiss
     return Admission(existing, replayed=True)
 
 
-def _apply_concurrency(tx: Transaction, run: Run, concurrency: tuple[str, int]) -> tuple[RunStatus, str]:
-    policy, limit = concurrency
+def _apply_concurrency(tx: Transaction, run: Run, policy: str, limit: int) -> tuple[RunStatus, str]:
     key = run.concurrency_key
     assert key is not None
     tx.lock_concurrency_key(key)
@@ -175,7 +275,9 @@ def _apply_concurrency(tx: Transaction, run: Run, concurrency: tuple[str, int]) 
     return RunStatus.QUEUED, "admitted"
 
 
-def purge_expired_keys(store: Store) -> int:
-    """Forget idempotency keys past their published lifetime."""
+def purge_expired(store: Store) -> int:
+    """Forget idempotency keys past their lifetime and rate windows older than a day."""
+    now = utcnow()
     with store.transaction() as tx:
-        return tx.purge_idempotency(utcnow())
+        tx.purge_counters(int(now.timestamp()) - 86400)
+        return tx.purge_idempotency(now)

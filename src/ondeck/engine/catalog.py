@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ondeck.auth.policy import may_view, require
+from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import AutomationVersion, utcnow
-from ondeck.errors import NotFound
-from ondeck.spec.models import Automation
+from ondeck.errors import Forbidden, NotFound
+from ondeck.spec.models import Access, Automation
 from ondeck.store.store import Store
 
 
@@ -39,6 +41,51 @@ def get(store: Store, name: str, version: int | None = None) -> AutomationVersio
 def list_current(store: Store) -> list[AutomationVersion]:
     with store.read() as tx:
         return tx.current_automations()
+
+
+def _access(version: AutomationVersion) -> Access | None:
+    raw = version.definition.get("access")
+    return Access.model_validate(raw) if raw is not None else None
+
+
+def visible(store: Store, principal: Principal) -> list[AutomationVersion]:
+    """The catalog as ``principal`` may see it."""
+    return [v for v in list_current(store) if may_view(principal, _access(v))]
+
+
+def visible_names(store: Store, principal: Principal) -> set[str] | None:
+    """Names ``principal`` may see, or None when it may see everything."""
+    if principal.is_admin:
+        return None
+    versions = list_current(store)
+    shown = {v.name for v in versions if may_view(principal, _access(v))}
+    return None if len(shown) == len(versions) and principal.can(Permission.READ) else shown
+
+
+def get_visible(
+    store: Store, principal: Principal, name: str, version: int | None = None
+) -> AutomationVersion:
+    found = get(store, name, version)
+    current = found if version is None else get(store, name)
+    if not may_view(principal, _access(current)):
+        raise Forbidden(f"{principal.describe()} may not see automation {name!r}")
+    return found
+
+
+def apply_as(store: Store, principal: Principal, automation: Automation) -> Applied:
+    """``apply`` on behalf of an admin, audited."""
+    require(principal, Permission.ADMIN, "change automations")
+    applied = apply(store, automation)
+    if applied.changed:
+        with store.transaction() as tx:
+            tx.append_audit(
+                principal.name,
+                "automation.put",
+                f"automation:{automation.name}",
+                {"version": applied.version.version, "digest": applied.version.digest},
+                utcnow(),
+            )
+    return applied
 
 
 def definition_of(version: AutomationVersion) -> Automation:

@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
 from ondeck.durations import format_duration
-from ondeck.engine import states
+from ondeck.engine import limits, states
 from ondeck.engine.queue import Claim
-from ondeck.spec.models import Retries
+from ondeck.spec.models import Automation, Retries
 from ondeck.store.store import Store, Transaction
 
 RETRYABLE = frozenset({RunStatus.FAILED, RunStatus.TIMED_OUT})
@@ -45,7 +45,7 @@ def finish(store: Store, claim: Claim, outcome: Outcome, chunks: Sequence[LogChu
         if run is None or not _still_owned(run, claim):
             return None
         tx.append_logs(run.id, run.attempt, chunks)
-        _end_attempt(tx, run, outcome, claim.automation.retries, now)
+        _end_attempt(tx, run, outcome, claim.automation, now)
         return tx.get_run(run.id)
 
 
@@ -65,15 +65,18 @@ def reap_expired_leases(store: Store, limit: int = 100) -> list[str]:
     with store.transaction() as tx:
         for run in tx.expired_leases(now, limit):
             version = tx.automation_version(run.automation, run.version)
-            retries = Retries.model_validate(version.definition.get("retries", {})) if version else Retries()
+            automation = Automation.model_validate(version.definition) if version else None
             status = RunStatus.CANCELLED if run.cancel_requested else RunStatus.FAILED
             error = f"worker lost: {run.lease_owner} stopped renewing its lease"
-            _end_attempt(tx, run, Outcome(status, error=error), retries, now)
+            _end_attempt(tx, run, Outcome(status, error=error), automation, now)
             reaped.append(run.id)
     return reaped
 
 
-def _end_attempt(tx: Transaction, run: Run, outcome: Outcome, retries: Retries, now: datetime) -> None:
+def _end_attempt(
+    tx: Transaction, run: Run, outcome: Outcome, automation: Automation | None, now: datetime
+) -> None:
+    retries = automation.retries if automation is not None else Retries()
     tx.finish_attempt(run.id, run.attempt, outcome.status, outcome.exit_code, outcome.error, now)
     tx.release_slot(run.id)
     released = {"lease_owner": None, "lease_expires_at": None}
@@ -111,3 +114,5 @@ def _end_attempt(tx: Transaction, run: Run, outcome: Outcome, retries: Retries, 
         **released,
         **result,
     )
+    if automation is not None and automation.circuit_breaker is not None:
+        limits.record_result(tx, run.automation, run.id, outcome.status, automation.circuit_breaker, now)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import AttemptRecord, LogEntry, Run, RunStatus, Transition, utcnow
-from ondeck.engine import states
-from ondeck.errors import Conflict, InvalidRequest, NotFound
+from ondeck.engine import catalog, states
+from ondeck.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from ondeck.store.store import Store, Transaction
 
 
@@ -18,45 +19,70 @@ class RunDetail:
     attempts: list[AttemptRecord]
 
 
-def get(store: Store, run_id: str) -> Run:
+def get(store: Store, run_id: str, principal: Principal | None = None) -> Run:
+    """The run; with ``principal``, only if it may see the run's automation."""
     with store.read() as tx:
         run = tx.get_run(run_id)
     if run is None:
         raise NotFound(f"run {run_id} does not exist")
+    if principal is not None:
+        _check_visible(store, principal, run)
     return run
 
 
-def detail(store: Store, run_id: str) -> RunDetail:
+def _check_visible(store: Store, principal: Principal, run: Run) -> None:
+    names = catalog.visible_names(store, principal)
+    if names is not None and run.automation not in names:
+        raise Forbidden(f"{principal.describe()} may not see runs of {run.automation!r}")
+
+
+def detail(store: Store, principal: Principal, run_id: str) -> RunDetail:
+    run = get(store, run_id, principal)
     with store.read() as tx:
-        run = tx.get_run(run_id)
-        if run is None:
-            raise NotFound(f"run {run_id} does not exist")
-        return RunDetail(run, tx.transitions(run_id), tx.attempts(run_id))
+        return RunDetail(tx.get_run(run_id) or run, tx.transitions(run_id), tx.attempts(run_id))
 
 
 def page(
     store: Store,
+    principal: Principal,
     *,
     automation: str | None,
     statuses: list[str],
     before: str | None,
     limit: int,
 ) -> tuple[list[Run], str | None]:
-    """One page of runs, newest first, and the cursor of the next page (None at the end)."""
+    """One page of the runs ``principal`` may see, newest first, and the next cursor (None at the end)."""
     unknown = [s for s in statuses if s not in RunStatus.__members__.values()]
     if unknown:
         raise InvalidRequest(f"unknown status {', '.join(unknown)}; use one of {', '.join(RunStatus)}")
+    names = catalog.visible_names(store, principal)
+    if names is not None and automation is not None and automation not in names:
+        return [], None
     with store.read() as tx:
-        found = tx.list_runs(automation=automation, statuses=statuses, before=before, limit=limit + 1)
+        found = tx.list_runs(
+            automation=automation,
+            statuses=statuses,
+            before=before,
+            limit=limit + 1,
+            among=sorted(names) if names is not None and automation is None else None,
+        )
     if len(found) > limit:
         return found[:limit], found[limit - 1].id
     return found, None
 
 
 def logs(
-    store: Store, run_id: str, *, after: int = 0, limit: int = 1000, attempt: int | None = None
+    store: Store,
+    run_id: str,
+    *,
+    after: int = 0,
+    limit: int = 1000,
+    attempt: int | None = None,
+    principal: Principal | None = None,
 ) -> tuple[Run, list[LogEntry]]:
     """The run (read first, so a terminal status means every entry is visible) and its logs."""
+    if principal is not None:
+        get(store, run_id, principal)
     with store.read() as tx:
         run = tx.get_run(run_id)
         if run is None:
@@ -64,12 +90,19 @@ def logs(
         return run, tx.logs_after(run_id, after, limit, attempt)
 
 
-def cancel(store: Store, run_id: str, reason: str = "cancelled on request") -> Run:
+def cancel(store: Store, principal: Principal, run_id: str) -> Run:
+    """Operators may cancel their own runs; admins any run."""
     now = utcnow()
     with store.transaction() as tx:
         run = tx.get_run(run_id, lock=True)
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
+        if not principal.is_admin and not (
+            principal.can(Permission.TRIGGER) and run.principal == principal.name
+        ):
+            raise Forbidden(f"{principal.describe()} may cancel only runs it started")
+        reason = f"cancelled by {principal.name}"
+        tx.append_audit(principal.name, "run.cancel", f"run:{run_id}", {"status": str(run.status)}, now)
         if run.status.terminal:
             raise Conflict(f"run {run_id} has already finished ({run.status})", run_status=str(run.status))
         request_cancel(tx, run, now, reason)

@@ -13,15 +13,17 @@ from anyio import to_thread
 
 from ondeck.domain import LogChunk, Outcome, RunStatus
 from ondeck.durations import parse_duration, parse_size
-from ondeck.engine import admission, finish, queue
+from ondeck.engine import admission, approvals, finish, queue, secret_store
 from ondeck.engine.queue import Claim, DefinitionCache
 from ondeck.engine.wakeup import WakeBus
+from ondeck.errors import OndeckError
 from ondeck.ids import new_id
 from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
 from ondeck.runner.process import run_attempt
 from ondeck.settings import Settings
 from ondeck.spec.expressions import ExpressionError, render
 from ondeck.store.store import Store
+from ondeck.vault import Vault
 
 log = logging.getLogger(__name__)
 _FLUSH_SECONDS = 0.1
@@ -68,11 +70,12 @@ class Worker:
         store: Store,
         settings: Settings,
         bus: WakeBus,
+        vault: Vault,
         *,
         group: str | None = None,
         concurrency: int | None = None,
     ) -> None:
-        self.store, self.settings, self.bus = store, settings, bus
+        self.store, self.settings, self.bus, self.vault = store, settings, bus, vault
         self.group = group or settings.worker_group
         self.concurrency = concurrency or settings.worker_concurrency
         self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
@@ -143,7 +146,7 @@ class Worker:
             for run_id in to_cancel:
                 self._cancel(run_id)
 
-    def attempt_for(self, claim: Claim) -> Attempt:
+    def attempt_for(self, claim: Claim, secrets: dict[str, str]) -> Attempt:
         """Translate a claimed run into the runner's terms (limits, args, budget)."""
         automation, run, settings = claim.automation, claim.run, self.settings
         context = {"params": run.params, "run": {"id": run.id, "attempt": run.attempt}}
@@ -166,6 +169,8 @@ class Worker:
             log_budget=settings.log_cap_bytes - run.log_bytes,
             workspace_root=settings.workspaces_dir.resolve(),
             kill_grace=settings.kill_grace_seconds,
+            extra_env=secrets,
+            redact=tuple(secrets.values()),
         )
 
     async def _execute(self, claim: Claim) -> None:
@@ -175,7 +180,15 @@ class Worker:
         flusher = asyncio.create_task(buffer.flush_periodically())
         outcome = Outcome(RunStatus.FAILED, None, "the attempt ended without a result")
         try:
-            attempt = self.attempt_for(claim)
+            secrets = await to_thread.run_sync(
+                secret_store.resolve,
+                self.store,
+                self.vault,
+                claim.automation.secrets,
+                claim.automation.name,
+                claim.run.environment,
+            )
+            attempt = self.attempt_for(claim, secrets)
             async with contextlib.aclosing(run_attempt(attempt, stop)) as events:
                 async for event in events:
                     if isinstance(event, Output):
@@ -186,6 +199,8 @@ class Worker:
                         outcome = event.outcome
         except ExpressionError as exc:
             outcome = Outcome(RunStatus.FAILED, None, f"run.args: {exc}")
+        except OndeckError as exc:
+            outcome = Outcome(RunStatus.FAILED, None, exc.detail)
         except Exception as exc:
             log.exception("run %s: the runner failed", run_id)
             outcome = Outcome(RunStatus.FAILED, None, f"runner error: {type(exc).__name__}: {exc}")
@@ -211,7 +226,10 @@ async def reap_forever(store: Store, interval: float, stop: asyncio.Event) -> No
             reaped = await to_thread.run_sync(finish.reap_expired_leases, store)
             if reaped:
                 log.warning("reaped runs with lapsed leases: %s", ", ".join(reaped))
-            await to_thread.run_sync(admission.purge_expired_keys, store)
+            await to_thread.run_sync(admission.purge_expired, store)
+            expired = await to_thread.run_sync(approvals.expire, store)
+            if expired:
+                log.info("approvals expired for runs: %s", ", ".join(expired))
         except Exception:
             log.exception("reaping failed; will retry")
         with contextlib.suppress(TimeoutError):

@@ -32,6 +32,8 @@ class Attempt:
     workspace_root: Path
     kill_grace: float = 5.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Values (the run's secrets) replaced by *** in everything the attempt reports.
+    redact: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ondeck.domain import LogChunk, Outcome, RunStatus, utcnow
 from ondeck.durations import format_duration
+from ondeck.masking import Masker, StreamMasker
 from ondeck.runner import processes
 from ondeck.runner.attempt import Attempt, Event, Finished, Output, ResourceLimits, Started
 from ondeck.runner.workspace import Workspace
@@ -128,12 +129,14 @@ async def _pump(
     name: str,
     budget: _OutputBudget,
     queue: asyncio.Queue[LogChunk | object],
+    masker: Masker,
 ) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    secrets = StreamMasker(masker)
     while True:
         data = await stream.read(_READ_SIZE)
         if not data:
-            tail = decoder.decode(b"", final=True)
+            tail = secrets.feed(decoder.decode(b"", final=True)) + secrets.flush()
             if tail and not budget.truncated:
                 await queue.put(LogChunk(name, tail, utcnow()))
             break
@@ -144,6 +147,7 @@ async def _pump(
             budget.truncated = True
         budget.remaining -= len(data)
         text = decoder.decode(data, final=budget.truncated)
+        text = secrets.feed(text) + (secrets.flush() if budget.truncated else "")
         if text:
             await queue.put(LogChunk(name, text, utcnow()))
         if budget.truncated:
@@ -225,9 +229,10 @@ async def _supervise(
     assert process.stdout is not None and process.stderr is not None
     budget = _OutputBudget(max(attempt.log_budget, 0))
     queue: asyncio.Queue[LogChunk | object] = asyncio.Queue(maxsize=64)
+    masker = Masker(attempt.redact)
     pumps = [
-        asyncio.create_task(_pump(process.stdout, "stdout", budget, queue)),
-        asyncio.create_task(_pump(process.stderr, "stderr", budget, queue)),
+        asyncio.create_task(_pump(process.stdout, "stdout", budget, queue, masker)),
+        asyncio.create_task(_pump(process.stderr, "stderr", budget, queue, masker)),
     ]
     stopper = asyncio.create_task(_stop_when_due(process.pid, exited, attempt, cancel))
     try:
@@ -255,6 +260,13 @@ async def _supervise(
             outcome = Outcome(RunStatus.FAILED, code, problem)
         else:
             outcome = Outcome(RunStatus.SUCCEEDED, code, None, outputs)
+    if masker:
+        outcome = Outcome(
+            outcome.status,
+            outcome.exit_code,
+            masker.text(outcome.error) if outcome.error else None,
+            masker.json(outcome.outputs),
+        )
     yield Finished(outcome)
 
 
@@ -270,9 +282,7 @@ async def _stop_when_due(
     cancelled = asyncio.create_task(cancel.wait())
     waiting: set[asyncio.Future[Any]] = {exited, cancelled}
     try:
-        done, _ = await asyncio.wait(
-            waiting, timeout=attempt.timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        done, _ = await asyncio.wait(waiting, timeout=attempt.timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         cancelled.cancel()
     reason = None

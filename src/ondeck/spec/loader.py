@@ -87,7 +87,12 @@ def _inline_script_file(data: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def automation_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    # environments.yaml beside the automations describes environments, not an automation.
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix in (".yaml", ".yml") and p.is_file() and p.name != "environments.yaml"
+    )
 
 
 def load_directory(directory: Path) -> tuple[list[Automation], list[str]]:

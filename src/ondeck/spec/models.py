@@ -71,6 +71,61 @@ class Limits(_Strict):
     file_size: Size | None = None
 
 
+class RunGrant(_Strict):
+    """A role allowed to run, optionally only when a condition on the params holds."""
+
+    role: str
+    when: str | None = None
+
+    @field_validator("when")
+    @classmethod
+    def _when_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            expressions.check(value)
+        return value
+
+
+class Access(_Strict):
+    """Narrows who may see and run an automation (admins always may)."""
+
+    view: list[str] | None = None
+    run: list[str | RunGrant] | None = None
+
+    def run_grants(self) -> list[RunGrant] | None:
+        if self.run is None:
+            return None
+        return [RunGrant(role=g) if isinstance(g, str) else g for g in self.run]
+
+
+class Approval(_Strict):
+    when: str = "true"
+    approvers: list[str] = Field(min_length=1)
+    required: int = Field(1, ge=1, le=10)
+    allow_self_approval: bool = False
+    timeout: Duration = 3600.0
+
+    @field_validator("when")
+    @classmethod
+    def _when_compiles(cls, value: str) -> str:
+        expressions.check(value)
+        return value
+
+
+class RateLimit(_Strict):
+    limit: int = Field(ge=1)
+    per: Duration = Field(gt=0)
+    scope: Literal["principal", "automation"] = "principal"
+
+
+class CircuitBreaker(_Strict):
+    failures: int = Field(ge=1)
+    within: Duration = Field(gt=0)
+    cooldown: Duration = Field(gt=0)
+
+
+SECRET_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
 class Automation(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
@@ -83,6 +138,19 @@ class Automation(_Strict):
     limits: Limits = Field(default_factory=Limits)
     worker_group: str = Field("default", pattern=r"^[A-Za-z0-9._-]{1,63}$")
     priority: int = Field(0, ge=-100, le=100)
+    environment: str | None = None
+    secrets: list[Annotated[str, Field(pattern=SECRET_NAME)]] = Field(default_factory=list)
+    access: Access | None = None
+    approval: Approval | None = None
+    rate_limit: RateLimit | None = None
+    circuit_breaker: CircuitBreaker | None = None
+
+    @field_validator("environment")
+    @classmethod
+    def _environment_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            expressions.check(value)
+        return value
 
     @model_validator(mode="before")
     @classmethod

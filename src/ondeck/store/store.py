@@ -10,6 +10,7 @@ notifications go out with ``pg_notify`` at commit.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,33 +19,46 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from ondeck.audit import GENESIS, AuditEntry, canonical_detail, chain_hash
 from ondeck.domain import (
     AttemptRecord,
     AutomationVersion,
+    Decision,
     LogChunk,
     LogEntry,
     Run,
     RunStatus,
+    SecretInfo,
+    TokenRecord,
     Transition,
 )
 from ondeck.errors import StoreUnavailable
 from ondeck.store import database
 from ondeck.store.tables import (
+    approval_decisions,
     attempts,
+    audit_entries,
     automation_versions,
     automations,
+    circuit_breakers,
     concurrency_slots,
+    environments,
     idempotency_keys,
     log_entries,
+    rate_counters,
     run_transitions,
     runs,
+    secrets,
+    tokens,
 )
 
 Listener = Callable[[str, str], None]
 ACTIVE = (RunStatus.PENDING, RunStatus.WAITING_APPROVAL, RunStatus.QUEUED, RunStatus.RUNNING)
 _RUN_FIELDS = [f.name for f in fields(Run)]
+_AUDIT_LOCK = 0x0ADA0D17  # serialises appends to the audit chain on PostgreSQL
 
 __all__ = ["IntegrityError", "Store", "Transaction"]
 
@@ -53,6 +67,19 @@ def _run(row: Any) -> Run:
     values = {name: getattr(row, name) for name in _RUN_FIELDS}
     values["status"] = RunStatus(values["status"])
     return Run(**values)
+
+
+def _token(row: Any) -> TokenRecord:
+    return TokenRecord(
+        row.id,
+        row.name,
+        list(row.roles),
+        row.created_by,
+        row.created_at,
+        row.expires_at,
+        row.last_used_at,
+        row.revoked_at,
+    )
 
 
 def _version(row: Any) -> AutomationVersion:
@@ -160,8 +187,11 @@ class Transaction:
         statuses: Sequence[str] = (),
         before: str | None = None,
         limit: int = 50,
+        among: Sequence[str] | None = None,
     ) -> list[Run]:
         query = select(runs).order_by(runs.c.id.desc()).limit(limit)
+        if among is not None:
+            query = query.where(runs.c.automation.in_(list(among)))
         if automation:
             query = query.where(runs.c.automation == automation)
         if statuses:
@@ -400,6 +430,210 @@ class Transaction:
     def purge_idempotency(self, now: datetime) -> int:
         result = self._c.execute(delete(idempotency_keys).where(idempotency_keys.c.expires_at <= now))
         return int(result.rowcount or 0)
+
+    # --- tokens --------------------------------------------------------------
+
+    def insert_token(self, record: TokenRecord, token_hash: str) -> None:
+        self._c.execute(insert(tokens).values(token_hash=token_hash, **record.__dict__))
+
+    def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        row = self._c.execute(select(tokens).where(tokens.c.token_hash == token_hash)).first()
+        return _token(row) if row else None
+
+    def token_by_name(self, name: str) -> TokenRecord | None:
+        row = self._c.execute(select(tokens).where(tokens.c.name == name)).first()
+        return _token(row) if row else None
+
+    def tokens(self) -> list[TokenRecord]:
+        return [_token(row) for row in self._c.execute(select(tokens).order_by(tokens.c.name))]
+
+    def count_tokens(self) -> int:
+        return int(self._c.execute(select(func.count()).select_from(tokens)).scalar_one())
+
+    def revoke_token(self, name: str, now: datetime) -> bool:
+        result = self._c.execute(
+            update(tokens).where(tokens.c.name == name, tokens.c.revoked_at.is_(None)).values(revoked_at=now)
+        )
+        return bool(result.rowcount)
+
+    def touch_token(self, token_id: str, now: datetime) -> None:
+        self._c.execute(update(tokens).where(tokens.c.id == token_id).values(last_used_at=now))
+
+    # --- secrets -------------------------------------------------------------
+
+    def put_secret(self, name: str, scope: str, ciphertext: str, by: str, now: datetime) -> bool:
+        """Insert or replace; True if it was new."""
+        updated = self._c.execute(
+            update(secrets)
+            .where(secrets.c.name == name, secrets.c.scope == scope)
+            .values(ciphertext=ciphertext, updated_by=by, updated_at=now)
+        )
+        if updated.rowcount:
+            return False
+        self._c.execute(
+            insert(secrets).values(
+                name=name, scope=scope, ciphertext=ciphertext, updated_by=by, created_at=now, updated_at=now
+            )
+        )
+        return True
+
+    def delete_secret(self, name: str, scope: str) -> bool:
+        result = self._c.execute(delete(secrets).where(secrets.c.name == name, secrets.c.scope == scope))
+        return bool(result.rowcount)
+
+    def secret_infos(self) -> list[SecretInfo]:
+        rows = self._c.execute(
+            select(
+                secrets.c.name,
+                secrets.c.scope,
+                secrets.c.updated_by,
+                secrets.c.created_at,
+                secrets.c.updated_at,
+            ).order_by(secrets.c.name, secrets.c.scope)
+        )
+        return [SecretInfo(r.name, r.scope, r.updated_by, r.created_at, r.updated_at) for r in rows]
+
+    def secret_ciphertexts(self, names: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+        """(name, scope, ciphertext) for the given names (all when None)."""
+        query = select(secrets.c.name, secrets.c.scope, secrets.c.ciphertext)
+        if names is not None:
+            query = query.where(secrets.c.name.in_(list(names)))
+        return [(r.name, r.scope, r.ciphertext) for r in self._c.execute(query)]
+
+    # --- audit ---------------------------------------------------------------
+
+    def append_audit(
+        self, actor: str, action: str, target: str, detail: dict[str, Any], now: datetime
+    ) -> AuditEntry:
+        """Append to the chain; appends are serialised so the chain never forks."""
+        if self.postgres:
+            self._c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK})
+        prev = self._c.execute(
+            select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1)
+        ).scalar()
+        prev_hash = prev or GENESIS
+        body = canonical_detail(detail)
+        digest = chain_hash(prev_hash, now, actor, action, target, body)
+        entry_id: int = self._c.execute(
+            insert(audit_entries)
+            .values(
+                at=now,
+                actor=actor,
+                action=action,
+                target=target,
+                detail=body,
+                prev_hash=prev_hash,
+                hash=digest,
+            )
+            .returning(audit_entries.c.id)
+        ).scalar_one()
+        return AuditEntry(entry_id, now, actor, action, target, detail, prev_hash, digest)
+
+    def audit_entries(
+        self,
+        *,
+        action: str | None = None,
+        actor: str | None = None,
+        target: str | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        query = select(audit_entries).order_by(audit_entries.c.id.desc()).limit(limit)
+        for column, value in (
+            (audit_entries.c.action, action),
+            (audit_entries.c.actor, actor),
+            (audit_entries.c.target, target),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if before is not None:
+            query = query.where(audit_entries.c.id < before)
+        return [
+            AuditEntry(r.id, r.at, r.actor, r.action, r.target, json.loads(r.detail), r.prev_hash, r.hash)
+            for r in self._c.execute(query)
+        ]
+
+    def audit_chain(self) -> list[tuple[int, datetime, str, str, str, str, str, str]]:
+        rows = self._c.execute(select(audit_entries).order_by(audit_entries.c.id))
+        return [(r.id, r.at, r.actor, r.action, r.target, r.detail, r.prev_hash, r.hash) for r in rows]
+
+    # --- approvals -----------------------------------------------------------
+
+    def insert_decision(self, run_id: str, decision: Decision) -> None:
+        self._c.execute(insert(approval_decisions).values(run_id=run_id, **decision.__dict__))
+
+    def decisions(self, run_id: str) -> list[Decision]:
+        rows = self._c.execute(
+            select(approval_decisions)
+            .where(approval_decisions.c.run_id == run_id)
+            .order_by(approval_decisions.c.at)
+        )
+        return [Decision(r.approver, r.decision, r.comment, r.at) for r in rows]
+
+    def runs_in_status(self, status: RunStatus, limit: int = 500) -> list[Run]:
+        rows = self._c.execute(
+            select(runs).where(runs.c.status == status.value).order_by(runs.c.id).limit(limit)
+        )
+        return [_run(row) for row in rows]
+
+    # --- environments --------------------------------------------------------
+
+    def put_environment(self, name: str, definition: dict[str, Any], now: datetime) -> None:
+        updated = self._c.execute(
+            update(environments)
+            .where(environments.c.name == name)
+            .values(definition=definition, updated_at=now)
+        )
+        if not updated.rowcount:
+            self._c.execute(insert(environments).values(name=name, definition=definition, updated_at=now))
+
+    def environment(self, name: str) -> dict[str, Any] | None:
+        value = self._c.execute(select(environments.c.definition).where(environments.c.name == name)).scalar()
+        return dict(value) if value is not None else None
+
+    def environments(self) -> list[dict[str, Any]]:
+        rows: Any = self._c.execute(select(environments.c.definition).order_by(environments.c.name)).scalars()
+        return [dict(value) for value in rows]
+
+    # --- rate limits and circuit breakers ------------------------------------
+
+    def count_in_window(self, key: str, window: int) -> int:
+        """Add one to the counter of ``key`` for ``window``; returns the new count (atomic)."""
+        dialect = postgresql if self.postgres else sqlite
+        statement = dialect.insert(rate_counters).values(key=key, window=window, count=1)
+        statement = statement.on_conflict_do_update(
+            index_elements=["key", "window"], set_={"count": rate_counters.c.count + 1}
+        ).returning(rate_counters.c.count)
+        return int(self._c.execute(statement).scalar_one())
+
+    def purge_counters(self, before_window: int) -> None:
+        self._c.execute(delete(rate_counters).where(rate_counters.c.window < before_window))
+
+    def breaker(self, automation: str, *, lock: bool = False) -> dict[str, Any] | None:
+        query = select(circuit_breakers).where(circuit_breakers.c.automation == automation)
+        if lock:
+            query = query.with_for_update()
+        row = self._c.execute(query).first()
+        return dict(row._mapping) if row else None
+
+    def save_breaker(self, automation: str, **values: Any) -> None:
+        updated = self._c.execute(
+            update(circuit_breakers).where(circuit_breakers.c.automation == automation).values(**values)
+        )
+        if not updated.rowcount:
+            self._c.execute(insert(circuit_breakers).values(automation=automation, **values))
+
+    def count_failures(self, automation: str, since: datetime) -> int:
+        query = (
+            select(func.count())
+            .select_from(runs)
+            .where(
+                runs.c.automation == automation,
+                runs.c.status.in_([RunStatus.FAILED.value, RunStatus.TIMED_OUT.value]),
+                runs.c.finished_at > since,
+            )
+        )
+        return int(self._c.execute(query).scalar_one())
 
 
 class Store:

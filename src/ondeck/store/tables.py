@@ -95,6 +95,9 @@ runs = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
+    Column("principal", String(100)),
+    Column("environment", String(63)),
+    Column("approval", JSONType),
     Index("ix_runs_queue", "status", "worker_group", "priority", "id"),
     Index("ix_runs_automation", "automation", "id"),
     Index("ix_runs_concurrency", "concurrency_key", "status"),
@@ -152,4 +155,79 @@ concurrency_slots = Table(
     Column("key", Text, primary_key=True),
     Column("slot", Integer, primary_key=True),
     Column("run_id", String(26), nullable=False, unique=True),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(26), primary_key=True),
+    Column("name", String(100), nullable=False, unique=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("roles", JSONType, nullable=False),
+    Column("created_by", String(100), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime),
+    Column("last_used_at", UTCDateTime),
+    Column("revoked_at", UTCDateTime),
+)
+
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("scope", String(200), primary_key=True),
+    Column("ciphertext", Text, nullable=False),
+    Column("updated_by", String(100), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+audit_entries = Table(
+    "audit_entries",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("actor", String(100), nullable=False),
+    Column("action", String(60), nullable=False),
+    Column("target", String(200), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_action", "action", "id"),
+)
+
+approval_decisions = Table(
+    "approval_decisions",
+    metadata,
+    Column("run_id", String(26), primary_key=True),
+    Column("approver", String(100), primary_key=True),
+    Column("decision", String(10), nullable=False),
+    Column("comment", Text, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+)
+
+environments = Table(
+    "environments",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("definition", JSONType, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+rate_counters = Table(
+    "rate_counters",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("window", BigInteger, primary_key=True),
+    Column("count", Integer, nullable=False),
+)
+
+circuit_breakers = Table(
+    "circuit_breakers",
+    metadata,
+    Column("automation", String(63), primary_key=True),
+    Column("state", String(10), nullable=False),
+    Column("opened_until", UTCDateTime),
+    Column("closed_at", UTCDateTime, nullable=False),
+    Column("trial_run_id", String(26)),
 )

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from ondeck.auth.principals import SYSTEM
 from ondeck.domain import Outcome, RunStatus
 from ondeck.engine import catalog, finish, queue, runs
 from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit, parse_idempotency_key
@@ -59,7 +60,7 @@ def test_invalid_params_write_nothing(store: Store) -> None:
     define(store, params={"type": "object", "required": ["x"], "properties": {"x": {"type": "integer"}}})
     with pytest.raises(InvalidParams):
         admit(store, TriggerRequest("job", {"x": "nope"}))
-    assert runs.page(store, automation=None, statuses=[], before=None, limit=10) == ([], None)
+    assert runs.page(store, SYSTEM, automation=None, statuses=[], before=None, limit=10) == ([], None)
 
 
 def test_unknown_automation_is_not_found(store: Store) -> None:
@@ -71,7 +72,7 @@ def test_admitted_run_is_queued_with_defaults_and_history(store: Store) -> None:
     define(store, params={"type": "object", "properties": {"env": {"type": "string", "default": "dev"}}})
     run = admit(store, TriggerRequest("job")).run
     assert run.status == RunStatus.QUEUED and run.params == {"env": "dev"}
-    history = runs.detail(store, run.id).transitions
+    history = runs.detail(store, SYSTEM, run.id).transitions
     assert [(t.from_status, t.to_status) for t in history] == [(None, "pending"), ("pending", "queued")]
 
 
@@ -136,7 +137,7 @@ def test_failed_attempt_is_retried_after_backoff_then_fails(store: Store) -> Non
     assert second.run.attempt == 2
     final = finish.finish(store, second, Outcome(RunStatus.FAILED, 1, "exit code 1"))
     assert final is not None and final.status == RunStatus.FAILED
-    attempts = runs.detail(store, final.id).attempts
+    attempts = runs.detail(store, SYSTEM, final.id).attempts
     assert [(a.number, a.status) for a in attempts] == [(1, "failed"), (2, "failed")]
 
 
@@ -234,16 +235,16 @@ def test_cancel_running_policy_cancels_the_older_runs(store: Store) -> None:
 def test_cancel_queued_is_immediate_and_cancel_finished_conflicts(store: Store) -> None:
     define(store)
     run = admit(store, TriggerRequest("job")).run
-    assert runs.cancel(store, run.id).status == RunStatus.CANCELLED
+    assert runs.cancel(store, SYSTEM, run.id).status == RunStatus.CANCELLED
     with pytest.raises(Conflict):
-        runs.cancel(store, run.id)
+        runs.cancel(store, SYSTEM, run.id)
 
 
 def test_cancel_running_asks_the_worker_and_the_lease_renewal_tells_it(store: Store) -> None:
     define(store)
     run = admit(store, TriggerRequest("job")).run
     claim(store)
-    assert runs.cancel(store, run.id).cancel_requested
+    assert runs.cancel(store, SYSTEM, run.id).cancel_requested
     assert queue.renew_leases(store, "w1", LEASE) == [run.id]
 
 
@@ -275,10 +276,10 @@ def test_pagination_walks_all_runs_newest_first(store: Store) -> None:
     ids = [admit(store, TriggerRequest("job")).run.id for _ in range(5)]
     seen, cursor = [], None
     while True:
-        items, cursor = runs.page(store, automation="job", statuses=[], before=cursor, limit=2)
+        items, cursor = runs.page(store, SYSTEM, automation="job", statuses=[], before=cursor, limit=2)
         seen += [r.id for r in items]
         if cursor is None:
             break
     assert seen == sorted(ids, reverse=True)
     with pytest.raises(InvalidRequest):
-        runs.page(store, automation=None, statuses=["bogus"], before=None, limit=2)
+        runs.page(store, SYSTEM, automation=None, statuses=["bogus"], before=None, limit=2)

@@ -1,0 +1,130 @@
+"""API tokens: random, shown once, stored only as a SHA-256 hash.
+
+Tokens carry 256 bits of randomness, so a fast hash is enough: there is
+nothing to brute-force that a slow hash would protect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from ondeck.auth.principals import ROLES, Principal
+from ondeck.domain import TokenRecord, utcnow
+from ondeck.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
+from ondeck.ids import new_id
+from ondeck.store.store import Store, Transaction
+
+PREFIX = "odk_"
+BOOTSTRAP_NAME = "admin"
+TOKEN_FILE = "admin-token"
+_TOUCH_EVERY = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    record: TokenRecord
+    token: str  # the only time the plaintext exists
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def generate() -> str:
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def _insert(
+    tx: Transaction, name: str, roles: list[str], created_by: str, expires_at: datetime | None, token: str
+) -> TokenRecord:
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise InvalidRequest(f"roles must be some of {', '.join(ROLES)}; got {', '.join(roles) or 'none'}")
+    if tx.token_by_name(name) is not None:
+        raise Conflict(f"a token named {name!r} already exists; revoke it or pick another name")
+    record = TokenRecord(new_id(), name, sorted(set(roles)), created_by, utcnow(), expires_at, None, None)
+    tx.insert_token(record, hash_token(token))
+    return record
+
+
+def create(
+    store: Store, principal: Principal, name: str, roles: list[str], expires_in: float | None = None
+) -> IssuedToken:
+    if not name or len(name) > 100:
+        raise InvalidRequest("a token name is 1-100 characters")
+    token = generate()
+    expires_at = utcnow() + timedelta(seconds=expires_in) if expires_in else None
+    with store.transaction() as tx:
+        record = _insert(tx, name, roles, principal.name, expires_at, token)
+        tx.append_audit(principal.name, "token.created", f"token:{name}", {"roles": record.roles}, utcnow())
+    return IssuedToken(record, token)
+
+
+def revoke(store: Store, principal: Principal, name: str) -> None:
+    with store.transaction() as tx:
+        if not tx.revoke_token(name, utcnow()):
+            raise NotFound(f"no active token named {name!r}")
+        tx.append_audit(principal.name, "token.revoked", f"token:{name}", {}, utcnow())
+
+
+def listing(store: Store) -> list[TokenRecord]:
+    with store.read() as tx:
+        return tx.tokens()
+
+
+def authenticate(store: Store, authorization: str | None) -> Principal:
+    """The principal behind an ``Authorization: Bearer odk_…`` header, or 401."""
+    if not authorization:
+        raise Unauthenticated("send Authorization: Bearer <token> (see `ondeck tokens create`)")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("the Authorization header must be: Bearer <token>")
+    token_hash = hash_token(token)
+    with store.read() as tx:
+        record = tx.token_by_hash(token_hash)
+    now = utcnow()
+    # The lookup is by hash; the comparison below is constant-time anyway, for good measure.
+    if record is None or not hmac.compare_digest(token_hash, hash_token(token)):
+        raise Unauthenticated("unknown token")
+    if record.revoked_at is not None:
+        raise Unauthenticated("this token has been revoked")
+    if record.expires_at is not None and record.expires_at <= now:
+        raise Unauthenticated("this token has expired")
+    if record.last_used_at is None or now - record.last_used_at > _TOUCH_EVERY:
+        with store.transaction() as tx:
+            tx.touch_token(record.id, now)
+    return Principal(record.name, frozenset(record.roles))
+
+
+def bootstrap(store: Store, data_dir: Path, configured: str | None) -> str | None:
+    """Make sure an admin can get in; returns a newly minted token to show once.
+
+    With ``ONDECK_ADMIN_TOKEN`` set, that value is (idempotently) an admin
+    token. Otherwise, on the very first start, one is generated and also
+    written with mode 0600 to the data directory.
+    """
+    with store.transaction() as tx:
+        if configured:
+            if tx.token_by_hash(hash_token(configured)) is None:
+                name = (
+                    BOOTSTRAP_NAME if tx.token_by_name(BOOTSTRAP_NAME) is None else f"admin-{new_id()[-6:]}"
+                )
+                _insert(tx, name, ["admin"], "bootstrap", None, configured)
+            return None
+        if tx.count_tokens():
+            return None
+        token = generate()
+        _insert(tx, BOOTSTRAP_NAME, ["admin"], "bootstrap", None, token)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / TOKEN_FILE
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(token + "\n")
+    return token

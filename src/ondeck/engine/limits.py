@@ -1,0 +1,93 @@
+"""Rate limits and circuit breakers, both decided inside the admission transaction.
+
+Rate limits count in fixed windows stored in the database, so the limit holds
+across any number of API processes. A circuit breaker opens after too many
+failures within a period, refuses triggers while open, then lets one trial run
+through (half-open): its success closes the breaker, its failure reopens it.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+
+from ondeck.domain import RunStatus
+from ondeck.durations import format_duration
+from ondeck.errors import CircuitOpen, RateLimited
+from ondeck.spec.models import CircuitBreaker
+from ondeck.store.store import Transaction
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+def check_rate(tx: Transaction, key: str, limit: int, per: float, now: datetime, what: str) -> None:
+    epoch = now.timestamp()
+    window = int(epoch // per * per)
+    if tx.count_in_window(key, window) > limit:
+        retry_after = max(1, math.ceil(window + per - epoch))
+        raise RateLimited(
+            f"rate limit for {what} is {limit} per {format_duration(per)}; retry in {retry_after}s",
+            retry_after,
+        )
+
+
+def parse_global_limit(text: str | None) -> tuple[int, float] | None:
+    """``"100/1m"`` → (100, 60.0); empty means no global limit."""
+    if not text:
+        return None
+    from ondeck.durations import parse_duration
+
+    count, _, per = text.partition("/")
+    return int(count), parse_duration(per or "1m")
+
+
+def check_breaker(tx: Transaction, automation: str, run_id: str, now: datetime) -> None:
+    """Refuse (503) while open; turn the first trigger after the cooldown into the trial run."""
+    state = tx.breaker(automation, lock=True)
+    if state is None or state["state"] == CLOSED:
+        return
+    if state["state"] == OPEN and now < state["opened_until"]:
+        retry_after = max(1, math.ceil((state["opened_until"] - now).total_seconds()))
+        raise CircuitOpen(
+            f"automation {automation!r} is failing; its circuit breaker is open for another {retry_after}s",
+            retry_after,
+        )
+    if state["state"] == HALF_OPEN:
+        raise CircuitOpen(
+            f"automation {automation!r}: a trial run ({state['trial_run_id']}) is deciding whether "
+            "its circuit breaker closes",
+            5,
+        )
+    tx.save_breaker(automation, state=HALF_OPEN, trial_run_id=run_id)
+
+
+def record_result(
+    tx: Transaction, automation: str, run_id: str, status: RunStatus, breaker: CircuitBreaker, now: datetime
+) -> None:
+    """Called when a run of ``automation`` reaches a terminal state."""
+    state = tx.breaker(automation, lock=True)
+    if state is not None and state["state"] == HALF_OPEN and state["trial_run_id"] == run_id:
+        if status == RunStatus.SUCCEEDED:
+            tx.save_breaker(automation, state=CLOSED, closed_at=now, opened_until=None, trial_run_id=None)
+        else:
+            _open(tx, automation, breaker, now)
+        return
+    if status not in (RunStatus.FAILED, RunStatus.TIMED_OUT):
+        return
+    if state is not None and state["state"] != CLOSED:
+        return
+    since = now - timedelta(seconds=breaker.within)
+    if state is not None and state["closed_at"] > since:
+        since = state["closed_at"]
+    if tx.count_failures(automation, since) >= breaker.failures:
+        _open(tx, automation, breaker, now)
+
+
+def _open(tx: Transaction, automation: str, breaker: CircuitBreaker, now: datetime) -> None:
+    tx.save_breaker(
+        automation,
+        state=OPEN,
+        opened_until=now + timedelta(seconds=breaker.cooldown),
+        closed_at=now,
+        trial_run_id=None,
+    )
