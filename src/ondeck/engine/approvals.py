@@ -65,6 +65,8 @@ def decide(store: Store, principal: Principal, run_id: str, approve: bool, comme
     """Record one approver's decision; queue or reject the run when it is settled."""
     if len(comment) > 2000:
         raise InvalidRequest("a comment is at most 2000 characters")
+    if not principal.can(Permission.APPROVE):
+        raise Forbidden(f"{principal.describe()} may not decide approvals")
     now = utcnow()
     with store.transaction() as tx:
         run = tx.get_run(run_id, lock=True)
@@ -72,8 +74,6 @@ def decide(store: Store, principal: Principal, run_id: str, approve: bool, comme
             raise NotFound(f"run {run_id} does not exist")
         if run.status != RunStatus.WAITING_APPROVAL or run.approval is None:
             raise Conflict(f"run {run_id} is not waiting for approval (it is {run.status})")
-        if not principal.can(Permission.APPROVE):
-            raise Forbidden(f"{principal.describe()} may not decide approvals")
         policies = run.approval["policies"]
         mine = [
             p for p in policies if principal.is_admin or any(principal.matches(a) for a in p["approvers"])
