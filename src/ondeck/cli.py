@@ -386,7 +386,13 @@ def worker_command(
     jsonlog.configure(log_level.upper())
 
     async def serve() -> None:
-        node = Node(Settings(), load_automations=False, worker_group=group, worker_concurrency=concurrency)
+        node = Node(
+            Settings(),
+            load_automations=False,
+            run_scheduler=False,
+            worker_group=group,
+            worker_concurrency=concurrency,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

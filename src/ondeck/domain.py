@@ -73,6 +73,7 @@ class Run:
     principal: str | None = None
     environment: str | None = None
     approval: dict[str, Any] | None = None
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,18 @@ runs one on its own. Both share everything below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from anyio import to_thread
 
 from ondeck.auth import tokens
 from ondeck.auth.principals import SYSTEM
-from ondeck.engine import catalog, environments, limits
+from ondeck.engine import catalog, environments, limits, outbox, scheduler
 from ondeck.engine.admission import AdmissionPolicy
 from ondeck.engine.wakeup import PostgresListener, WakeBus
 from ondeck.engine.worker import Worker, reap_forever
@@ -24,6 +27,7 @@ from ondeck.settings import Settings
 from ondeck.spec.environments import load_environments
 from ondeck.spec.loader import load_directory
 from ondeck.store.store import Store
+from ondeck.triggers import standard_webhooks
 from ondeck.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -34,16 +38,19 @@ class Node:
     settings: Settings
     run_worker: bool = True
     load_automations: bool = True
+    run_scheduler: bool = True
     worker_group: str | None = None
     worker_concurrency: int | None = None
     store: Store = field(init=False)
     vault: Vault = field(init=False)
     admission_policy: AdmissionPolicy = field(init=False)
+    callback_secret: str = field(init=False)
     bus: WakeBus = field(init=False, default_factory=WakeBus)
     worker: Worker | None = field(init=False, default=None)
     _stop: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _listener: PostgresListener | None = field(init=False, default=None)
+    _delivery_wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.resolved_database_url)
@@ -52,6 +59,7 @@ class Node:
             idempotency_ttl=self.settings.idempotency_ttl,
             global_rate_limit=limits.parse_global_limit(self.settings.rate_limit),
         )
+        self.callback_secret = self.settings.callback_secret or _callback_secret(self.settings.data_dir)
 
     async def start(self) -> None:
         self.bus.bind(asyncio.get_running_loop())
@@ -75,6 +83,22 @@ class Node:
             self._listener.start()
         reap_interval = min(5.0, max(0.5, self.settings.lease_seconds / 4))
         self._tasks.append(asyncio.create_task(reap_forever(self.store, reap_interval, self._stop)))
+        self.bus.on_delivery(self._delivery_wake.set)
+        self._tasks.append(
+            asyncio.create_task(
+                outbox.deliver_forever(
+                    self.store,
+                    self.callback_secret,
+                    outbox.Destinations(self.settings.callback_allow),
+                    self._delivery_wake,
+                    self._stop,
+                )
+            )
+        )
+        if self.run_scheduler:
+            self._tasks.append(
+                asyncio.create_task(scheduler.schedule_forever(self.store, self.admission_policy, self._stop))
+            )
         if self.run_worker:
             self.worker = Worker(
                 self.store,
@@ -109,3 +133,15 @@ class Node:
         if self._listener is not None:
             await to_thread.run_sync(self._listener.stop)
         self.store.dispose()
+
+
+def _callback_secret(data_dir: Path) -> str:
+    """The key that signs outgoing callbacks: a 0600 file in the data dir, made on first use."""
+    path = data_dir / "callback.secret"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(standard_webhooks.new_secret() + "\n")
+    return path.read_text().strip()

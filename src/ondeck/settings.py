@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     token: str | None = Field(None, description="The CLI's API token.")
     master_key: str | None = Field(None, description="Fernet key(s) for secrets; default a key file.")
     rate_limit: str | None = Field("6000/1m", description="Per-principal trigger limit; empty disables.")
+    callback_secret: str | None = Field(
+        None, description="whsec_… key signing callbacks; default a key file."
+    )
+    callback_allow: str | None = Field(
+        None, description="CIDRs/hosts callbacks may reach despite SSRF rules."
+    )
+    slack_signing_secret: str | None = Field(None, description="Slack app signing secret.")
+    slack_users: str | None = Field(None, description="Slack user id to token name: U123=alice,U456=bob")
+    max_body_bytes: int = Field(1024 * 1024, description="Largest webhook body accepted.")
 
     limit_memory: str = Field("4GiB", description="RLIMIT_AS default for scripts.")
     limit_cpu: str = Field("1h", description="RLIMIT_CPU default for scripts.")

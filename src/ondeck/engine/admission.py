@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from ondeck.auth.policy import authorize_run
 from ondeck.auth.principals import SYSTEM, Principal
 from ondeck.domain import Run, RunStatus, utcnow
-from ondeck.engine import approvals, catalog, environments, limits, states
+from ondeck.engine import approvals, catalog, environments, limits, outbox, states
 from ondeck.engine.runs import request_cancel
 from ondeck.errors import ConcurrencyRejected, IdempotencyMismatch, InvalidRequest, NotFound, OndeckError
 from ondeck.ids import new_id
@@ -38,6 +38,8 @@ class TriggerRequest:
     idempotency_key: str | None = None
     rerun_of: str | None = None
     principal: Principal = SYSTEM
+    callback_url: str | None = None
+    schedule_fire: tuple[str, datetime] | None = None  # (schedule key, tick): fired once, ever
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None 
     policy = policy or AdmissionPolicy()
     automation: Automation | None = None
     try:
+        if request.callback_url is not None:
+            outbox.check_url(request.callback_url)
         version = catalog.get(store, request.automation)
         automation = catalog.definition_of(version)
         params = validate_params(automation.params_schema, request.params)
@@ -157,6 +161,7 @@ def _new_run(
         rerun_of=request.rerun_of,
         principal=request.principal.name,
         environment=environment,
+        callback_url=request.callback_url,
     )
 
 
@@ -179,6 +184,8 @@ def _write(
             )
         _check_limits(tx, run, automation, policy)
         tx.insert_run(run, f"triggered via {run.trigger} by {run.principal}")
+        if request.schedule_fire is not None:
+            tx.insert_fire(*request.schedule_fire, run.id)
         status, reason = RunStatus.QUEUED, "admitted"
         if automation.concurrency is not None and run.concurrency_key is not None:
             status, reason = _apply_concurrency(
@@ -189,9 +196,8 @@ def _write(
                 RunStatus.WAITING_APPROVAL,
                 f"waiting for approval ({approvals.describe(run.approval)})",
             )
-        states.check(RunStatus.PENDING, status)
         extra: dict[str, Any] = {"finished_at": now, "error": reason} if status == RunStatus.REJECTED else {}
-        tx.move_run(run.id, RunStatus.PENDING, status, now, reason, **extra)
+        states.move(tx, run, status, now, reason, **extra)
         if status == RunStatus.QUEUED:
             tx.notify("queue", run.worker_group)
         tx.append_audit(

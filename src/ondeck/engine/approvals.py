@@ -114,8 +114,7 @@ def _approvers(policies: list[dict[str, Any]]) -> str:
 
 
 def _move(tx: Transaction, run: Run, status: RunStatus, now: datetime, reason: str, **values: Any) -> None:
-    states.check(run.status, status)
-    tx.move_run(run.id, run.status, status, now, reason, **values)
+    states.move(tx, run, status, now, reason, **values)
 
 
 def decisions(store: Store, run_id: str) -> list[Decision]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ondeck.auth.policy import may_view, require
 from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import AutomationVersion, utcnow
-from ondeck.errors import Forbidden, NotFound
+from ondeck.errors import Conflict, Forbidden, NotFound
 from ondeck.spec.models import Access, Automation
 from ondeck.store.store import Store
 
@@ -75,6 +75,7 @@ def get_visible(
 def apply_as(store: Store, principal: Principal, automation: Automation) -> Applied:
     """``apply`` on behalf of an admin, audited."""
     require(principal, Permission.ADMIN, "change automations")
+    check_unique_hooks(store, automation)
     applied = apply(store, automation)
     if applied.changed:
         with store.transaction() as tx:
@@ -91,3 +92,27 @@ def apply_as(store: Store, principal: Principal, automation: Automation) -> Appl
 def definition_of(version: AutomationVersion) -> Automation:
     """The stored definition as a model (it was validated when it was applied)."""
     return Automation.model_validate(version.definition)
+
+
+_parsed: dict[str, Automation] = {}
+
+
+def definitions(store: Store) -> list[Automation]:
+    """Current definitions as models, parsed once per digest (versions never change)."""
+    found = []
+    for version in list_current(store):
+        if version.digest not in _parsed:
+            _parsed[version.digest] = definition_of(version)
+        found.append(_parsed[version.digest])
+    return found
+
+
+def check_unique_hooks(store: Store, automation: Automation) -> None:
+    """Refuse a definition whose webhook id another automation already uses."""
+    mine = {t.webhook.id for t in automation.triggers if t.webhook is not None}
+    for other in definitions(store):
+        if other.name == automation.name:
+            continue
+        for trigger in other.triggers:
+            if trigger.webhook is not None and trigger.webhook.id in mine:
+                raise Conflict(f"webhook id {trigger.webhook.id!r} is already used by {other.name!r}")

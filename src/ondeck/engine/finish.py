@@ -83,15 +83,14 @@ def _end_attempt(
     result = {"exit_code": outcome.exit_code, "error": outcome.error}
     if outcome.status in RETRYABLE and not run.cancel_requested and run.attempt < run.max_attempts:
         delay = backoff(retries, run.attempt)
-        states.check(RunStatus.RUNNING, RunStatus.QUEUED)
         reason = (
             f"attempt {run.attempt} {outcome.status}"
             + (f" ({outcome.error})" if outcome.error else "")
             + f"; retry {run.attempt + 1}/{run.max_attempts} in {format_duration(delay)}"
         )
-        tx.move_run(
-            run.id,
-            RunStatus.RUNNING,
+        states.move(
+            tx,
+            run,
             RunStatus.QUEUED,
             now,
             reason,
@@ -101,11 +100,10 @@ def _end_attempt(
         )
         tx.notify("queue", run.worker_group)
         return
-    states.check(RunStatus.RUNNING, outcome.status)
     reason = outcome.error or str(outcome.status)
-    tx.move_run(
-        run.id,
-        RunStatus.RUNNING,
+    states.move(
+        tx,
+        run,
         outcome.status,
         now,
         reason,

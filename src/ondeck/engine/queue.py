@@ -58,7 +58,6 @@ def claim(
             ):
                 continue
             number = run.attempt + 1
-            states.check(run.status, RunStatus.RUNNING)
             started_at = run.started_at or now
             fields: dict[str, Any] = {
                 "attempt": number,
@@ -66,9 +65,9 @@ def claim(
                 "lease_expires_at": now + lease,
                 "started_at": started_at,
             }
-            if not tx.move_run(
-                run.id,
-                RunStatus.QUEUED,
+            if not states.move(
+                tx,
+                run,
                 RunStatus.RUNNING,
                 now,
                 f"attempt {number} started on {worker}",

@@ -118,5 +118,4 @@ def request_cancel(tx: Transaction, run: Run, now: datetime, reason: str) -> Non
             tx.update_run(run.id, cancel_requested=True)
             tx.notify("cancel", run.id)
         return
-    states.check(run.status, RunStatus.CANCELLED)
-    tx.move_run(run.id, run.status, RunStatus.CANCELLED, now, reason, finished_at=now, error=reason)
+    states.move(tx, run, RunStatus.CANCELLED, now, reason, finished_at=now, error=reason)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from ondeck.domain import RunStatus
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from ondeck.domain import Run, RunStatus
+from ondeck.engine import outbox
 from ondeck.errors import IllegalTransition
+from ondeck.store.store import Transaction
 
 S = RunStatus
 
@@ -20,6 +26,20 @@ TRANSITIONS: dict[RunStatus | None, frozenset[RunStatus]] = {
     S.CANCELLED: frozenset(),
     S.REJECTED: frozenset(),
 }
+
+
+def move(tx: Transaction, run: Run, to_status: RunStatus, now: datetime, reason: str, **values: Any) -> bool:
+    """The one way a run changes state: checked against the table, recorded with its reason.
+
+    A move into a terminal state also queues the run's callback and notifications
+    in the same transaction, so they are sent even if this process dies next.
+    """
+    check(run.status, to_status)
+    if not tx.move_run(run.id, run.status, to_status, now, reason, **values):
+        return False
+    if to_status.terminal:
+        outbox.enqueue(tx, replace(run, status=to_status, **values), now)
+    return True
 
 
 def check(from_status: RunStatus | None, to_status: RunStatus) -> None:

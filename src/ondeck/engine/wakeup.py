@@ -20,7 +20,7 @@ import psycopg
 from sqlalchemy import make_url
 
 log = logging.getLogger(__name__)
-CHANNELS = ("queue", "run", "cancel")
+CHANNELS = ("queue", "run", "cancel", "delivery")
 
 
 class Watch:
@@ -48,6 +48,7 @@ class WakeBus:
         self._queue_watches: set[Watch] = set()
         self._run_watches: dict[str, set[Watch]] = defaultdict(set)
         self._cancel_handlers: list[Callable[[str], None]] = []
+        self._delivery_handlers: list[Callable[[], None]] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -68,9 +69,15 @@ class WakeBus:
         elif channel == "cancel":
             for handler in self._cancel_handlers:
                 handler(payload)
+        elif channel == "delivery":
+            for wake in self._delivery_handlers:
+                wake()
 
     def on_cancel(self, handler: Callable[[str], None]) -> None:
         self._cancel_handlers.append(handler)
+
+    def on_delivery(self, wake: Callable[[], None]) -> None:
+        self._delivery_handlers.append(wake)
 
     @contextlib.contextmanager
     def watch_queue(self) -> Iterator[Watch]:

@@ -12,6 +12,7 @@ from ondeck.durations import parse_duration, parse_size
 from ondeck.spec import expressions
 from ondeck.spec.params import check_schema
 from ondeck.spec.python_main import find_main, infer_schema
+from ondeck.spec.triggers import Trigger
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
@@ -124,6 +125,15 @@ class CircuitBreaker(_Strict):
 
 
 SECRET_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+TerminalState = Literal["succeeded", "failed", "timed_out", "cancelled", "rejected"]
+TERMINAL_STATES: list[TerminalState] = ["succeeded", "failed", "timed_out", "cancelled", "rejected"]
+
+
+class Notify(_Strict):
+    """Tell a URL when a run ends in one of ``on`` (signed, retried, from the outbox)."""
+
+    on: list[TerminalState] = Field(default_factory=lambda: list(TERMINAL_STATES))
+    url: str = Field(pattern=r"^https?://", description="http(s) only")
 
 
 class Automation(_Strict):
@@ -144,6 +154,8 @@ class Automation(_Strict):
     approval: Approval | None = None
     rate_limit: RateLimit | None = None
     circuit_breaker: CircuitBreaker | None = None
+    triggers: list[Trigger] = Field(default_factory=list)
+    notify: list[Notify] = Field(default_factory=list)
 
     @field_validator("environment")
     @classmethod

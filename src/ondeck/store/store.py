@@ -45,12 +45,16 @@ from ondeck.store.tables import (
     automations,
     circuit_breakers,
     concurrency_slots,
+    deliveries,
+    delivery_attempts,
     environments,
     idempotency_keys,
     log_entries,
     rate_counters,
     run_transitions,
     runs,
+    schedule_fires,
+    schedules,
     secrets,
     tokens,
 )
@@ -634,6 +638,119 @@ class Transaction:
             )
         )
         return int(self._c.execute(query).scalar_one())
+
+    # --- schedules -------------------------------------------------------------
+
+    def ensure_schedule(self, key: str, automation: str, now: datetime) -> dict[str, Any]:
+        """The schedule's state, recording when it was first seen (fires start from then)."""
+        row = self._c.execute(select(schedules).where(schedules.c.key == key)).first()
+        if row is not None:
+            return dict(row._mapping)
+        values = {"key": key, "automation": automation, "paused": False, "first_seen": now}
+        try:
+            with self._c.begin_nested():
+                self._c.execute(insert(schedules).values(**values))
+        except IntegrityError:  # another process saw it first
+            row = self._c.execute(select(schedules).where(schedules.c.key == key)).first()
+            return dict(row._mapping) if row else values
+        return values
+
+    def schedule_states(self) -> dict[str, dict[str, Any]]:
+        return {row.key: dict(row._mapping) for row in self._c.execute(select(schedules))}
+
+    def set_schedule_paused(self, key: str, paused: bool) -> bool:
+        result = self._c.execute(update(schedules).where(schedules.c.key == key).values(paused=paused))
+        return bool(result.rowcount)
+
+    def last_fire(self, key: str) -> datetime | None:
+        value: datetime | None = self._c.execute(
+            select(func.max(schedule_fires.c.fire_at)).where(schedule_fires.c.schedule_key == key)
+        ).scalar()
+        return value
+
+    def insert_fire(self, key: str, fire_at: datetime, run_id: str | None) -> None:
+        """Raises IntegrityError if this tick was already fired (by any process)."""
+        self._c.execute(insert(schedule_fires).values(schedule_key=key, fire_at=fire_at, run_id=run_id))
+
+    # --- delivery outbox ---------------------------------------------------------
+
+    def insert_delivery(
+        self, delivery_id: str, run_id: str, url: str, kind: str, payload: dict[str, Any], now: datetime
+    ) -> None:
+        self._c.execute(
+            insert(deliveries).values(
+                id=delivery_id,
+                run_id=run_id,
+                url=url,
+                kind=kind,
+                payload=payload,
+                status="pending",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+        self.notify("delivery", delivery_id)
+
+    def claim_deliveries(self, now: datetime, hold_until: datetime, limit: int) -> list[dict[str, Any]]:
+        """Due pending deliveries, held until ``hold_until`` so no other process sends them meanwhile."""
+        rows = self._c.execute(
+            select(deliveries)
+            .where(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= now)
+            .order_by(deliveries.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        claimed = [dict(row._mapping) for row in rows]
+        if claimed:
+            self._c.execute(
+                update(deliveries)
+                .where(deliveries.c.id.in_([d["id"] for d in claimed]))
+                .values(next_attempt_at=hold_until)
+            )
+        return claimed
+
+    def record_delivery_attempt(
+        self,
+        delivery_id: str,
+        number: int,
+        now: datetime,
+        status_code: int | None,
+        error: str | None,
+        duration_ms: int,
+        **delivery: Any,
+    ) -> None:
+        self._c.execute(
+            insert(delivery_attempts).values(
+                delivery_id=delivery_id,
+                number=number,
+                at=now,
+                status_code=status_code,
+                error=error,
+                duration_ms=duration_ms,
+            )
+        )
+        self._c.execute(
+            update(deliveries).where(deliveries.c.id == delivery_id).values(attempts=number, **delivery)
+        )
+
+    def deliveries_of(self, run_id: str) -> list[dict[str, Any]]:
+        found = [
+            dict(row._mapping)
+            for row in self._c.execute(
+                select(deliveries).where(deliveries.c.run_id == run_id).order_by(deliveries.c.created_at)
+            )
+        ]
+        for delivery in found:
+            delivery["attempt_log"] = [
+                dict(row._mapping)
+                for row in self._c.execute(
+                    select(delivery_attempts)
+                    .where(delivery_attempts.c.delivery_id == delivery["id"])
+                    .order_by(delivery_attempts.c.number)
+                )
+            ]
+        return found
 
 
 class Store:

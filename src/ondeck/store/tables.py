@@ -98,6 +98,7 @@ runs = Table(
     Column("principal", String(100)),
     Column("environment", String(63)),
     Column("approval", JSONType),
+    Column("callback_url", Text),
     Index("ix_runs_queue", "status", "worker_group", "priority", "id"),
     Index("ix_runs_automation", "automation", "id"),
     Index("ix_runs_concurrency", "concurrency_key", "status"),
@@ -230,4 +231,49 @@ circuit_breakers = Table(
     Column("opened_until", UTCDateTime),
     Column("closed_at", UTCDateTime, nullable=False),
     Column("trial_run_id", String(26)),
+)
+
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("automation", String(63), nullable=False),
+    Column("paused", Boolean, nullable=False),
+    Column("first_seen", UTCDateTime, nullable=False),
+)
+
+schedule_fires = Table(
+    "schedule_fires",
+    metadata,
+    Column("schedule_key", String(200), primary_key=True),
+    Column("fire_at", UTCDateTime, primary_key=True),
+    Column("run_id", String(26)),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", String(26), primary_key=True),
+    Column("run_id", String(26), nullable=False, index=True),
+    Column("url", Text, nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("payload", JSONType, nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime),
+    Column("last_error", Text),
+    Index("ix_deliveries_due", "status", "next_attempt_at"),
+)
+
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column("delivery_id", String(26), primary_key=True),
+    Column("number", Integer, primary_key=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("status_code", Integer),
+    Column("error", Text),
+    Column("duration_ms", Integer, nullable=False),
 )

@@ -1,0 +1,173 @@
+"""Cron schedules: each tick fires exactly once across any number of processes.
+
+Every server process runs this loop. A tick is claimed by inserting
+(schedule, fire time) under a unique key in the same transaction as its run,
+so two processes racing for one tick produce one run — no leader election
+that could split-brain. After downtime, ``catch_up`` decides what happens to
+missed ticks: ``none`` skips them, ``latest`` fires the most recent one,
+``all`` fires each (at most 1,000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from anyio import to_thread
+
+from ondeck.auth.principals import Principal
+from ondeck.domain import utcnow
+from ondeck.engine import catalog
+from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit
+from ondeck.errors import NotFound, OndeckError
+from ondeck.spec.triggers import ScheduleSpec
+from ondeck.store.store import IntegrityError, Store
+
+log = logging.getLogger(__name__)
+MAX_CATCH_UP = 1000
+ON_TIME = timedelta(seconds=5)  # with catch_up none, a tick this late still fires
+
+
+@dataclass(frozen=True)
+class Schedule:
+    key: str
+    automation: str
+    index: int
+    spec: ScheduleSpec
+    paused: bool
+    next_fire_at: datetime | None
+
+
+def schedule_key(automation: str, index: int) -> str:
+    return f"{automation}#{index}"
+
+
+def due_ticks(spec: ScheduleSpec, since: datetime, now: datetime) -> list[datetime]:
+    """Ticks after ``since`` up to ``now`` that should fire, per ``catch_up``."""
+    ticks: list[datetime] = []
+    moment = since
+    while len(ticks) < MAX_CATCH_UP:
+        moment = spec.next_after(moment)
+        if moment > now:
+            break
+        ticks.append(moment)
+    if spec.catch_up == "all":
+        return ticks
+    if spec.catch_up == "latest":
+        return ticks[-1:]
+    return [t for t in ticks[-1:] if now - t <= ON_TIME]
+
+
+def listing(store: Store, now: datetime | None = None) -> list[Schedule]:
+    """Every schedule of the catalog with its pause state and next fire time."""
+    now = now or utcnow()
+    with store.read() as tx:
+        states = tx.schedule_states()
+    found = []
+    for automation in catalog.definitions(store):
+        for index, trigger in enumerate(automation.triggers):
+            if trigger.schedule is None:
+                continue
+            key = schedule_key(automation.name, index)
+            paused = bool(states.get(key, {}).get("paused", False))
+            next_fire = None if paused else trigger.schedule.next_after(now)
+            found.append(Schedule(key, automation.name, index, trigger.schedule, paused, next_fire))
+    return found
+
+
+def set_paused(store: Store, principal: Principal, automation: str, index: int, paused: bool) -> Schedule:
+    key = schedule_key(automation, index)
+    match = [s for s in listing(store) if s.key == key]
+    if not match:
+        raise NotFound(f"automation {automation!r} has no schedule #{index}")
+    now = utcnow()
+    with store.transaction() as tx:
+        tx.ensure_schedule(key, automation, now)
+        tx.set_schedule_paused(key, paused)
+        tx.append_audit(
+            principal.name, "schedule.paused" if paused else "schedule.resumed", f"schedule:{key}", {}, now
+        )
+    return next(s for s in listing(store) if s.key == key)
+
+
+def fire_due(store: Store, policy: AdmissionPolicy) -> tuple[list[str], datetime | None]:
+    """Fire every due tick; returns the runs started and when the next tick is due."""
+    now = utcnow()
+    started: list[str] = []
+    upcoming: list[datetime] = []
+    with store.read() as tx:
+        states = tx.schedule_states()
+    for automation in catalog.definitions(store):
+        for index, trigger in enumerate(automation.triggers):
+            spec = trigger.schedule
+            if spec is None:
+                continue
+            key = schedule_key(automation.name, index)
+            state: dict[str, Any] | None = states.get(key)
+            if state is None:
+                with store.transaction() as tx:
+                    state = tx.ensure_schedule(key, automation.name, now)
+            if state["paused"]:
+                continue
+            with store.read() as tx:
+                last = tx.last_fire(key)
+            since = max(last or state["first_seen"], state["first_seen"])
+            for tick in due_ticks(spec, since, now):
+                run_id = _fire(store, policy, automation.name, index, trigger, key, tick)
+                if run_id:
+                    started.append(run_id)
+            upcoming.append(spec.next_after(now))
+    return started, min(upcoming, default=None)
+
+
+def _fire(
+    store: Store, policy: AdmissionPolicy, name: str, index: int, trigger: Any, key: str, tick: datetime
+) -> str | None:
+    stamp = tick.isoformat()
+    event = {"source": "schedule", "type": "tick", "id": f"{key}@{stamp}", "data": {"fire_at": stamp}}
+    try:
+        if not trigger.matches(event):
+            _mark(store, key, tick)
+            return None
+        request = TriggerRequest(
+            name,
+            trigger.params_for(event),
+            "schedule",
+            f"schedule:{key}:{stamp}",
+            principal=Principal(f"schedule:{name}", frozenset({"operator"})),
+            schedule_fire=(key, tick),
+        )
+        return admit(store, request, policy).run.id
+    except IntegrityError:
+        return None  # another process fired this tick
+    except OndeckError as exc:
+        log.error("schedule %s tick %s refused: %s", key, stamp, exc.detail)
+        _mark(store, key, tick)
+        return None
+
+
+def _mark(store: Store, key: str, tick: datetime) -> None:
+    """Record a tick that started no run, so it is not considered again."""
+    with contextlib.suppress(IntegrityError), store.transaction() as tx:
+        tx.insert_fire(key, tick, None)
+
+
+async def schedule_forever(store: Store, policy: AdmissionPolicy, stop: asyncio.Event) -> None:
+    """Wake at the next tick (at least every second, to see catalog changes)."""
+    while not stop.is_set():
+        upcoming = None
+        try:
+            started, upcoming = await to_thread.run_sync(fire_due, store, policy)
+            if started:
+                log.info("schedules started runs: %s", ", ".join(started))
+        except Exception:
+            log.exception("firing schedules failed; will retry")
+        delay = 1.0
+        if upcoming is not None:
+            delay = min(1.0, max(0.0, (upcoming - utcnow()).total_seconds()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)

@@ -1,0 +1,1 @@
+"""Verifying and decoding what arrives from outside: webhooks, Alertmanager, Slack."""
