@@ -90,6 +90,7 @@ class Node:
                     self.store,
                     self.callback_secret,
                     outbox.Destinations(self.settings.callback_allow),
+                    self.settings.callback_retry_seconds,
                     self._delivery_wake,
                     self._stop,
                 )

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     )
     slack_signing_secret: str | None = Field(None, description="Slack app signing secret.")
     slack_users: str | None = Field(None, description="Slack user id to token name: U123=alice,U456=bob")
+    callback_retry_seconds: float = Field(5.0, gt=0, description="First callback retry delay; doubles.")
     max_body_bytes: int = Field(1024 * 1024, description="Largest webhook body accepted.")
 
     limit_memory: str = Field("4GiB", description="RLIMIT_AS default for scripts.")

@@ -144,6 +144,14 @@ ROUTE_TABLE: list[tuple[str, str, Any, dict[str, int]]] = [
         expect(401, 403, 403, 403, 200),
     ),
     ("GET", "/audit", lambda f: ("/audit", {}), expect(401, 403, 403, 403, 200)),
+    ("GET", "/schedules", lambda f: ("/schedules", {}), expect(401, 200, 200, 200, 200)),
+    # The automation has no schedule: admins get past the role check to a 404.
+    ("POST", "/automations/{name}/schedules/{index}/pause",
+     lambda f: (f"/automations/{f['name']}/schedules/0/pause", {}), expect(401, 403, 403, 403, 404)),
+    ("POST", "/automations/{name}/schedules/{index}/resume",
+     lambda f: (f"/automations/{f['name']}/schedules/0/resume", {}), expect(401, 403, 403, 403, 404)),
+    ("GET", "/runs/{run_id}/deliveries", lambda f: (f"/runs/{f['run']}/deliveries", {}),
+     expect(401, 200, 200, 200, 200)),
 ]
 
 

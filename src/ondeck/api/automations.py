@@ -7,8 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 
 from ondeck.api.deps import AdminDep, NodeDep, ReaderDep, call
-from ondeck.api.schemas import AutomationList, AutomationOut, AutomationSummary
-from ondeck.engine import catalog
+from ondeck.api.schemas import AutomationList, AutomationOut, AutomationSummary, ScheduleOut
+from ondeck.engine import catalog, describe, scheduler
 from ondeck.errors import InvalidDefinition
 from ondeck.spec.loader import parse_definition
 
@@ -26,7 +26,20 @@ async def list_automations(node: NodeDep, principal: ReaderDep) -> AutomationLis
 async def get_automation(
     node: NodeDep, principal: ReaderDep, name: str, version: int | None = None
 ) -> AutomationOut:
-    return AutomationOut.of(await call(catalog.get_visible, node.store, principal, name, version))
+    """The definition, plus each trigger's live state (schedules: paused, next_fire_at)."""
+    found = await call(describe.automation, node.store, principal, name, version)
+    return AutomationOut.of(found.version, triggers=found.triggers)
+
+
+@router.post("/{name}/schedules/{index}/pause", response_model=ScheduleOut)
+async def pause_schedule(node: NodeDep, principal: AdminDep, name: str, index: int) -> ScheduleOut:
+    """Stop a schedule from firing (admin); ticks while paused are skipped, not caught up."""
+    return ScheduleOut.of(await call(scheduler.set_paused, node.store, principal, name, index, True))
+
+
+@router.post("/{name}/schedules/{index}/resume", response_model=ScheduleOut)
+async def resume_schedule(node: NodeDep, principal: AdminDep, name: str, index: int) -> ScheduleOut:
+    return ScheduleOut.of(await call(scheduler.set_paused, node.store, principal, name, index, False))
 
 
 @router.put("/{name}", response_model=AutomationOut)

@@ -11,9 +11,18 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from ondeck.api.deps import NodeDep, PrincipalDep, ReaderDep, call
-from ondeck.api.schemas import DecisionBody, LogEntryOut, LogPage, RunOut, RunPage, TriggerBody
+from ondeck.api.schemas import (
+    DecisionBody,
+    DeliveryOut,
+    LogEntryOut,
+    LogPage,
+    RunOut,
+    RunPage,
+    ScheduleOut,
+    TriggerBody,
+)
 from ondeck.domain import Run
-from ondeck.engine import admission, approvals, runs
+from ondeck.engine import admission, approvals, runs, scheduler
 from ondeck.engine.admission import TriggerRequest
 from ondeck.node import Node
 
@@ -71,7 +80,8 @@ async def trigger_run(
     """Queue a run. 202 with the run; 200 with the finished run when `wait` sufficed."""
     key = admission.parse_idempotency_key(idempotency_key) if idempotency_key is not None else None
     via = "cli" if request.headers.get("user-agent", "").startswith("ondeck-cli") else "api"
-    trigger = TriggerRequest(name, (body or TriggerBody()).params, via, key, principal=principal)
+    body = body or TriggerBody()
+    trigger = TriggerRequest(name, body.params, via, key, principal=principal, callback_url=body.callback_url)
     return await _admit(node, trigger, wait, response)
 
 
@@ -207,3 +217,15 @@ async def rerun(
         original.automation, original.params, "rerun", key, rerun_of=original.id, principal=principal
     )
     return await _admit(node, trigger, wait, response)
+
+
+@router.get("/runs/{run_id}/deliveries", response_model=list[DeliveryOut])
+async def run_deliveries(node: NodeDep, principal: ReaderDep, run_id: str) -> list[DeliveryOut]:
+    """Callbacks and notifications for this run, with every delivery attempt."""
+    return [DeliveryOut(**d) for d in await call(runs.deliveries, node.store, principal, run_id)]
+
+
+@router.get("/schedules", response_model=list[ScheduleOut], tags=["schedules"])
+async def list_schedules(node: NodeDep, principal: ReaderDep) -> list[ScheduleOut]:
+    """Every schedule the caller may see, with its next fire time."""
+    return [ScheduleOut.of(s) for s in await call(scheduler.visible, node.store, principal)]

@@ -101,6 +101,53 @@ class DecisionBody(BaseModel):
 class TriggerBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     params: dict[str, Any] = Field(default_factory=dict)
+    callback_url: str | None = Field(
+        None, description="Told how the run ended (signed with Standard Webhooks, retried up to 24 h)."
+    )
+
+
+class ScheduleOut(BaseModel):
+    automation: str
+    index: int
+    cron: str
+    timezone: str
+    catch_up: str
+    paused: bool
+    next_fire_at: datetime | None
+
+    @classmethod
+    def of(cls, schedule: Any) -> ScheduleOut:
+        spec = schedule.spec
+        return cls(
+            automation=schedule.automation,
+            index=schedule.index,
+            cron=spec.cron,
+            timezone=spec.timezone,
+            catch_up=spec.catch_up,
+            paused=schedule.paused,
+            next_fire_at=schedule.next_fire_at,
+        )
+
+
+class DeliveryAttemptOut(BaseModel):
+    number: int
+    at: datetime
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+
+
+class DeliveryOut(BaseModel):
+    id: str
+    url: str
+    kind: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None
+    last_error: str | None
+    attempt_log: list[DeliveryAttemptOut]
 
 
 class AutomationSummary(BaseModel):
@@ -133,9 +180,17 @@ class AutomationOut(BaseModel):
     created_at: datetime
     definition: dict[str, Any]
     changed: bool | None = None
+    triggers: list[dict[str, Any]] = Field(
+        default_factory=list, description="Declared triggers; schedules with next_fire_at and paused."
+    )
 
     @classmethod
-    def of(cls, version: AutomationVersion, changed: bool | None = None) -> AutomationOut:
+    def of(
+        cls,
+        version: AutomationVersion,
+        changed: bool | None = None,
+        triggers: list[dict[str, Any]] | None = None,
+    ) -> AutomationOut:
         return cls(
             name=version.name,
             version=version.version,
@@ -143,6 +198,7 @@ class AutomationOut(BaseModel):
             created_at=version.created_at,
             definition=version.definition,
             changed=changed,
+            triggers=triggers or [],
         )
 
 

@@ -29,7 +29,6 @@ from ondeck.store.store import Store, Transaction
 from ondeck.triggers import standard_webhooks
 
 GIVE_UP_AFTER = timedelta(hours=24)
-FIRST_RETRY = 5.0
 MAX_RETRY = 3600.0
 HOLD = timedelta(seconds=60)  # a claimed delivery is invisible to other senders this long
 log = logging.getLogger(__name__)
@@ -89,11 +88,6 @@ def _slack_message(run: Run) -> dict[str, Any]:
     return {"response_type": "in_channel", "text": text}
 
 
-def deliveries(store: Store, run_id: str) -> list[dict[str, Any]]:
-    with store.read() as tx:
-        return tx.deliveries_of(run_id)
-
-
 class Destinations:
     """Which hosts deliveries may go to: public addresses, plus an explicit allow-list."""
 
@@ -137,8 +131,8 @@ class Destinations:
         return None
 
 
-def _backoff(attempt: int) -> float:
-    return float(min(MAX_RETRY, FIRST_RETRY * 2 ** (attempt - 1)))
+def _backoff(first: float, attempt: int) -> float:
+    return float(min(MAX_RETRY, first * 2 ** (attempt - 1)))
 
 
 def _claim(store: Store, limit: int) -> list[dict[str, Any]]:
@@ -148,7 +142,12 @@ def _claim(store: Store, limit: int) -> list[dict[str, Any]]:
 
 
 def _record(
-    store: Store, delivery: dict[str, Any], status_code: int | None, error: str | None, ms: int
+    store: Store,
+    delivery: dict[str, Any],
+    status_code: int | None,
+    error: str | None,
+    ms: int,
+    first_retry: float,
 ) -> None:
     now = utcnow()
     number = delivery["attempts"] + 1
@@ -157,7 +156,7 @@ def _record(
     elif (error and error.startswith("refused:")) or now - delivery["created_at"] >= GIVE_UP_AFTER:
         outcome = {"status": "failed", "last_error": error or f"HTTP {status_code}"}
     else:
-        retry_at = now + timedelta(seconds=_backoff(number))
+        retry_at = now + timedelta(seconds=_backoff(first_retry, number))
         outcome = {
             "status": "pending",
             "next_attempt_at": retry_at,
@@ -184,7 +183,12 @@ async def send(
 
 
 async def deliver_forever(
-    store: Store, secret: str, destinations: Destinations, wake: asyncio.Event, stop: asyncio.Event
+    store: Store,
+    secret: str,
+    destinations: Destinations,
+    first_retry: float,
+    wake: asyncio.Event,
+    stop: asyncio.Event,
 ) -> None:
     """Send due deliveries; wakes on new ones, else checks every second for due retries."""
     async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
@@ -199,7 +203,9 @@ async def deliver_forever(
                 status_code, error = await send(delivery, client, secret, destinations)
                 elapsed = int((time.monotonic() - started) * 1000)
                 try:
-                    await to_thread.run_sync(_record, store, delivery, status_code, error, elapsed)
+                    await to_thread.run_sync(
+                        _record, store, delivery, status_code, error, elapsed, first_retry
+                    )
                 except Exception:
                     log.exception("recording delivery %s failed", delivery["id"])
             if batch:

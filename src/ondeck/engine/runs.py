@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import AttemptRecord, LogEntry, Run, RunStatus, Transition, utcnow
@@ -119,3 +120,10 @@ def request_cancel(tx: Transaction, run: Run, now: datetime, reason: str) -> Non
             tx.notify("cancel", run.id)
         return
     states.move(tx, run, RunStatus.CANCELLED, now, reason, finished_at=now, error=reason)
+
+
+def deliveries(store: Store, principal: Principal, run_id: str) -> list[dict[str, Any]]:
+    """The run's callbacks and notifications with their attempts, if ``principal`` may see the run."""
+    get(store, run_id, principal)
+    with store.read() as tx:
+        return tx.deliveries_of(run_id)

@@ -79,6 +79,11 @@ def listing(store: Store, now: datetime | None = None) -> list[Schedule]:
     return found
 
 
+def visible(store: Store, principal: Principal) -> list[Schedule]:
+    names = catalog.visible_names(store, principal)
+    return [s for s in listing(store) if names is None or s.automation in names]
+
+
 def set_paused(store: Store, principal: Principal, automation: str, index: int, paused: bool) -> Schedule:
     key = schedule_key(automation, index)
     match = [s for s in listing(store) if s.key == key]
