@@ -30,6 +30,8 @@ audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=Tr
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(audit_app, name="audit")
+schedules_app = typer.Typer(help="Cron schedules declared in automations.", no_args_is_help=True)
+app.add_typer(schedules_app, name="schedules")
 app.add_typer(runs_app, name="runs")
 app.add_typer(automations_app, name="automations")
 app.add_typer(db_app, name="db")
@@ -215,6 +217,7 @@ def run(
     wait: Annotated[bool, typer.Option(help="Wait for the run to end; exit 0 only on success.")] = False,
     follow: Annotated[bool, typer.Option(help="Stream the live log (implies --wait).")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="Repeat-safe trigger key.")] = None,
+    callback_url: Annotated[str | None, typer.Option(help="URL told how the run ended.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Trigger automation NAME."""
@@ -222,7 +225,10 @@ def run(
     automation = api.request("GET", f"/automations/{name}")
     params = parse_params(param, automation["definition"].get("params", {}))
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    created = api.request("POST", f"/automations/{name}/runs", json={"params": params}, headers=headers)
+    body: dict[str, Any] = {"params": params}
+    if callback_url:
+        body["callback_url"] = callback_url
+    created = api.request("POST", f"/automations/{name}/runs", json=body, headers=headers)
     if not as_json and (wait or follow):
         typer.echo(f"run {created['id']} {created['status']}", err=True)
     _finish(api, created, wait, follow, as_json)
@@ -537,3 +543,42 @@ def audit_list(
         typer.echo(
             f"{e['id']:>6} {e['at']} {e['actor']:<16} {e['action']:<18} {e['target']} {json.dumps(e['detail'])}"
         )
+
+
+@runs_app.command("deliveries")
+def runs_deliveries(run_id: str, as_json: JsonOption = False) -> None:
+    """Callbacks and notifications of a run, with each attempt."""
+    items = _api().request("GET", f"/runs/{run_id}/deliveries")
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    for d in items:
+        typer.echo(f"{d['id']}  {d['kind']:<8} {d['status']:<9} {d['url']}")
+        for a in d["attempt_log"]:
+            typer.echo(f"    #{a['number']} {a['at']} {a['status_code'] or '-'} {a['error'] or ''}")
+
+
+@schedules_app.command("list")
+def schedules_list(as_json: JsonOption = False) -> None:
+    """Every schedule with its next fire time."""
+    items = _api().request("GET", "/schedules")
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    for s in items:
+        state = "paused" if s["paused"] else f"next {s['next_fire_at']}"
+        typer.echo(f"{s['automation']:<24} #{s['index']} {s['cron']:<18} {s['timezone']:<14} {state}")
+
+
+@schedules_app.command("pause")
+def schedules_pause(name: str, index: int = 0) -> None:
+    """Stop schedule INDEX of automation NAME from firing."""
+    _api().request("POST", f"/automations/{name}/schedules/{index}/pause")
+    typer.echo(f"{name} schedule #{index} paused")
+
+
+@schedules_app.command("resume")
+def schedules_resume(name: str, index: int = 0) -> None:
+    """Let a paused schedule fire again (missed ticks are not caught up)."""
+    _api().request("POST", f"/automations/{name}/schedules/{index}/resume")
+    typer.echo(f"{name} schedule #{index} resumed")

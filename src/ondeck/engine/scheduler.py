@@ -92,7 +92,7 @@ def set_paused(store: Store, principal: Principal, automation: str, index: int, 
     now = utcnow()
     with store.transaction() as tx:
         tx.ensure_schedule(key, automation, now)
-        tx.set_schedule_paused(key, paused)
+        tx.set_schedule_paused(key, paused, now)
         tx.append_audit(
             principal.name, "schedule.paused" if paused else "schedule.resumed", f"schedule:{key}", {}, now
         )

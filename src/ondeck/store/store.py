@@ -658,8 +658,12 @@ class Transaction:
     def schedule_states(self) -> dict[str, dict[str, Any]]:
         return {row.key: dict(row._mapping) for row in self._c.execute(select(schedules))}
 
-    def set_schedule_paused(self, key: str, paused: bool) -> bool:
-        result = self._c.execute(update(schedules).where(schedules.c.key == key).values(paused=paused))
+    def set_schedule_paused(self, key: str, paused: bool, now: datetime) -> bool:
+        """Pause or resume; resuming moves ``first_seen`` so ticks missed while paused never fire."""
+        values: dict[str, Any] = {"paused": paused}
+        if not paused:
+            values["first_seen"] = now
+        result = self._c.execute(update(schedules).where(schedules.c.key == key).values(**values))
         return bool(result.rowcount)
 
     def last_fire(self, key: str) -> datetime | None:
