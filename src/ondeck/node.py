@@ -82,7 +82,11 @@ class Node:
             self._listener = PostgresListener(self.store.url, self.bus)
             self._listener.start()
         reap_interval = min(5.0, max(0.5, self.settings.lease_seconds / 4))
-        self._tasks.append(asyncio.create_task(reap_forever(self.store, reap_interval, self._stop)))
+        self._tasks.append(
+            asyncio.create_task(
+                reap_forever(self.store, self.settings.workspaces_dir, reap_interval, self._stop)
+            )
+        )
         self.bus.on_delivery(self._delivery_wake.set)
         self._tasks.append(
             asyncio.create_task(

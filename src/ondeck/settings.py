@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(1.0, gt=0, description="Fallback queue poll when no wake-up arrives.")
     worker_concurrency: int = Field(8, ge=1, description="Runs one worker process executes at once.")
     worker_group: str = "default"
+    isolate: bool = Field(True, description="Run each attempt in its own PID namespace when possible.")
     kill_grace_seconds: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL grace period.")
     default_timeout: str = Field("1h", description="Run timeout when an automation sets none.")
     log_cap_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Captured output per run.")

@@ -220,6 +220,7 @@ echo "y=[$ONDECK_PARAM_Y]"
 echo "z=[$ONDECK_PARAM_Z]"
 echo "params=$(cat "$ONDECK_PARAMS")"
 echo "leak=[${SECRET_SHOULD_NOT_LEAK-unset}]"
+env | sort
 entries=$(ls -A | wc -l)
 names=$(compgen -e | tr '\n' ' ')
 printf '{"cwd": "%s", "home": "%s", "workspace": "%s", "entries": %s, "env": "%s", "params": %s}' \
@@ -256,9 +257,12 @@ printf '{"cwd": "%s", "home": "%s", "workspace": "%s", "entries": %s, "env": "%s
     assert outputs["params"] == params  # the outputs file came back through GET /runs/{id}
     env_names = set(outputs["env"].split())
     assert "ONDECK_RUN_ID" in env_names and "ONDECK_PARAM_X" in env_names  # sanity: the listing works
-    for server_only in ("SECRET_SHOULD_NOT_LEAK", "ONDECK_EXTRA_SERVER_ONLY", "ONDECK_DATABASE_URL",
-                        "ONDECK_DATA_DIR", "ONDECK_PORT"):
-        assert server_only not in env_names, f"{server_only} leaked into the script: {sorted(env_names)}"
+    # Nothing of the server's own environment (tokens, database URL, ...) reaches the script,
+    # except PATH and HOME, which the runner sets to values of its own.
+    server_only = set(server.env) - {"PATH", "HOME"}
+    assert {"SECRET_SHOULD_NOT_LEAK", "ONDECK_EXTRA_SERVER_ONLY", "ONDECK_DATABASE_URL"} <= server_only
+    assert not server_only & env_names, f"leaked into the script: {sorted(server_only & env_names)}"
+    assert server.env["ONDECK_DATABASE_URL"] not in text
 
     cwd = Path(outputs["cwd"])
     workspaces = (data_dir / "workspaces").resolve()
@@ -284,8 +288,13 @@ setsid sleep {detached} &
 sleep {foreground}
 """
     name = unique_name("timeout")
-    tokens = (f"sleep {background}", f"sleep {subshell}", f"sleep {foreground}",
-              f"sleep {detached}", f"sleep {stubborn}")
+    tokens = (
+        f"sleep {background}",
+        f"sleep {subshell}",
+        f"sleep {foreground}",
+        f"sleep {detached}",
+        f"sleep {stubborn}",
+    )
     with server.client() as client:
         put_automation(client, {"name": name, "run": {"runtime": "bash", "script": script}, "timeout": "2s"})
         run_ids.append(run_id := trigger(client, name)["id"])
@@ -314,7 +323,9 @@ sleep {foreground}
 LEASE_SECONDS = "3"
 
 
-def _start_worker(env: dict[str, str], data_dir: Path, processes: list[OndeckProcess], label: str) -> OndeckProcess:
+def _start_worker(
+    env: dict[str, str], data_dir: Path, processes: list[OndeckProcess], label: str
+) -> OndeckProcess:
     worker = OndeckProcess(["worker", "--concurrency", "2"], env, data_dir / f"{label}.log")
     processes.append(worker)
     return worker.start()
@@ -363,7 +374,9 @@ def test_killed_worker_run_is_failed_by_the_reaper(
             run = get_run(client, run_id)
             return run if run["status"] in TERMINAL else None
 
-        run = wait_until(ended, timeout=20, interval=0.2, message=f"run {run_id} to end after its worker died")
+        run = wait_until(
+            ended, timeout=20, interval=0.2, message=f"run {run_id} to end after its worker died"
+        )
         assert time.monotonic() - killed_at < 20
         assert run["status"] == "failed", run
         assert "worker lost" in (run["error"] or ""), run
@@ -371,6 +384,12 @@ def test_killed_worker_run_is_failed_by_the_reaper(
         assert run["attempts"][0]["status"] == "failed"
         assert "worker lost" in (run["attempts"][0]["error"] or "")
         assert run["finished_at"] is not None
+        # The script died with its worker (PID namespace + parent-death signal) and the
+        # reaper removed the attempt's workspace: nothing of the lost attempt lives on.
+        wait_until(lambda: run_processes(run_id) == [], timeout=10, message="orphans to die")
+        wait_until(
+            lambda: leftover_workspaces(data_dir, run_id) == [], timeout=10, message="workspace removal"
+        )
 
 
 def test_killed_worker_run_is_retried_on_a_new_worker(
@@ -404,6 +423,8 @@ sleep {unique_sleep(60)}
         _running_on(client, run_id, first, attempt=1)
 
         first.kill(signal.SIGKILL)
+        # Attempt 1 must be dead before attempt 2 may start: a run never executes twice at once.
+        wait_until(lambda: run_processes(run_id) == [], timeout=10, message="attempt 1 to die")
         second = _start_worker(env, data_dir, processes, "worker-2")
 
         run = wait_for_run(client, run_id, timeout=40)
@@ -478,7 +499,9 @@ def test_cancel_kills_the_run_and_finished_runs_refuse_it(server: Server, run_id
         put_automation(client, {"name": slow, "run": {"runtime": "bash", "script": script}, "timeout": "5m"})
         put_automation(client, {"name": quick, "run": {"runtime": "bash", "script": "echo hi"}})
         run_ids.append(run_id := trigger(client, slow)["id"])
-        wait_until(lambda: all(processes_running(*tokens).values()), timeout=20, message="the sleeps to start")
+        wait_until(
+            lambda: all(processes_running(*tokens).values()), timeout=20, message="the sleeps to start"
+        )
         assert get_run(client, run_id)["status"] == "running"
 
         response = client.post(f"/runs/{run_id}/cancel")

@@ -58,8 +58,8 @@ def _still_owned(run: Run | None, claim: Claim) -> bool:
     )
 
 
-def reap_expired_leases(store: Store, limit: int = 100) -> list[str]:
-    """End every attempt whose lease lapsed (its worker died or hung); returns run ids."""
+def reap_expired_leases(store: Store, limit: int = 100) -> list[tuple[str, int]]:
+    """End every attempt whose lease lapsed (its worker died or hung); returns (run id, attempt)."""
     now = utcnow()
     reaped = []
     with store.transaction() as tx:
@@ -69,7 +69,7 @@ def reap_expired_leases(store: Store, limit: int = 100) -> list[str]:
             status = RunStatus.CANCELLED if run.cancel_requested else RunStatus.FAILED
             error = f"worker lost: {run.lease_owner} stopped renewing its lease"
             _end_attempt(tx, run, Outcome(status, error=error), automation, now)
-            reaped.append(run.id)
+            reaped.append((run.id, run.attempt))
     return reaped
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 from anyio import to_thread
 
@@ -18,8 +19,10 @@ from ondeck.engine.queue import Claim, DefinitionCache
 from ondeck.engine.wakeup import WakeBus
 from ondeck.errors import OndeckError
 from ondeck.ids import new_id
+from ondeck.runner import isolation
 from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
 from ondeck.runner.process import run_attempt
+from ondeck.runner.workspace import Workspace
 from ondeck.settings import Settings
 from ondeck.spec.expressions import ExpressionError, render
 from ondeck.store.store import Store
@@ -49,14 +52,30 @@ class _LogBuffer:
 
     async def flush(self) -> None:
         async with self._lock:
+            if not self._chunks:
+                return
             batch, self._chunks, self._size = self._chunks, [], 0
-            if batch and not await to_thread.run_sync(finish.append_logs, self._store, self._claim, batch):
+            try:
+                written = await to_thread.run_sync(finish.append_logs, self._store, self._claim, batch)
+            except Exception:
+                # Not written (say, the database was unreachable): keep the chunks, in order,
+                # for the next flush or for ``finish``.
+                self._chunks[:0] = batch
+                self._size += sum(len(c.text) for c in batch)
+                raise
+            if not written:
                 self._on_lost.set()  # another process owns the run now: stop this attempt
 
-    async def flush_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(_FLUSH_SECONDS)
-            await self.flush()
+    async def flush_periodically(self, done: asyncio.Event) -> None:
+        """Flush every so often until ``done``; never cancelled mid-write, so nothing is dropped."""
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), _FLUSH_SECONDS)
+            if not done.is_set():
+                try:
+                    await self.flush()
+                except Exception:
+                    log.exception("writing output failed; keeping it for the next try")
 
     async def take_rest(self) -> list[LogChunk]:
         async with self._lock:
@@ -81,6 +100,7 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
         self.lease = timedelta(seconds=settings.lease_seconds)
         self._definitions = DefinitionCache()
+        self.isolation = isolation.prefix() if settings.isolate else ()
         self._active: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -94,7 +114,13 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until ``stop`` is set; then stop in-flight attempts."""
         heartbeat = asyncio.create_task(self._heartbeat())
-        log.info("worker %s started (group %s, concurrency %d)", self.id, self.group, self.concurrency)
+        log.info(
+            "worker %s started (group %s, concurrency %d, %s)",
+            self.id,
+            self.group,
+            self.concurrency,
+            "PID namespace per attempt" if self.isolation else "process group per attempt",
+        )
         try:
             while not stop.is_set():
                 with self.bus.watch_queue() as woken:
@@ -171,13 +197,15 @@ class Worker:
             kill_grace=settings.kill_grace_seconds,
             extra_env=secrets,
             redact=tuple(secrets.values()),
+            isolation=self.isolation,
         )
 
     async def _execute(self, claim: Claim) -> None:
         run_id = claim.run.id
         stop = self._active[run_id]
         buffer = _LogBuffer(self.store, claim, stop)
-        flusher = asyncio.create_task(buffer.flush_periodically())
+        output_done = asyncio.Event()
+        flusher = asyncio.create_task(buffer.flush_periodically(output_done))
         outcome = Outcome(RunStatus.FAILED, None, "the attempt ended without a result")
         try:
             secrets = await to_thread.run_sync(
@@ -205,7 +233,8 @@ class Worker:
             log.exception("run %s: the runner failed", run_id)
             outcome = Outcome(RunStatus.FAILED, None, f"runner error: {type(exc).__name__}: {exc}")
         finally:
-            flusher.cancel()
+            output_done.set()
+            await asyncio.wait({flusher})
         if self._stopping and outcome.status == RunStatus.CANCELLED:
             outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
         try:
@@ -215,17 +244,25 @@ class Worker:
             # The lease will lapse and the reaper will end the attempt: nothing is lost.
             log.exception("run %s: recording the result failed", run_id)
         finally:
-            del self._active[run_id]
+            # A retry of this run may already be claimed here under the same id: leave its entry.
+            if self._active.get(run_id) is stop:
+                del self._active[run_id]
             self.bus.publish("queue", self.group)
 
 
-async def reap_forever(store: Store, interval: float, stop: asyncio.Event) -> None:
-    """End attempts whose leases lapsed and purge expired idempotency keys."""
+async def reap_forever(store: Store, workspaces: Path, interval: float, stop: asyncio.Event) -> None:
+    """End attempts whose leases lapsed, expire approvals, purge expired idempotency keys.
+
+    A lost attempt's workspace is removed too when it is on this host (its
+    processes already died with their worker: see runner.isolation).
+    """
     while not stop.is_set():
         try:
             reaped = await to_thread.run_sync(finish.reap_expired_leases, store)
             if reaped:
-                log.warning("reaped runs with lapsed leases: %s", ", ".join(reaped))
+                log.warning("reaped runs with lapsed leases: %s", ", ".join(run_id for run_id, _ in reaped))
+            for run_id, attempt in reaped:
+                await to_thread.run_sync(Workspace.remove_abandoned, workspaces, run_id, attempt)
             await to_thread.run_sync(admission.purge_expired, store)
             expired = await to_thread.run_sync(approvals.expire, store)
             if expired:

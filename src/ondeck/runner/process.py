@@ -95,7 +95,7 @@ def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
             program = [sys.executable, "-I", str(_ENTRY), str(script)]
         else:
             program = [sys.executable, "-I", str(script), *attempt.args]
-    return _limit_prefix(attempt.limits) + program
+    return [*attempt.isolation, *_limit_prefix(attempt.limits), *program]
 
 
 class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
@@ -215,7 +215,7 @@ async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncGenerator
             yield event
     finally:
         if process is not None and processes.group_alive(process.pid):
-            await processes.terminate(process.pid, attempt.run_id, attempt.number, 0)
+            await processes.terminate(process.pid, attempt.run_id, attempt.number, 0, spare_leader=False)
         await asyncio.to_thread(workspace.remove)
 
 
@@ -288,8 +288,12 @@ async def _stop_when_due(
     reason = None
     if exited not in done:
         reason = "cancel" if cancel.is_set() else "timeout"
-        await processes.terminate(pid, attempt.run_id, attempt.number, attempt.kill_grace)
+        await processes.terminate(
+            pid, attempt.run_id, attempt.number, attempt.kill_grace, spare_leader=bool(attempt.isolation)
+        )
     elif processes.group_alive(pid):
-        await processes.terminate(pid, attempt.run_id, attempt.number, attempt.kill_grace)
+        await processes.terminate(
+            pid, attempt.run_id, attempt.number, attempt.kill_grace, spare_leader=bool(attempt.isolation)
+        )
     await exited
     return reason

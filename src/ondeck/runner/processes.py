@@ -70,12 +70,21 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-async def terminate(pgid: int, run_id: str, attempt: int, grace: float) -> None:
+async def terminate(pgid: int, run_id: str, attempt: int, grace: float, *, spare_leader: bool) -> None:
     """SIGTERM the group, SIGKILL whatever is left after ``grace`` seconds.
 
-    Also kills processes of this attempt that left the group via ``setsid``.
+    With ``spare_leader`` the leader (``unshare``, holding the attempt's PID
+    namespace) is not sent SIGTERM: its death would SIGKILL the namespace at
+    once and leave the script no grace period. Also kills processes of this
+    attempt that left the group via ``setsid``.
     """
-    _signal_group(pgid, signal.SIGTERM)
+    if spare_leader:
+        for pid in group_members(pgid):
+            if pid != pgid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+    else:
+        _signal_group(pgid, signal.SIGTERM)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while group_members(pgid) and loop.time() < deadline:

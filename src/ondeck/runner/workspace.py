@@ -46,6 +46,12 @@ class Workspace:
             directory.mkdir()
         return workspace
 
+    @classmethod
+    def remove_abandoned(cls, parent: Path, run_id: str, attempt: int) -> None:
+        """Remove what a dead worker left of one attempt (``create`` names dirs run-attempt-*)."""
+        for root in parent.glob(f"{run_id}-{attempt}-*"):
+            cls(root).remove()
+
     def remove(self) -> None:
         """Delete everything, including files a script made read-only."""
 

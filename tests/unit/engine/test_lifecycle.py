@@ -162,7 +162,7 @@ def test_expired_lease_is_reaped_and_retried(store: Store) -> None:
     define(store, retries={"attempts": 2, "backoff": "0s"})
     run = admit(store, TriggerRequest("job")).run
     (lost,) = claim(store, lease=timedelta(seconds=-1))
-    assert finish.reap_expired_leases(store) == [run.id]
+    assert finish.reap_expired_leases(store) == [(run.id, 1)]
     requeued = runs.get(store, run.id)
     assert requeued.status == RunStatus.QUEUED
     assert "worker lost" in (requeued.error or "")
