@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,22 @@ from typing import Any
 import pytest
 
 from ondeck.domain import Outcome, RunStatus
-from ondeck.runner import processes
+from ondeck.runner import isolation, processes
 from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
 from ondeck.runner.process import param_env_name, run_attempt
+from tests.support import wait_until
 
 LIMITS = ResourceLimits(memory_bytes=2 << 30, cpu_seconds=60, processes=4096, file_size_bytes=1 << 30)
+
+
+@pytest.fixture(params=["namespace", "group"])
+def contained(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """Run a test with a PID namespace per attempt, and with the process-group fallback."""
+    if request.param == "group":
+        return ()
+    prefix = isolation.prefix()
+    assert prefix, "this host should support PID namespaces (setpriv + unshare)"
+    return prefix
 
 
 def make(tmp_path: Path, script: str | None, **fields: Any) -> Attempt:
@@ -53,11 +65,11 @@ def execute(attempt: Attempt, cancel_after: float | None = None) -> tuple[Outcom
     return asyncio.run(go())
 
 
-def test_params_are_inert_data(tmp_path: Path) -> None:
+def test_params_are_inert_data(tmp_path: Path, contained: tuple[str, ...]) -> None:
     marker = tmp_path / "pwned"
     evil = f"$(touch {marker}); `touch {marker}`; rm -rf ~"
     script = 'echo "[$ONDECK_PARAM_TARGET]"; cat "$ONDECK_PARAMS"'
-    outcome, text = execute(make(tmp_path, script, params={"target": evil}))
+    outcome, text = execute(make(tmp_path, script, params={"target": evil}, isolation=contained))
     assert outcome.status == RunStatus.SUCCEEDED
     assert f"[{evil}]" in text
     assert not marker.exists()
@@ -97,9 +109,30 @@ def test_outputs_that_are_not_an_object_fail_the_run(tmp_path: Path) -> None:
     assert outcome.status == RunStatus.FAILED and "JSON object" in (outcome.error or "")
 
 
-def test_exit_code_is_recorded(tmp_path: Path) -> None:
-    outcome, _ = execute(make(tmp_path, "exit 7"))
+def test_exit_code_is_recorded(tmp_path: Path, contained: tuple[str, ...]) -> None:
+    outcome, _ = execute(make(tmp_path, "exit 7", isolation=contained))
     assert (outcome.status, outcome.exit_code, outcome.error) == (RunStatus.FAILED, 7, "exit code 7")
+
+
+def test_supervisor_death_kills_every_process_of_the_attempt(tmp_path: Path) -> None:
+    """kill -9 of the process holding the attempt (the worker) leaves nothing running."""
+    marker = f"ONDECK_RUN_ID=orphan-{time.monotonic_ns()}"
+    prefix = " ".join(isolation.prefix())
+    holder = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            f"exec env {marker} ONDECK_ATTEMPT=1 {prefix} bash -c 'sleep 304.1 & setsid sleep 304.2 & sleep 304.3'",
+        ],
+        start_new_session=True,
+    )
+    run_id = marker.split("=", 1)[1]
+    wait_until(lambda: len(processes.tagged_processes(run_id, 1)) >= 3, timeout=10, message="the sleeps")
+    holder.kill()  # SIGKILL: no chance to clean up
+    holder.wait()
+    wait_until(
+        lambda: processes.tagged_processes(run_id, 1) == [], timeout=10, message="every process to die"
+    )
 
 
 def test_bash_stops_at_the_first_failure(tmp_path: Path) -> None:
@@ -107,9 +140,12 @@ def test_bash_stops_at_the_first_failure(tmp_path: Path) -> None:
     assert outcome.status == RunStatus.FAILED and "unreachable" not in text
 
 
-def test_timeout_kills_the_whole_group(tmp_path: Path) -> None:
+def test_timeout_kills_the_whole_group(tmp_path: Path, contained: tuple[str, ...]) -> None:
     attempt = make(
-        tmp_path, "sleep 300.321 & (sleep 301.321; echo) & setsid sleep 302.321 & sleep 1000", timeout=1.0
+        tmp_path,
+        "sleep 300.321 & (sleep 301.321; echo) & setsid sleep 302.321 & sleep 1000",
+        timeout=1.0,
+        isolation=contained,
     )
     started = time.monotonic()
     outcome, _ = execute(attempt)
@@ -118,30 +154,37 @@ def test_timeout_kills_the_whole_group(tmp_path: Path) -> None:
     assert processes.tagged_processes(attempt.run_id, 1) == []
 
 
-def test_term_ignoring_script_is_killed_after_grace(tmp_path: Path) -> None:
-    attempt = make(tmp_path, "trap '' TERM; echo ready; sleep 1000", timeout=0.5, kill_grace=0.5)
+def test_term_ignoring_script_is_killed_after_grace(tmp_path: Path, contained: tuple[str, ...]) -> None:
+    attempt = make(
+        tmp_path, "trap '' TERM; echo ready; sleep 1000", timeout=0.5, kill_grace=0.5, isolation=contained
+    )
     outcome, _ = execute(attempt)
     assert outcome.status == RunStatus.TIMED_OUT and outcome.exit_code == -9
     assert processes.tagged_processes(attempt.run_id, 1) == []
 
 
-def test_cancel_stops_the_attempt(tmp_path: Path) -> None:
-    attempt = make(tmp_path, "sleep 1000")
+def test_cancel_stops_the_attempt(tmp_path: Path, contained: tuple[str, ...]) -> None:
+    attempt = make(tmp_path, "sleep 1000", isolation=contained)
     outcome, _ = execute(attempt, cancel_after=0.3)
     assert outcome.status == RunStatus.CANCELLED
     assert processes.tagged_processes(attempt.run_id, 1) == []
 
 
-def test_background_children_do_not_outlive_a_finished_run(tmp_path: Path) -> None:
-    attempt = make(tmp_path, "sleep 303.321 & echo done")
+def test_background_children_do_not_outlive_a_finished_run(
+    tmp_path: Path, contained: tuple[str, ...]
+) -> None:
+    attempt = make(tmp_path, "sleep 303.321 & echo done", isolation=contained)
     outcome, text = execute(attempt)
     assert outcome.status == RunStatus.SUCCEEDED and "done" in text
     assert processes.tagged_processes(attempt.run_id, 1) == []
 
 
-def test_output_is_capped_and_pipes_are_drained(tmp_path: Path) -> None:
+def test_output_is_capped_and_pipes_are_drained(tmp_path: Path, contained: tuple[str, ...]) -> None:
     attempt = make(
-        tmp_path, "head -c 5000000 /dev/zero | tr '\\0' y; echo; echo finished >&2", log_budget=10_000
+        tmp_path,
+        "head -c 5000000 /dev/zero | tr '\\0' y; echo; echo finished >&2",
+        log_budget=10_000,
+        isolation=contained,
     )
     outcome, text = execute(attempt)
     assert outcome.status == RunStatus.SUCCEEDED
