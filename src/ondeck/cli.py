@@ -19,6 +19,7 @@ import typer
 from ondeck import __version__
 from ondeck.auth.tokens import TOKEN_FILE
 from ondeck.settings import Settings
+from ondeck.spec.params import coerce_text
 
 app = typer.Typer(help="ondeck: run automations on demand, safely.", no_args_is_help=True)
 runs_app = typer.Typer(help="Inspect and control runs.", no_args_is_help=True)
@@ -120,22 +121,6 @@ def _api() -> Api:
 # --- params ------------------------------------------------------------------
 
 
-def _coerce(text: str, schema: dict[str, Any]) -> Any:
-    kind = schema.get("type")
-    try:
-        if kind == "integer":
-            return int(text)
-        if kind == "number":
-            return float(text)
-        if kind == "boolean" and text.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return text.lower() in ("true", "yes", "1")
-        if kind in ("array", "object"):
-            return json.loads(text)
-    except ValueError:
-        pass  # the server's validation names the field and the problem
-    return text
-
-
 def parse_params(pairs: list[str], schema: dict[str, Any]) -> dict[str, Any]:
     """``k=v`` (typed by the automation's schema) or ``k:=<json>`` (taken as JSON)."""
     properties = schema.get("properties", {})
@@ -149,7 +134,7 @@ def parse_params(pairs: list[str], schema: dict[str, Any]) -> dict[str, Any]:
                 _fail(f"-p {key}:= needs JSON: {exc}", code=2)
         elif "=" in pair:
             key, text = pair.split("=", 1)
-            params[key] = _coerce(text, properties.get(key, {}))
+            params[key] = coerce_text(text, properties.get(key, {}))
         else:
             _fail(f"-p takes key=value or key:=json, not {pair!r}", code=2)
     return params
@@ -541,7 +526,8 @@ def audit_list(
         return
     for e in page["items"]:
         typer.echo(
-            f"{e['id']:>6} {e['at']} {e['actor']:<16} {e['action']:<18} {e['target']} {json.dumps(e['detail'])}"
+            f"{e['id']:>6} {e['at']} {e['actor']:<16} {e['action']:<18} {e['target']} "
+            + json.dumps(e["detail"])
         )
 
 

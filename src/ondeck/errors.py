@@ -67,6 +67,12 @@ class NotFound(OndeckError):
     title = "Not found"
 
 
+class PayloadTooLarge(OndeckError):
+    code = "payload-too-large"
+    status = 413
+    title = "Payload too large"
+
+
 class Conflict(OndeckError):
     code = "conflict"
     status = 409

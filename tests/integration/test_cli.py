@@ -24,7 +24,12 @@ def examples_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 
 
 def ondeck(server: Server, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "ONDECK_URL": server.url, "HOME": str(cwd or Path.cwd()), "ONDECK_TOKEN": ADMIN_TOKEN}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "ONDECK_URL": server.url,
+        "HOME": str(cwd or Path.cwd()),
+        "ONDECK_TOKEN": ADMIN_TOKEN,
+    }
     return subprocess.run(
         [sys.executable, "-m", "ondeck", *args], env=env, capture_output=True, text=True, timeout=120, cwd=cwd
     )

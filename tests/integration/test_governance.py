@@ -51,11 +51,11 @@ def clients(server: Server, admin: httpx.Client) -> Iterator[dict[str, httpx.Cli
 
 # --- every route x every role ------------------------------------------------------
 
-A, V, O, P, D = "anonymous", "viewer", "operator", "approver", "admin"
+ANON, VIEWER, OPERATOR, APPROVER, ADMIN = "anonymous", "viewer", "operator", "approver", "admin"
 
 
 def expect(anonymous: int, viewer: int, operator: int, approver: int, admin: int) -> dict[str, int]:
-    return {A: anonymous, V: viewer, O: operator, P: approver, D: admin}
+    return {ANON: anonymous, VIEWER: viewer, OPERATOR: operator, APPROVER: approver, ADMIN: admin}
 
 
 # (method, route template, request builder, expected status per role)
@@ -146,12 +146,31 @@ ROUTE_TABLE: list[tuple[str, str, Any, dict[str, int]]] = [
     ("GET", "/audit", lambda f: ("/audit", {}), expect(401, 403, 403, 403, 200)),
     ("GET", "/schedules", lambda f: ("/schedules", {}), expect(401, 200, 200, 200, 200)),
     # The automation has no schedule: admins get past the role check to a 404.
-    ("POST", "/automations/{name}/schedules/{index}/pause",
-     lambda f: (f"/automations/{f['name']}/schedules/0/pause", {}), expect(401, 403, 403, 403, 404)),
-    ("POST", "/automations/{name}/schedules/{index}/resume",
-     lambda f: (f"/automations/{f['name']}/schedules/0/resume", {}), expect(401, 403, 403, 403, 404)),
-    ("GET", "/runs/{run_id}/deliveries", lambda f: (f"/runs/{f['run']}/deliveries", {}),
-     expect(401, 200, 200, 200, 200)),
+    (
+        "POST",
+        "/automations/{name}/schedules/{index}/pause",
+        lambda f: (f"/automations/{f['name']}/schedules/0/pause", {}),
+        expect(401, 403, 403, 403, 404),
+    ),
+    (
+        "POST",
+        "/automations/{name}/schedules/{index}/resume",
+        lambda f: (f"/automations/{f['name']}/schedules/0/resume", {}),
+        expect(401, 403, 403, 403, 404),
+    ),
+    (
+        "GET",
+        "/runs/{run_id}/deliveries",
+        lambda f: (f"/runs/{f['run']}/deliveries", {}),
+        expect(401, 200, 200, 200, 200),
+    ),
+    # No trigger listens to this source: callers with `trigger` get past the role check to 202, no runs.
+    (
+        "POST",
+        "/events",
+        lambda f: ("/events", {"json": {"source": unique("table-src"), "type": "t", "id": unique("e")}}),
+        expect(401, 403, 202, 202, 202),
+    ),
 ]
 
 
@@ -225,7 +244,7 @@ def test_operator_may_restart_in_dev_but_not_prod(
             "access": {"run": [{"role": "operator", "when": "${{ params.env != 'prod' }}"}, "admin"]},
         },
     )
-    operator = clients[O]
+    operator = clients[OPERATOR]
     assert operator.post(f"/automations/{name}/runs", json={"params": {"env": "dev"}}).status_code == 202
     denied = operator.post(f"/automations/{name}/runs", json={"params": {"env": "prod"}})
     assert denied.status_code == 403
@@ -245,21 +264,21 @@ def test_view_access_hides_automations_and_their_runs(
         admin, {"name": name, "run": {"runtime": "bash", "script": "true"}, "access": {"view": ["approver"]}}
     )
     run = admin.post(f"/automations/{name}/runs").json()
-    viewer = clients[V]
+    viewer = clients[VIEWER]
     assert name not in [a["name"] for a in viewer.get("/automations").json()["items"]]
     assert viewer.get(f"/automations/{name}").status_code == 403
     assert viewer.get(f"/runs/{run['id']}").status_code == 403
     assert run["id"] not in [r["id"] for r in viewer.get("/runs", params={"limit": 500}).json()["items"]]
-    assert name in [a["name"] for a in clients[P].get("/automations").json()["items"]]
+    assert name in [a["name"] for a in clients[APPROVER].get("/automations").json()["items"]]
 
 
 def test_operator_cancels_only_its_own_runs(admin: httpx.Client, clients: dict[str, httpx.Client]) -> None:
     name = unique("slow")
     put_automation(admin, {"name": name, "run": {"runtime": "bash", "script": "sleep 600"}})
-    mine = clients[O].post(f"/automations/{name}/runs").json()
+    mine = clients[OPERATOR].post(f"/automations/{name}/runs").json()
     theirs = admin.post(f"/automations/{name}/runs").json()
-    assert clients[O].post(f"/runs/{theirs['id']}/cancel").status_code == 403
-    assert clients[O].post(f"/runs/{mine['id']}/cancel").status_code == 202
+    assert clients[OPERATOR].post(f"/runs/{theirs['id']}/cancel").status_code == 403
+    assert clients[OPERATOR].post(f"/runs/{mine['id']}/cancel").status_code == 202
     assert admin.post(f"/runs/{theirs['id']}/cancel").status_code == 202
     for run in (mine, theirs):
         assert wait_for_run(admin, run["id"])["status"] == "cancelled"
@@ -311,9 +330,9 @@ def test_environment_protection_and_rejection(admin: httpx.Client, clients: dict
             "run": {"runtime": "bash", "script": "echo deploy"},
         },
     )
-    run = clients[O].post(f"/automations/{name}/runs").json()
+    run = clients[OPERATOR].post(f"/automations/{name}/runs").json()
     assert run["status"] == "waiting_approval" and run["environment"] == env
-    rejected = clients[P].post(f"/runs/{run['id']}/reject", json={"comment": "not today"}).json()
+    rejected = clients[APPROVER].post(f"/runs/{run['id']}/reject", json={"comment": "not today"}).json()
     assert rejected["status"] == "rejected" and "not today" in rejected["error"]
 
 

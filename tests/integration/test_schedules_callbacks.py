@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import uuid
@@ -29,7 +30,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 status = 500 if len(receiver.requests) < receiver.failures else 200
                 receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
@@ -99,7 +100,7 @@ def test_each_tick_fires_exactly_once_across_two_servers(tmp_path: Path, pg_url:
             seen = runs()
             ticks = sorted(datetime.fromisoformat(r["params"]["tick"]) for r in seen)
             assert len(ticks) == len(set(ticks)) == len(seen)  # no tick twice
-            gaps = {(b - a).total_seconds() for a, b in zip(ticks, ticks[1:], strict=False)}
+            gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(ticks)}
             assert gaps == {2.0}  # and none skipped
             assert {r["trigger"] for r in seen} == {"schedule"}
             assert len({r["principal"] for r in seen}) == 1

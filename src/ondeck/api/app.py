@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ondeck import __version__
-from ondeck.api import admin, automations, health, problems, runs
+from ondeck.api import admin, automations, chatops, events, health, hooks, problems, runs
 from ondeck.node import Node
 from ondeck.settings import Settings
 
@@ -39,4 +39,7 @@ def create_app(
     app.include_router(automations.router, prefix="/api/v1")
     app.include_router(runs.router, prefix="/api/v1")
     app.include_router(admin.router, prefix="/api/v1")
+    app.include_router(events.router, prefix="/api/v1")
+    app.include_router(hooks.router)
+    app.include_router(chatops.router)
     return app

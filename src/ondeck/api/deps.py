@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -11,6 +12,9 @@ from fastapi import Depends, Header, Request
 from ondeck.auth import tokens
 from ondeck.auth.policy import require
 from ondeck.auth.principals import Permission, Principal
+from ondeck.domain import Run
+from ondeck.engine import runs
+from ondeck.errors import InvalidRequest, PayloadTooLarge
 from ondeck.node import Node
 
 T = TypeVar("T")
@@ -53,3 +57,37 @@ async def require_reader(principal: PrincipalDep) -> Principal:
 
 
 ReaderDep = Annotated[Principal, Depends(require_reader)]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body (signatures are over the exact bytes), refused past ``limit`` bytes.
+
+    Checked against Content-Length first and then against what actually arrives,
+    so a chunked or lying upload is cut off too.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequest("Content-Length is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+async def wait_finished(node: Node, run: Run, timeout: float) -> Run:
+    """The run once it is terminal, or as it is when ``timeout`` seconds have passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not run.status.terminal:
+        with node.bus.watch_run(run.id) as changed:
+            run = await call(runs.get, node.store, run.id)
+            remaining = deadline - loop.time()
+            if run.status.terminal or remaining <= 0:
+                break
+            await changed.wait(min(remaining, node.settings.poll_seconds))
+    return run

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -10,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from ondeck.api.deps import NodeDep, PrincipalDep, ReaderDep, call
+from ondeck.api.deps import NodeDep, PrincipalDep, ReaderDep, call, wait_finished
 from ondeck.api.schemas import (
     DecisionBody,
     DeliveryOut,
@@ -21,7 +20,6 @@ from ondeck.api.schemas import (
     ScheduleOut,
     TriggerBody,
 )
-from ondeck.domain import Run
 from ondeck.engine import admission, approvals, runs, scheduler
 from ondeck.engine.admission import TriggerRequest
 from ondeck.node import Node
@@ -41,24 +39,11 @@ IdempotencyHeader = Annotated[
 ]
 
 
-async def _wait_finished(node: Node, run: Run, timeout: float) -> Run:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not run.status.terminal:
-        with node.bus.watch_run(run.id) as changed:
-            run = await call(runs.get, node.store, run.id)
-            remaining = deadline - loop.time()
-            if run.status.terminal or remaining <= 0:
-                break
-            await changed.wait(min(remaining, node.settings.poll_seconds))
-    return run
-
-
 async def _admit(node: Node, request: TriggerRequest, wait: float | None, response: Response) -> RunOut:
     result = await call(admission.admit, node.store, request, node.admission_policy)
     run = result.run
     if wait:
-        run = await _wait_finished(node, run, wait)
+        run = await wait_finished(node, run, wait)
     response.status_code = 200 if wait and run.status.terminal else 202
     response.headers["Location"] = f"/api/v1/runs/{run.id}"
     if result.replayed:
@@ -108,7 +93,7 @@ async def list_runs(
 async def get_run(node: NodeDep, principal: ReaderDep, run_id: str, wait: WaitQuery = None) -> RunOut:
     """The run with its transitions, attempts and approval decisions; `wait` long-polls until it ends."""
     if wait:
-        await _wait_finished(node, await call(runs.get, node.store, run_id, principal), wait)
+        await wait_finished(node, await call(runs.get, node.store, run_id, principal), wait)
     return RunOut.of_detail(await call(runs.detail, node.store, principal, run_id))
 
 

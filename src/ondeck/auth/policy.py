@@ -57,7 +57,8 @@ def authorize_run(
         if not any(g.when is None or evaluate(g.when, context) for g in mine):
             rules = " or ".join(str(g.when) for g in mine)
             raise Forbidden(
-                f"{principal.describe()} may run {automation!r} only when {rules}; these params do not satisfy it"
+                f"{principal.describe()} may run {automation!r} only when {rules}; "
+                "these params do not satisfy it"
             )
     roles = environment.allowed_roles if environment is not None else None
     if environment is not None and roles is not None and not any(principal.matches(r) for r in roles):

@@ -103,6 +103,17 @@ def authenticate(store: Store, authorization: str | None) -> Principal:
     return Principal(record.name, frozenset(record.roles))
 
 
+def principal_named(store: Store, name: str) -> Principal | None:
+    """The principal of the active token called ``name`` (for identities mapped from elsewhere)."""
+    with store.read() as tx:
+        record = tx.token_by_name(name)
+    if record is None or record.revoked_at is not None:
+        return None
+    if record.expires_at is not None and record.expires_at <= utcnow():
+        return None
+    return Principal(record.name, frozenset(record.roles))
+
+
 def bootstrap(store: Store, data_dir: Path, configured: str | None) -> str | None:
     """Make sure an admin can get in; returns a newly minted token to show once.
 

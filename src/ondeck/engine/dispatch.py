@@ -73,13 +73,18 @@ def fire(
     via: str,
     idempotency_key: str | None = None,
     callback_url: str | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Run | None:
-    """Admit one run for ``event`` if the trigger's ``when`` holds; None if it does not."""
+    """Admit one run for ``event`` if the trigger's ``when`` holds; None if it does not.
+
+    ``params`` (typed by a person, say in Slack) are merged under the trigger's own
+    mapping: a value the automation's author fixed in the trigger wins.
+    """
     if not bound.trigger.matches(event):
         return None
     request = TriggerRequest(
         bound.automation.name,
-        bound.trigger.params_for(event),
+        {**(params or {}), **bound.trigger.params_for(event)},
         via,
         idempotency_key,
         principal=principal,

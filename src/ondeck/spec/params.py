@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -53,3 +55,24 @@ def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str,
         summary = "; ".join(f"{item['path']}: {item['message']}" for item in listed)
         raise InvalidParams(f"params do not match the schema: {summary}", errors=listed)
     return filled
+
+
+def coerce_text(text: str, schema: Mapping[str, Any]) -> Any:
+    """Text a person typed (``k=v`` in Slack or the CLI) as the type the param's schema wants.
+
+    Text that does not convert is passed on unchanged: the schema validation at
+    admission then names the field and the problem.
+    """
+    kind = schema.get("type")
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            return float(text)
+        if kind == "boolean" and text.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return text.lower() in ("true", "yes", "1")
+        if kind in ("array", "object"):
+            return json.loads(text)
+    except ValueError:
+        pass
+    return text

@@ -122,7 +122,8 @@ def test_supervisor_death_kills_every_process_of_the_attempt(tmp_path: Path) -> 
         [
             "bash",
             "-c",
-            f"exec env {marker} ONDECK_ATTEMPT=1 {prefix} bash -c 'sleep 304.1 & setsid sleep 304.2 & sleep 304.3'",
+            f"exec env {marker} ONDECK_ATTEMPT=1 {prefix} "
+            "bash -c 'sleep 304.1 & setsid sleep 304.2 & sleep 304.3'",
         ],
         start_new_session=True,
     )
