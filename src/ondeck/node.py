@@ -31,6 +31,7 @@ from ondeck.triggers import standard_webhooks
 from ondeck.vault import Vault
 
 log = logging.getLogger(__name__)
+THREADS = 12
 
 
 @dataclass
@@ -62,6 +63,9 @@ class Node:
         self.callback_secret = self.settings.callback_secret or _callback_secret(self.settings.data_dir)
 
     async def start(self) -> None:
+        # Fewer threads doing database work means shorter waits for the GIL on the event
+        # loop thread (which must keep answering /healthz and streams under load).
+        to_thread.current_default_thread_limiter().total_tokens = THREADS
         self.bus.bind(asyncio.get_running_loop())
         self.store.subscribe(self.bus.from_thread)
         await to_thread.run_sync(self.store.upgrade)

@@ -460,14 +460,14 @@ def test_rate_limit_answers_429_then_recovers(admin: httpx.Client) -> None:
         return [admin.post(f"/automations/{name}/runs") for _ in range(4)]
 
     # Align with a fresh window so all four land in it.
+    # A burst may straddle two windows; one that lands in a single window shows the limit.
     responses = wait_until(
-        lambda: (r := burst()) and r[0].status_code == 202 and r[2].status_code == 202 and r,
-        timeout=20,
+        lambda: (r := burst()) and [x.status_code for x in r] == [202, 202, 202, 429] and r,
+        timeout=30,
         interval=0.5,
-        message="a burst inside one window",
+        message="three accepted and the fourth refused within one window",
     )
     limited = responses[3]
-    assert limited.status_code == 429
     assert 1 <= int(limited.headers["retry-after"]) <= 3
     assert limited.headers["content-type"].startswith("application/problem+json")
     wait_until(

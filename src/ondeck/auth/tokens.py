@@ -10,7 +10,8 @@ import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -71,11 +72,42 @@ def revoke(store: Store, principal: Principal, name: str) -> None:
         if not tx.revoke_token(name, utcnow()):
             raise NotFound(f"no active token named {name!r}")
         tx.append_audit(principal.name, "token.revoked", f"token:{name}", {}, utcnow())
+    _recent.forget(name)
 
 
 def listing(store: Store) -> list[TokenRecord]:
     with store.read() as tx:
         return tx.tokens()
+
+
+class _Recent:
+    """Tokens seen in the last few seconds, so most requests need no database read.
+
+    A revocation is immediate in the process that revoked it and takes at most
+    ``TTL`` seconds to reach other API processes.
+    """
+
+    TTL = 5.0
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, TokenRecord]] = {}
+
+    def get(self, token_hash: str) -> TokenRecord | None:
+        hit = self._seen.get(token_hash)
+        if hit is None or time.monotonic() - hit[0] > self.TTL:
+            return None
+        return hit[1]
+
+    def put(self, token_hash: str, record: TokenRecord) -> None:
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[token_hash] = (time.monotonic(), record)
+
+    def forget(self, name: str) -> None:
+        self._seen = {h: (t, r) for h, (t, r) in self._seen.items() if r.name != name}
+
+
+_recent = _Recent()
 
 
 def authenticate(store: Store, authorization: str | None) -> Principal:
@@ -87,8 +119,12 @@ def authenticate(store: Store, authorization: str | None) -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("the Authorization header must be: Bearer <token>")
     token_hash = hash_token(token)
-    with store.read() as tx:
-        record = tx.token_by_hash(token_hash)
+    record = _recent.get(token_hash)
+    if record is None:
+        with store.read() as tx:
+            record = tx.token_by_hash(token_hash)
+        if record is not None:
+            _recent.put(token_hash, record)
     now = utcnow()
     # The lookup is by hash; the comparison below is constant-time anyway, for good measure.
     if record is None or not hmac.compare_digest(token_hash, hash_token(token)):
@@ -100,6 +136,7 @@ def authenticate(store: Store, authorization: str | None) -> Principal:
     if record.last_used_at is None or now - record.last_used_at > _TOUCH_EVERY:
         with store.transaction() as tx:
             tx.touch_token(record.id, now)
+        _recent.put(token_hash, replace(record, last_used_at=now))
     return Principal(record.name, frozenset(record.roles))
 
 

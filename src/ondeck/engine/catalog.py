@@ -89,22 +89,20 @@ def apply_as(store: Store, principal: Principal, automation: Automation) -> Appl
     return applied
 
 
-def definition_of(version: AutomationVersion) -> Automation:
-    """The stored definition as a model (it was validated when it was applied)."""
-    return Automation.model_validate(version.definition)
-
-
 _parsed: dict[str, Automation] = {}
 
 
-def definitions(store: Store) -> list[Automation]:
-    """Current definitions as models, parsed once per digest (versions never change)."""
-    found = []
-    for version in list_current(store):
-        if version.digest not in _parsed:
-            _parsed[version.digest] = definition_of(version)
-        found.append(_parsed[version.digest])
+def definition_of(version: AutomationVersion) -> Automation:
+    """The stored definition as a model, parsed once per digest (versions never change)."""
+    found = _parsed.get(version.digest)
+    if found is None:
+        found = _parsed[version.digest] = Automation.model_validate(version.definition)
     return found
+
+
+def definitions(store: Store) -> list[Automation]:
+    """Current definitions as models."""
+    return [definition_of(version) for version in list_current(store)]
 
 
 def check_unique_hooks(store: Store, automation: Automation) -> None:
