@@ -360,6 +360,9 @@ def server(
         port=port or settings.port,
         log_config=None,
         access_log=False,
+        # Longer than clients' pools keep idle connections, so a request never lands on a
+        # connection the server is closing at that moment.
+        timeout_keep_alive=75,
         timeout_graceful_shutdown=int(settings.kill_grace_seconds) + 5,
     )
 

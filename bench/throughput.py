@@ -1,0 +1,600 @@
+"""Latency and throughput of trivial runs against a real ``ondeck server``.
+
+    .venv/bin/python bench/throughput.py [--backend sqlite|postgresql|both] [--runs N]
+
+For each backend this starts ``ondeck server`` (embedded worker, concurrency 16)
+in a temporary data directory (PostgreSQL: a fresh schema, dropped afterwards),
+defines a bash automation whose script is ``true``, and measures:
+
+  spawn       the bare cost of starting such a process on this machine as the runner
+              does (prlimit … -- bash --noprofile --norc -eo pipefail script.sh, new
+              session, piped output), under uvloop (what uvicorn picks) and stdlib asyncio;
+  latency     sequential runs: created_at → started_at (server timestamps; started_at
+              is stamped at claim, before the spawn) and created_at → finished_at;
+  throughput  N runs triggered by 32 concurrent async clients: runs/s from the first
+              trigger to the last finished_at, and the trigger request rate meanwhile;
+  admission   the same N triggers against a server started with --no-worker;
+  drain       then a fresh server with a worker executes those N queued runs.
+
+It prints figures and never asserts: a measuring tool, not a test. The machine
+has to be quiet for the figures to mean anything; the load average is printed.
+Targets (product issue): p50 latency < 15 ms above process spawn; > 300 runs/s on 2 cores.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support import TERMINAL, base_env, free_port
+
+PG_ADMIN = os.environ.get("ONDECK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+CLIENTS = 32
+CONCURRENCY = "16"
+ACTIVE = "pending,waiting_approval,queued,running"
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# --loop asyncio: an experiment, not a setting of ondeck: make uvicorn's "auto" pick stdlib asyncio.
+STDLIB_LOOP_SHIM = (
+    "import sys, uvicorn.config as c; c.LOOP_FACTORIES['auto'] = c.LOOP_FACTORIES['asyncio']; "
+    "sys.argv[0] = 'ondeck'; from ondeck.cli import main; main()"
+)
+
+
+# --- small helpers ----------------------------------------------------------------
+
+
+def ts(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def p50_p99(values: list[float]) -> str:
+    return f"{ms(pct(values, 50))} / {ms(pct(values, 99))}"
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(the process's own CPU, CPU of its reaped children) in seconds, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    utime, stime, cutime, cstime = (int(fields[i]) for i in (11, 12, 13, 14))
+    return (utime + stime) / tick, (cutime + cstime) / tick
+
+
+class Figures:
+    """Named figures of one backend, printed as they come and tabulated at the end."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.rows: dict[str, str] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self.rows[name] = value
+        print(f"  {name:<50} {value}", flush=True)
+
+
+# --- bare process spawn -----------------------------------------------------------
+
+
+def isolation_prefix() -> list[str]:
+    """The PID-namespace wrapper newer runners put in front of prlimit (ONDECK_ISOLATE), if usable here."""
+    setpriv, unshare = shutil.which("setpriv"), shutil.which("unshare")
+    if not (setpriv and unshare):
+        return []
+    prefix = [setpriv, "--pdeathsig", "KILL", "--", unshare, "--pid", "--fork", "--kill-child"]
+    if os.geteuid() != 0:
+        prefix += ["--user", "--map-current-user"]
+    prefix.append("--")
+    probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False)
+    return prefix if probe.returncode == 0 else []
+
+
+def measure_spawn(count: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per variant: seconds until create_subprocess_exec returned, and until the process exited.
+
+    Variants: the brief's prlimit + bash under uvloop and stdlib asyncio, and (where the host
+    allows it) the same behind the PID-namespace wrapper, under uvloop.
+    """
+    prlimit = shutil.which("prlimit")
+    limits = ["--as=4294967296", "--cpu=3600", "--nproc=4096", "--fsize=1073741824", "--core=0", "--"]
+    prefix = [prlimit, *limits] if prlimit else []
+    results: dict[str, tuple[list[float], list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "script.sh"
+        script.write_text("true\n")
+        argv = [*prefix, "bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)]
+
+        async def spawn_all(argv: list[str]) -> tuple[list[float], list[float]]:
+            execs, totals = [], []
+            for _ in range(count + 5):
+                start = time.perf_counter()
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    cwd=tmp,
+                    env={"PATH": SAFE_PATH, "HOME": tmp},
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True,
+                )
+                execs.append(time.perf_counter() - start)
+                await process.communicate()
+                totals.append(time.perf_counter() - start)
+            return execs[5:], totals[5:]  # the first few warm caches
+
+        run: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.run
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            run = uvloop.run
+            results["uvloop"] = run(spawn_all(argv))
+        results["asyncio"] = asyncio.run(spawn_all(argv))
+        isolated = isolation_prefix()
+        if isolated:
+            results["uvloop, PID namespace" if run is not asyncio.run else "asyncio, PID namespace"] = run(
+                spawn_all([*isolated, *argv])
+            )
+    return results
+
+
+# --- servers --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def database(backend: str, data: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{data / 'ondeck.db'}"
+        return
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    base = PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+class BenchServer:
+    """``ondeck server`` on a free port, optionally under ``py-spy record``."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log: Path,
+        *,
+        worker: bool,
+        profile: str | None,
+        loop: str = "auto",
+        src: str | None = None,
+        profile_mode: str = "gil",
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        entry = ["-m", "ondeck"] if loop == "auto" else ["-c", STDLIB_LOOP_SHIM]
+        command = [sys.executable, *entry, "server", *([] if worker else ["--no-worker"])]
+        if profile:
+            # gil: only the thread holding the GIL is sampled, i.e. where the Python CPU goes;
+            # wall: every thread, waiting or not (where the time goes).
+            spy = str(Path(sys.executable).with_name("py-spy"))
+            mode = "--gil" if profile_mode == "gil" else "--idle"
+            options = [mode, "--threads", "--rate", "100", "--format", "raw", "-o", profile]
+            command = [spy, "record", *options, "--", *command]
+        self._log = log.open("ab")
+        self.process = subprocess.Popen(
+            command,
+            env={**env, "ONDECK_PORT": str(self.port), **({"PYTHONPATH": src} if src else {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=env["ONDECK_DATA_DIR"],
+        )
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after 60 s:\n{self.log()}")
+            time.sleep(0.1)
+        if profile:
+            self.pid = self._child_of(self.process.pid)
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def add_worker(self, env: dict[str, str], src: str | None) -> None:
+        """A separate ``ondeck worker`` process on the same database (--split)."""
+        self.workers.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "ondeck", "worker"],
+                env={**env, **({"PYTHONPATH": src} if src else {})},
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                cwd=env["ONDECK_DATA_DIR"],
+            )
+        )
+        time.sleep(2)  # no readiness probe for a worker: give it time to start claiming
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds of the server and its workers: their own, and their scripts'."""
+        own, scripts = cpu_seconds(self.pid)
+        for worker in self.workers:
+            more = cpu_seconds(worker.pid)
+            own, scripts = own + more[0], scripts + more[1]
+        return own, scripts
+
+    @staticmethod
+    def _child_of(pid: int) -> int:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+        return pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM the server itself (py-spy, if any, then writes its profile and exits)."""
+        for worker in self.workers:
+            worker.terminate()
+            worker.wait(timeout=60)
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def environment(backend: str, token: str, rate_limit: str | None) -> Iterator[dict[str, str]]:
+    """A temporary data directory and database; the server environment for them."""
+    with tempfile.TemporaryDirectory(prefix="ondeck-bench-") as tmp:
+        data = Path(tmp)
+        (data / "automations").mkdir()
+        with database(backend, data) as url:
+            env = base_env(
+                data,
+                url,
+                ONDECK_WORKER_CONCURRENCY=CONCURRENCY,
+                ONDECK_ADMIN_TOKEN=token,
+                ONDECK_POLL_SECONDS="1.0",  # the default: wake-ups, not polling, should drive
+            )
+            env["ONDECK_BACKEND_NAME"] = backend  # for the bench only; ondeck ignores it
+            env.pop("ONDECK_RATE_LIMIT", None)  # ondeck's own default unless --rate-limit says
+            if rate_limit is not None:
+                env["ONDECK_RATE_LIMIT"] = rate_limit
+            yield env
+
+
+@contextlib.contextmanager
+def server(
+    env: dict[str, str], args: argparse.Namespace, *, worker: bool = True, profile: str | None = None
+) -> Iterator[BenchServer]:
+    log = Path(env["ONDECK_DATA_DIR"]) / "server.log"
+    embedded = worker and not args.split
+    proc = BenchServer(
+        env,
+        log,
+        worker=embedded,
+        profile=profile,
+        loop=args.loop,
+        src=args.src,
+        profile_mode=args.profile_mode,
+    )
+    if worker and args.split:
+        proc.add_worker(env, args.src)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        errors = [line for line in proc.log().splitlines() if '"level": "error"' in line]
+        if errors:
+            kept = Path(tempfile.gettempdir()) / f"ondeck-bench-server-{proc.port}.log"
+            shutil.copy(log, kept)
+            print(f"  ! {len(errors)} error lines in the server log (kept in {kept}): {errors[0][:300]}")
+        log.unlink()
+
+
+def api(srv: BenchServer, token: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=srv.url + "/api/v1", timeout=120, headers={"Authorization": f"Bearer {token}"}
+    )
+
+
+def define(client: httpx.Client) -> str:
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    definition = {"name": name, "run": {"runtime": "bash", "script": "true"}}
+    client.put(f"/automations/{name}", json=definition).raise_for_status()
+    return name
+
+
+def trigger(client: httpx.Client, name: str) -> str:
+    response = client.post(f"/automations/{name}/runs")
+    response.raise_for_status()
+    run_id: str = response.json()["id"]
+    return run_id
+
+
+def wait_terminal(client: httpx.Client, run_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        run: dict[str, Any] = client.get(f"/runs/{run_id}", params={"wait": 10}).json()
+        if run["status"] in TERMINAL:
+            return run
+    raise RuntimeError(f"run {run_id} did not finish")
+
+
+def all_runs(client: httpx.Client, name: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"automation": name, "limit": 500, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/runs", params=params).json()
+        found.extend(page["items"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            return found
+
+
+# --- phases -----------------------------------------------------------------------
+
+
+def sequential_latency(
+    srv: BenchServer, token: str, count: int, out: Figures, spawns: dict[str, float]
+) -> None:
+    with api(srv, token) as client:
+        name = define(client)
+        for _ in range(5):  # warm-up: the first claim parses the definition, pools fill
+            wait_terminal(client, trigger(client, name))
+        started, finished, request = [], [], []
+        for _ in range(count):
+            sent = time.perf_counter()
+            run_id = trigger(client, name)
+            request.append(time.perf_counter() - sent)
+            run = wait_terminal(client, run_id)
+            created = ts(run["created_at"])
+            started.append(ts(run["started_at"]) - created)
+            finished.append(ts(run["finished_at"]) - created)
+    out.add(f"[latency, {count} sequential] trigger request RTT p50/p99", p50_p99(request))
+    out.add("[latency] created→started p50/p99", p50_p99(started))
+    out.add("[latency] created→finished p50/p99", p50_p99(finished))
+    for name, spawn_p50 in spawns.items():
+        out.add(f"[latency] created→finished p50 - {name} p50", ms(statistics.median(finished) - spawn_p50))
+
+
+async def _trigger_all(url: str, token: str, name: str, count: int) -> tuple[float, float, list[str], int]:
+    """POST ``count`` runs from CLIENTS concurrent tasks; wall-clock start and end, run ids, failures."""
+    ids: list[str] = []
+    errors: list[str] = []
+    failures = 0
+    remaining = count
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(
+        base_url=url + "/api/v1", headers=headers, limits=limits, timeout=300
+    ) as client:
+
+        async def one_client() -> None:
+            nonlocal remaining, failures
+            while remaining > 0:
+                remaining -= 1
+                try:
+                    response = await client.post(f"/automations/{name}/runs")
+                except httpx.TransportError as exc:
+                    errors.append(repr(exc))
+                    failures += 1
+                    continue
+                if response.status_code == 202:
+                    ids.append(response.json()["id"])
+                else:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+                    failures += 1
+
+        # Open the connections first so the timed part is requests, not TCP handshakes.
+        await asyncio.gather(*(client.get("/automations") for _ in range(CLIENTS)))
+        start = time.time()
+        await asyncio.gather(*(one_client() for _ in range(CLIENTS)))
+        end = time.time()
+    if errors:
+        print(f"  ! {len(errors)} triggers failed, e.g. {errors[0]}", flush=True)
+    return start, end, ids, failures
+
+
+def throughput(srv: BenchServer, token: str, count: int, out: Figures) -> None:
+    with api(srv, token) as client:
+        name = define(client)
+        wait_terminal(client, trigger(client, name))  # warm up the worker path
+        cpu_before, scripts_before = srv.cpu()
+        own_before = time.process_time()
+        start, end, ids, failures = asyncio.run(_trigger_all(srv.url, token, name, count))
+        failed = f"  ({failures} failed)" if failures else ""
+        out.add(
+            f"[throughput, {count} runs] trigger requests/s", f"{len(ids) / (end - start):.1f} /s{failed}"
+        )
+        while client.get("/runs", params={"automation": name, "status": ACTIVE, "limit": 1}).json()["items"]:
+            time.sleep(0.2)
+        cpu_after, scripts_after = srv.cpu()
+        bench_cpu = time.process_time() - own_before
+        mine = set(ids)
+        runs = [r for r in all_runs(client, name) if r["id"] in mine]
+    last = max(ts(r["finished_at"]) for r in runs)
+    statuses: dict[str, int] = {}
+    for run in runs:
+        statuses[run["status"]] = statuses.get(run["status"], 0) + 1
+    waited = [ts(r["started_at"]) - ts(r["created_at"]) for r in runs if r["started_at"]]
+    out.add("[throughput] runs/s, first trigger → last finished_at", f"{len(runs) / (last - start):.1f} /s")
+    out.add("[throughput] statuses", ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
+    out.add("[throughput] created→started p50/p99", p50_p99(waited))
+    server_cpu = ms((cpu_after - cpu_before) / len(runs))
+    script_cpu = ms((scripts_after - scripts_before) / len(runs))
+    out.add("[throughput] server CPU per run (own / scripts)", f"{server_cpu} / {script_cpu}")
+    out.add("[throughput] bench client CPU per run", ms(bench_cpu / len(runs)))
+
+
+def admission_then_drain(env: dict[str, str], args: argparse.Namespace, token: str, out: Figures) -> None:
+    """Admit N runs into a --no-worker server; then let a fresh server's worker drain them."""
+    with server(env, args, worker=False) as srv:
+        with api(srv, token) as client:
+            name = define(client)
+            trigger(client, name)  # warm-up; drained below with the rest
+        cpu_before, _ = srv.cpu()
+        start, end, ids, failures = asyncio.run(_trigger_all(srv.url, token, name, args.runs))
+        cpu_after, _ = srv.cpu()
+    failed = f"  ({failures} failed)" if failures else ""
+    out.add("[admission, --no-worker] trigger requests/s", f"{len(ids) / (end - start):.1f} /s{failed}")
+    out.add("[admission] server CPU per trigger", ms((cpu_after - cpu_before) / max(1, len(ids))))
+    profile = f"{args.profile}-{env['ONDECK_BACKEND_NAME']}-drain.txt" if args.profile else None
+    with server(env, args, profile=profile) as srv, api(srv, token) as client:
+        cpu_before, scripts_before = srv.cpu()
+        while client.get("/runs", params={"automation": name, "status": ACTIVE, "limit": 1}).json()["items"]:
+            time.sleep(0.2)
+        cpu_after, scripts_after = srv.cpu()
+        runs = all_runs(client, name)
+    first = min(ts(r["started_at"]) for r in runs)
+    last = max(ts(r["finished_at"]) for r in runs)
+    out.add(
+        f"[drain, {len(runs)} queued] runs/s, first start → last finish",
+        f"{len(runs) / (last - first):.1f} /s",
+    )
+    server_cpu = ms((cpu_after - cpu_before) / len(runs))
+    script_cpu = ms((scripts_after - scripts_before) / len(runs))
+    out.add("[drain] server CPU per run (own / scripts)", f"{server_cpu} / {script_cpu}")
+
+
+def bench_backend(args: argparse.Namespace, backend: str, spawns: dict[str, float]) -> Figures:
+    source = (
+        (f", src {args.src}" if args.src else "")
+        + (", split API/worker" if args.split else "")
+        + (f", rate limit {args.rate_limit!r}" if args.rate_limit is not None else "")
+    )
+    print(f"\n== {backend}, server loop {args.loop}{source} (load average {load()}) ==", flush=True)
+    out = Figures(backend)
+    token = "odk_" + secrets.token_urlsafe(32)
+    profile = f"{args.profile}-{backend}.txt" if args.profile else None
+    with environment(backend, token, args.rate_limit) as env:
+        with server(env, args, profile=profile) as srv:
+            sequential_latency(srv, token, args.latency_runs, out, spawns)
+            throughput(srv, token, args.runs, out)
+        if not args.skip_admission:
+            admission_then_drain(env, args, token, out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--runs", type=int, default=2000, help="runs in the throughput phase (default 2000)")
+    parser.add_argument("--latency-runs", type=int, default=200, help="sequential runs (default 200)")
+    parser.add_argument(
+        "--loop",
+        choices=["auto", "asyncio"],
+        default="auto",
+        help="server event loop: auto = what `ondeck server` picks (uvloop); asyncio = experiment",
+    )
+    parser.add_argument(
+        "--src",
+        metavar="DIR",
+        help="run the server from this source tree (PYTHONPATH=DIR), e.g. a `git archive` of a commit "
+        "or a candidate change, instead of the venv's ondeck",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        metavar="SPEC",
+        help="ONDECK_RATE_LIMIT for the server (default: ondeck's own, 6000/1m per principal; "
+        "'' disables it). Triggers refused with 429 are counted as failed.",
+    )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="instead of the embedded worker, run `ondeck server --no-worker` plus one `ondeck worker` "
+        "process (on SQLite the worker then only learns of new runs by polling, every 1 s)",
+    )
+    parser.add_argument("--skip-admission", action="store_true", help="skip the admission and drain phases")
+    parser.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="run the servers with a worker under py-spy record (py-spy in the venv); collapsed "
+        "stacks go to PREFIX-<backend>.txt and PREFIX-<backend>-drain.txt. Figures are then perturbed.",
+    )
+    parser.add_argument("--profile-mode", choices=["gil", "wall"], default="gil", help="py-spy sampling")
+    args = parser.parse_args()
+    # Killed with SIGTERM: still stop the servers, drop the schema and remove the data directory.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+    print(
+        f"ondeck bench: {os.cpu_count()} CPUs, load average {load()}, "
+        f"worker concurrency {CONCURRENCY}, {CLIENTS} clients",
+        flush=True,
+    )
+    spawn = measure_spawn(100)
+    for loop, (execs, totals) in spawn.items():
+        print(
+            f"  bare spawn, {loop:<22}: create_subprocess_exec returned p50 {ms(statistics.median(execs))}, "
+            f"exited p50 {ms(statistics.median(totals))} p99 {ms(pct(totals, 99))}",
+            flush=True,
+        )
+    # What the server pays: its loop is uvloop when installed (uvicorn's "auto"), stdlib otherwise.
+    server_loop = "uvloop" if "uvloop" in spawn and args.loop == "auto" else "asyncio"
+    spawns = {"bare spawn": statistics.median(spawn[server_loop][1])}
+    namespaced = [name for name in spawn if "namespace" in name]
+    if namespaced:
+        spawns["namespaced spawn"] = statistics.median(spawn[namespaced[0]][1])
+    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    results = [bench_backend(args, backend, spawns) for backend in backends]
+
+    print(f"\n== summary (load average now {load()}) ==")
+    width = max(len(name) for r in results for name in r.rows) + 2
+    for name, value in spawns.items():
+        print(f"  {name + ' → exit p50 (' + server_loop + ')':<{width}} {ms(value)}")
+    print(f"  {'':<{width}} " + " ".join(f"{r.backend:>24}" for r in results))
+    for name in results[0].rows:
+        print(f"  {name:<{width}} " + " ".join(f"{r.rows.get(name, '-'):>24}" for r in results))
+    print("\n  targets: p50 latency < 15 ms above process spawn; > 300 trivial runs/s on 2 cores")
+
+
+if __name__ == "__main__":
+    main()
