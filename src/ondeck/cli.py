@@ -299,6 +299,25 @@ def automations_list(as_json: JsonOption = False) -> None:
         typer.echo(f"{item['name']:<24} v{item['version']:<4} {item['runtime']:<7} {item['description']}")
 
 
+@automations_app.command("show")
+def automations_show(name: str, as_json: JsonOption = False) -> None:
+    """One automation: its params, and its triggers with each schedule's next fire time."""
+    found = _api().request("GET", f"/automations/{name}")
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    definition = found["definition"]
+    runtime = definition["run"]["runtime"]
+    typer.echo(f"{found['name']} v{found['version']} ({runtime}): {definition.get('description', '')}")
+    typer.echo(f"  params: {json.dumps(definition.get('params', {}).get('properties', {}))}")
+    for trigger in found["triggers"]:
+        kind = next(k for k in ("webhook", "event", "schedule", "slack") if k in trigger)
+        detail = json.dumps(trigger[kind])
+        if kind == "schedule":
+            detail += " paused" if trigger.get("paused") else f" next {trigger.get('next_fire_at')}"
+        typer.echo(f"  trigger #{trigger['index']} {kind}: {detail}")
+
+
 def _load(directory: Path) -> list[Any]:
     from ondeck.spec.loader import load_directory
 

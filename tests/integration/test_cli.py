@@ -114,6 +114,14 @@ def test_automations_validate_and_apply(examples_server: Server, tmp_path: Path)
     assert ondeck(examples_server, "automations", "apply", str(bad)).returncode == 1
 
 
+def test_automations_show_lists_triggers_with_next_fire(examples_server: Server) -> None:
+    shown = ondeck(examples_server, "automations", "show", "nightly-report")
+    assert shown.returncode == 0, shown.stderr
+    assert "trigger #0 schedule" in shown.stdout and "next 20" in shown.stdout
+    listed = ondeck(examples_server, "schedules", "list")
+    assert "nightly-report" in listed.stdout
+
+
 def test_db_upgrade(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "ONDECK_DATA_DIR": str(tmp_path / "d"), "HOME": str(tmp_path)}
     result = subprocess.run(

@@ -283,3 +283,19 @@ def test_pagination_walks_all_runs_newest_first(store: Store) -> None:
     assert seen == sorted(ids, reverse=True)
     with pytest.raises(InvalidRequest):
         runs.page(store, SYSTEM, automation=None, statuses=["bogus"], before=None, limit=2)
+
+
+def test_rotate_key_reencrypts_every_secret(store: Store, tmp_path: Any) -> None:
+    from ondeck.engine import secret_store
+    from ondeck.vault import KEY_FILE, Vault
+
+    vault = Vault.open(tmp_path, None)
+    old_key = (tmp_path / KEY_FILE).read_bytes()
+    secret_store.put(store, vault, SYSTEM, "API_KEY", "global", "hunter2")
+    _, count = secret_store.rotate_key(store, vault, tmp_path)
+    assert count == 1 and (tmp_path / KEY_FILE).read_bytes() != old_key
+    assert secret_store.resolve(store, Vault.open(tmp_path, None), ["API_KEY"], "job", None) == {
+        "API_KEY": "hunter2"
+    }
+    with pytest.raises(Exception, match="cannot be decrypted"):
+        secret_store.resolve(store, Vault([old_key.strip()]), ["API_KEY"], "job", None)
