@@ -45,9 +45,8 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support import TERMINAL, base_env, free_port
+from tests.support import TERMINAL, base_env, free_port, pg_schema_url
 
-PG_ADMIN = os.environ.get("ONDECK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 CLIENTS = 32
 CONCURRENCY = "16"
 ACTIVE = "pending,waiting_approval,queued,running"
@@ -180,17 +179,7 @@ def database(backend: str, data: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{data / 'ondeck.db'}"
         return
-    import psycopg
-
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    base = PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    yield from pg_schema_url("bench")
 
 
 class BenchServer:

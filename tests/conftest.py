@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +10,7 @@ import psycopg
 import pytest
 
 from ondeck.store.store import Store
-from tests.support import Server, base_env
-
-PG_ADMIN = os.environ.get("ONDECK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.support import PG_ADMIN, Server, base_env, pg_schema_url
 
 
 def _pg_available() -> bool:
@@ -33,22 +30,9 @@ def pg_reachable() -> None:
         pytest.skip(message)
 
 
-def _pg_schema_url() -> Iterator[str]:
-    """A fresh schema per use, so tests never see each other's rows."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    base = PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
 @pytest.fixture
 def pg_url(pg_reachable: None) -> Iterator[str]:
-    yield from _pg_schema_url()
+    yield from pg_schema_url()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -57,7 +41,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield f"sqlite:///{tmp_path / 'ondeck.db'}"
     else:
         request.getfixturevalue("pg_reachable")
-        yield from _pg_schema_url()
+        yield from pg_schema_url()
 
 
 @pytest.fixture
@@ -77,7 +61,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         urls: Iterator[str] = iter([f"sqlite:///{data / 'ondeck.db'}"])
     else:
         request.getfixturevalue("pg_reachable")
-        urls = _pg_schema_url()
+        urls = pg_schema_url()
     url = next(urls)
     proc = Server(base_env(data, url, ONDECK_WORKER_CONCURRENCY="8"), data / "server.log").start()
     try:

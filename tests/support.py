@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -146,3 +147,34 @@ def put_automation(client: httpx.Client, definition: dict[str, Any]) -> dict[str
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
+
+
+def unique(prefix: str) -> str:
+    """A name no other test uses (tests share servers)."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def trigger(client: httpx.Client, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start a run of ``name`` and return it (asserting the 202)."""
+    response = client.post(f"/automations/{name}/runs", json={"params": params or {}})
+    assert response.status_code == 202, response.text
+    run: dict[str, Any] = response.json()
+    return run
+
+
+PG_ADMIN = os.environ.get("ONDECK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pg_schema_url(prefix: str = "t") -> Iterator[str]:
+    """A fresh PostgreSQL schema as an ondeck database URL; dropped when the generator closes."""
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    base = PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import Server, put_automation, wait_for_run
+from tests.support import Server, put_automation, unique, wait_for_run
 
 PROBLEM = "application/problem+json"
 
@@ -17,10 +16,6 @@ PROBLEM = "application/problem+json"
 def client(server: Server) -> httpx.Client:
     with server.client() as client:
         yield client
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def define(client: httpx.Client, script: str = "echo hi", **fields: Any) -> str:

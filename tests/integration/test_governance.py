@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.support import Server, put_automation, wait_for_run, wait_until
+from tests.support import Server, put_automation, unique, wait_for_run, wait_until
 
 ROLES = ("viewer", "operator", "approver", "admin")
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from tests.support import (
     Server,
     base_env,
     put_automation,
+    trigger,
     wait_for_run,
     wait_until,
 )
@@ -95,13 +96,6 @@ def unique_name(prefix: str) -> str:
 
 
 # --- HTTP helpers ------------------------------------------------------------
-
-
-def trigger(client: httpx.Client, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    response = client.post(f"/automations/{name}/runs", json={"params": params or {}})
-    assert response.status_code == 202, response.text
-    run: dict[str, Any] = response.json()
-    return run
 
 
 def get_run(client: httpx.Client, run_id: str) -> dict[str, Any]:

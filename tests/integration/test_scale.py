@@ -12,7 +12,6 @@ import shlex
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -28,23 +27,14 @@ from tests.support import (
     Server,
     base_env,
     put_automation,
+    trigger,
+    unique,
     wait_for_run,
     wait_until,
 )
 
 PROBLEM = "application/problem+json"
 NOT_TERMINAL = "pending,waiting_approval,queued,running"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def trigger(client: httpx.Client, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    response = client.post(f"/automations/{name}/runs", json={"params": params or {}})
-    assert response.status_code == 202, response.text
-    run: dict[str, Any] = response.json()
-    return run
 
 
 def all_runs(client: httpx.Client, *, automation: str | None = None, status: str | None = None) -> list[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from ondeck.triggers import standard_webhooks
-from tests.support import Server, base_env, put_automation, wait_for_run, wait_until
+from tests.support import Server, base_env, put_automation, unique, wait_for_run, wait_until
 
 CALLBACK_SECRET = standard_webhooks.new_secret()
 
@@ -59,10 +58,6 @@ def start(tmp_path: Path, database_url: str, name: str, **env: str) -> Server:
     data = tmp_path / name
     data.mkdir()
     return Server(base_env(data, database_url, **env), data / "server.log").start()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def test_each_tick_fires_exactly_once_across_two_servers(tmp_path: Path, pg_url: str) -> None:

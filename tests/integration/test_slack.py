@@ -29,8 +29,7 @@ from ondeck.spec.loader import parse_definition
 from ondeck.store.store import Store
 from ondeck.triggers import slack
 from ondeck.triggers.slack import SlashCommand
-from tests.conftest import _pg_schema_url
-from tests.support import Server, base_env, put_automation, wait_for_run, wait_until
+from tests.support import Server, base_env, pg_schema_url, put_automation, wait_for_run, wait_until
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 OPS, APPROVER, REVOKED, GHOST, STRANGER = "UOPS0001", "UAPPR0001", "UREVOKED1", "UGHOST001", "USTRANGER"
@@ -183,7 +182,7 @@ def chat(
         urls: Iterator[str] = iter([f"sqlite:///{data / 'ondeck.db'}"])
     else:
         request.getfixturevalue("pg_reachable")
-        urls = _pg_schema_url()
+        urls = pg_schema_url()
     users = f"{OPS}=slack-ops,{APPROVER}=slack-approver,{REVOKED}=slack-revoked,{GHOST}=no-such-token"
     env = base_env(
         data,

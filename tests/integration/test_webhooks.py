@@ -16,13 +16,9 @@ import pytest
 
 from ondeck.settings import Settings
 from ondeck.triggers import standard_webhooks
-from tests.support import Server, put_automation, wait_for_run
+from tests.support import Server, put_automation, unique, wait_for_run
 
 PROBLEM = "application/problem+json"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture
