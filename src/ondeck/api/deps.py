@@ -20,7 +20,8 @@ from ondeck.node import Node
 T = TypeVar("T")
 
 
-def get_node(request: Request) -> Node:
+async def get_node(request: Request) -> Node:
+    """Async so FastAPI does not hop to a thread just to read app state."""
     node: Node = request.app.state.node
     return node
 

@@ -20,7 +20,9 @@ def create_db_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
-    return create_engine(url, pool_size=5, max_overflow=20, pool_pre_ping=True, pool_timeout=60)
+    # As many pooled connections as threads that use them (api.deps/node THREADS); recycled
+    # hourly rather than pinged on every checkout.
+    return create_engine(url, pool_size=16, max_overflow=16, pool_recycle=3600, pool_timeout=60)
 
 
 def _sqlite_engine(url: str) -> Engine:
