@@ -8,7 +8,7 @@ defines a bash automation whose script is ``true``, and measures:
 
   spawn       the bare cost of starting such a process on this machine as the runner
               does (prlimit … -- bash --noprofile --norc -eo pipefail script.sh, new
-              session, piped output), under uvloop (what uvicorn picks) and stdlib asyncio;
+              session, piped output), under stdlib asyncio (what the server uses) and uvloop;
   latency     sequential runs: created_at → started_at (server timestamps; started_at
               is stamped at claim, before the spawn) and created_at → finished_at;
   throughput  N runs triggered by 32 concurrent async clients: runs/s from the first
@@ -51,11 +51,6 @@ CLIENTS = 32
 CONCURRENCY = "16"
 ACTIVE = "pending,waiting_approval,queued,running"
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# --loop asyncio: an experiment, not a setting of ondeck: make uvicorn's "auto" pick stdlib asyncio.
-STDLIB_LOOP_SHIM = (
-    "import sys, uvicorn.config as c; c.LOOP_FACTORIES['auto'] = c.LOOP_FACTORIES['asyncio']; "
-    "sys.argv[0] = 'ondeck'; from ondeck.cli import main; main()"
-)
 
 
 # --- small helpers ----------------------------------------------------------------
@@ -192,15 +187,13 @@ class BenchServer:
         *,
         worker: bool,
         profile: str | None,
-        loop: str = "auto",
         src: str | None = None,
         profile_mode: str = "gil",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        entry = ["-m", "ondeck"] if loop == "auto" else ["-c", STDLIB_LOOP_SHIM]
-        command = [sys.executable, *entry, "server", *([] if worker else ["--no-worker"])]
+        command = [sys.executable, "-m", "ondeck", "server", *([] if worker else ["--no-worker"])]
         if profile:
             # gil: only the thread holding the GIL is sampled, i.e. where the Python CPU goes;
             # wall: every thread, waiting or not (where the time goes).
@@ -308,7 +301,6 @@ def server(
         log,
         worker=embedded,
         profile=profile,
-        loop=args.loop,
         src=args.src,
         profile_mode=args.profile_mode,
     )
@@ -498,7 +490,7 @@ def bench_backend(args: argparse.Namespace, backend: str, spawns: dict[str, floa
         + (", split API/worker" if args.split else "")
         + (f", rate limit {args.rate_limit!r}" if args.rate_limit is not None else "")
     )
-    print(f"\n== {backend}, server loop {args.loop}{source} (load average {load()}) ==", flush=True)
+    print(f"\n== {backend}{source} (load average {load()}) ==", flush=True)
     out = Figures(backend)
     token = "odk_" + secrets.token_urlsafe(32)
     profile = f"{args.profile}-{backend}.txt" if args.profile else None
@@ -518,12 +510,6 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--runs", type=int, default=2000, help="runs in the throughput phase (default 2000)")
     parser.add_argument("--latency-runs", type=int, default=200, help="sequential runs (default 200)")
-    parser.add_argument(
-        "--loop",
-        choices=["auto", "asyncio"],
-        default="auto",
-        help="server event loop: auto = what `ondeck server` picks (uvloop); asyncio = experiment",
-    )
     parser.add_argument(
         "--src",
         metavar="DIR",
@@ -566,9 +552,8 @@ def main() -> None:
             f"exited p50 {ms(statistics.median(totals))} p99 {ms(pct(totals, 99))}",
             flush=True,
         )
-    # What the server pays: its loop is uvloop when installed (uvicorn's "auto"), stdlib otherwise.
-    server_loop = "uvloop" if "uvloop" in spawn and args.loop == "auto" else "asyncio"
-    spawns = {"bare spawn": statistics.median(spawn[server_loop][1])}
+    # What the server pays: `ondeck server` runs on stdlib asyncio (vfork; see cli.server).
+    spawns = {"bare spawn": statistics.median(spawn["asyncio"][1])}
     namespaced = [name for name in spawn if "namespace" in name]
     if namespaced:
         spawns["namespaced spawn"] = statistics.median(spawn[namespaced[0]][1])
@@ -578,7 +563,7 @@ def main() -> None:
     print(f"\n== summary (load average now {load()}) ==")
     width = max(len(name) for r in results for name in r.rows) + 2
     for name, value in spawns.items():
-        print(f"  {name + ' → exit p50 (' + server_loop + ')':<{width}} {ms(value)}")
+        print(f"  {name + ' → exit p50 (asyncio)':<{width}} {ms(value)}")
     print(f"  {'':<{width}} " + " ".join(f"{r.backend:>24}" for r in results))
     for name in results[0].rows:
         print(f"  {name:<{width}} " + " ".join(f"{r.rows.get(name, '-'):>24}" for r in results))
