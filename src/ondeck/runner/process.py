@@ -115,6 +115,12 @@ class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
             self.exited.set_result(None)
 
 
+def _prepare(attempt: Attempt, workspace: Workspace) -> list[str]:
+    """Write the params file (and the script, via ``build_argv``); return the command."""
+    workspace.params_file.write_text(json.dumps(attempt.params), encoding="utf-8")
+    return build_argv(attempt, workspace)
+
+
 class _OutputBudget:
     """Shared by both pipes: caps what is kept, but the pipes are always drained."""
 
@@ -189,11 +195,13 @@ async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncGenerator
     Whatever happens — timeout, cancel, the consumer going away — every process
     of the attempt is killed and the workspace removed before this returns.
     """
-    workspace = Workspace.create(attempt.workspace_root, attempt.run_id, attempt.number)
+    # File work happens off the event loop: it must keep serving while disks are slow.
+    workspace = await asyncio.to_thread(
+        Workspace.create, attempt.workspace_root, attempt.run_id, attempt.number
+    )
     process: asyncio.subprocess.Process | None = None
     try:
-        workspace.params_file.write_text(json.dumps(attempt.params), encoding="utf-8")
-        argv = build_argv(attempt, workspace)
+        argv = await asyncio.to_thread(_prepare, attempt, workspace)
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.subprocess_exec(
