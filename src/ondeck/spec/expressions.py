@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import jmespath
 import jmespath.exceptions
+from pydantic import AfterValidator
 
 _EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}", re.DOTALL)
 
@@ -30,6 +31,15 @@ def check(template: str) -> None:
     """Raise ``ExpressionError`` if any expression in ``template`` does not compile."""
     for source in expressions_in(template):
         _compile(source)
+
+
+def _checked(template: str) -> str:
+    check(template)
+    return template
+
+
+# A definition field holding ``${{ }}`` expressions, refused at load time if one does not compile.
+Expression = Annotated[str, AfterValidator(_checked)]
 
 
 def _compile(source: str) -> Any:

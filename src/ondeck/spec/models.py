@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from ondeck.durations import parse_duration, parse_size
-from ondeck.spec import expressions
+from ondeck.spec.expressions import Expression
 from ondeck.spec.params import check_schema
 from ondeck.spec.python_main import find_main, infer_schema
 from ondeck.spec.triggers import Trigger
@@ -30,7 +30,7 @@ class RunSpec(_Strict):
     runtime: Literal["bash", "python", "exec"]
     script: str | None = None
     file: str | None = None
-    args: list[str] = Field(default_factory=list)
+    args: list[Expression] = Field(default_factory=list)
     entrypoint: Literal["script", "main"] = "script"
 
     @model_validator(mode="after")
@@ -42,8 +42,6 @@ class RunSpec(_Strict):
                 raise ValueError("runtime exec takes args, not script")
         elif self.script is None:
             raise ValueError(f"runtime {self.runtime} needs script (or file)")
-        for arg in self.args:
-            expressions.check(arg)
         return self
 
 
@@ -54,15 +52,9 @@ class Retries(_Strict):
 
 
 class Concurrency(_Strict):
-    key: str
+    key: Expression
     limit: int = Field(1, ge=1, le=10_000)
     policy: Literal["queue", "reject", "cancel_running"] = "queue"
-
-    @field_validator("key")
-    @classmethod
-    def _key_compiles(cls, value: str) -> str:
-        expressions.check(value)
-        return value
 
 
 class Limits(_Strict):
@@ -76,14 +68,7 @@ class RunGrant(_Strict):
     """A role allowed to run, optionally only when a condition on the params holds."""
 
     role: str
-    when: str | None = None
-
-    @field_validator("when")
-    @classmethod
-    def _when_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            expressions.check(value)
-        return value
+    when: Expression | None = None
 
 
 class Access(_Strict):
@@ -99,17 +84,11 @@ class Access(_Strict):
 
 
 class Approval(_Strict):
-    when: str = "true"
+    when: Expression = "true"
     approvers: list[str] = Field(min_length=1)
     required: int = Field(1, ge=1, le=10)
     allow_self_approval: bool = False
     timeout: Duration = 3600.0
-
-    @field_validator("when")
-    @classmethod
-    def _when_compiles(cls, value: str) -> str:
-        expressions.check(value)
-        return value
 
 
 class RateLimit(_Strict):
@@ -148,7 +127,7 @@ class Automation(_Strict):
     limits: Limits = Field(default_factory=Limits)
     worker_group: str = Field("default", pattern=r"^[A-Za-z0-9._-]{1,63}$")
     priority: int = Field(0, ge=-100, le=100)
-    environment: str | None = None
+    environment: Expression | None = None
     secrets: list[Annotated[str, Field(pattern=SECRET_NAME)]] = Field(default_factory=list)
     access: Access | None = None
     approval: Approval | None = None
@@ -156,13 +135,6 @@ class Automation(_Strict):
     circuit_breaker: CircuitBreaker | None = None
     triggers: list[Trigger] = Field(default_factory=list)
     notify: list[Notify] = Field(default_factory=list)
-
-    @field_validator("environment")
-    @classmethod
-    def _environment_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            expressions.check(value)
-        return value
 
     @model_validator(mode="before")
     @classmethod

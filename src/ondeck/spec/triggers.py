@@ -15,6 +15,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ondeck.spec import expressions
+from ondeck.spec.expressions import Expression
 
 HOOK_ID = r"^[A-Za-z0-9_-]{3,128}$"
 
@@ -76,7 +77,7 @@ class Trigger(_Strict):
     event: EventSpec | None = None
     schedule: ScheduleSpec | None = None
     slack: SlackSpec | None = None
-    when: str | None = None
+    when: Expression | None = None
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -85,13 +86,6 @@ class Trigger(_Strict):
         if len(kinds) != 1:
             raise ValueError("a trigger is exactly one of webhook, event, schedule, slack")
         return self
-
-    @field_validator("when")
-    @classmethod
-    def _when_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            expressions.check(value)
-        return value
 
     @field_validator("params")
     @classmethod
