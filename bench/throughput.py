@@ -199,7 +199,7 @@ class BenchServer:
             # wall: every thread, waiting or not (where the time goes).
             spy = str(Path(sys.executable).with_name("py-spy"))
             mode = "--gil" if profile_mode == "gil" else "--idle"
-            options = [mode, "--threads", "--rate", "100", "--format", "raw", "-o", profile]
+            options = [mode, "--threads", "--subprocesses", "--rate", "100", "--format", "raw", "-o", profile]
             command = [spy, "record", *options, "--", *command]
         self._log = log.open("ab")
         self.process = subprocess.Popen(
@@ -221,44 +221,39 @@ class BenchServer:
                 raise RuntimeError(f"server not ready after 60 s:\n{self.log()}")
             time.sleep(0.1)
         if profile:
-            self.pid = self._child_of(self.process.pid)
-        self.workers: list[subprocess.Popen[bytes]] = []
+            self.pid = self._children(self.process.pid)[0]
+        self.worker_pid = self._embedded_worker() if worker else None
 
-    def add_worker(self, env: dict[str, str], src: str | None) -> None:
-        """A separate ``ondeck worker`` process on the same database (--split)."""
-        self.workers.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "ondeck", "worker"],
-                env={**env, **({"PYTHONPATH": src} if src else {})},
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                cwd=env["ONDECK_DATA_DIR"],
-            )
-        )
-        time.sleep(2)  # no readiness probe for a worker: give it time to start claiming
+    def _embedded_worker(self) -> int | None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for pid in self._children(self.pid):
+                with contextlib.suppress(OSError):
+                    if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        time.sleep(1)  # let it import and start claiming
+                        return pid
+            time.sleep(0.1)
+        raise RuntimeError(f"no embedded worker process:\n{self.log()}")
 
     def cpu(self) -> tuple[float, float]:
-        """CPU seconds of the server and its workers: their own, and their scripts'."""
+        """CPU seconds of the server and its embedded worker: their own, and their scripts'."""
         own, scripts = cpu_seconds(self.pid)
-        for worker in self.workers:
-            more = cpu_seconds(worker.pid)
+        if self.worker_pid is not None:
+            more = cpu_seconds(self.worker_pid)
             own, scripts = own + more[0], scripts + more[1]
         return own, scripts
 
     @staticmethod
-    def _child_of(pid: int) -> int:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
-        return pid
+    def _children(pid: int) -> list[int]:
+        with contextlib.suppress(OSError, ValueError):
+            return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return [pid]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         """SIGTERM the server itself (py-spy, if any, then writes its profile and exits)."""
-        for worker in self.workers:
-            worker.terminate()
-            worker.wait(timeout=60)
         if self.process.poll() is None:
             os.kill(self.pid, signal.SIGTERM)
             try:
@@ -295,17 +290,7 @@ def server(
     env: dict[str, str], args: argparse.Namespace, *, worker: bool = True, profile: str | None = None
 ) -> Iterator[BenchServer]:
     log = Path(env["ONDECK_DATA_DIR"]) / "server.log"
-    embedded = worker and not args.split
-    proc = BenchServer(
-        env,
-        log,
-        worker=embedded,
-        profile=profile,
-        src=args.src,
-        profile_mode=args.profile_mode,
-    )
-    if worker and args.split:
-        proc.add_worker(env, args.src)
+    proc = BenchServer(env, log, worker=worker, profile=profile, src=args.src, profile_mode=args.profile_mode)
     try:
         yield proc
     finally:
@@ -485,10 +470,8 @@ def admission_then_drain(env: dict[str, str], args: argparse.Namespace, token: s
 
 
 def bench_backend(args: argparse.Namespace, backend: str, spawns: dict[str, float]) -> Figures:
-    source = (
-        (f", src {args.src}" if args.src else "")
-        + (", split API/worker" if args.split else "")
-        + (f", rate limit {args.rate_limit!r}" if args.rate_limit is not None else "")
+    source = (f", src {args.src}" if args.src else "") + (
+        f", rate limit {args.rate_limit!r}" if args.rate_limit is not None else ""
     )
     print(f"\n== {backend}{source} (load average {load()}) ==", flush=True)
     out = Figures(backend)
@@ -521,12 +504,6 @@ def main() -> None:
         metavar="SPEC",
         help="ONDECK_RATE_LIMIT for the server (default: ondeck's own, 6000/1m per principal; "
         "'' disables it). Triggers refused with 429 are counted as failed.",
-    )
-    parser.add_argument(
-        "--split",
-        action="store_true",
-        help="instead of the embedded worker, run `ondeck server --no-worker` plus one `ondeck worker` "
-        "process (on SQLite the worker then only learns of new runs by polling, every 1 s)",
     )
     parser.add_argument("--skip-admission", action="store_true", help="skip the admission and drain phases")
     parser.add_argument(

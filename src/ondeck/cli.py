@@ -364,7 +364,7 @@ def server(
     worker: Annotated[bool, typer.Option(help="Run an embedded worker.")] = True,
     log_level: str = "info",
 ) -> None:
-    """API, portal, reaper and (unless --no-worker) a worker, in one process."""
+    """API, scheduler, reaper and (unless --no-worker) an embedded worker process."""
     import uvicorn
 
     from ondeck import jsonlog
@@ -372,9 +372,6 @@ def server(
 
     settings = Settings()
     jsonlog.configure(log_level.upper())
-    # Database threads give the GIL back to the event loop sooner, so a busy loop does not
-    # stall every statement (and the SQLite write lock held around it) by 5 ms each time.
-    sys.setswitchinterval(0.001)
     application = create_app(settings, run_worker=worker)
     uvicorn.run(
         application,
@@ -397,8 +394,13 @@ def worker_command(
     concurrency: Annotated[int | None, typer.Option(help="Runs at once (ONDECK_WORKER_CONCURRENCY).")] = None,
     group: Annotated[str | None, typer.Option(help="Worker group to serve.")] = None,
     log_level: str = "info",
+    parent_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Execute runs only; point several at one PostgreSQL database to scale out."""
+    """Execute runs only; point several at one PostgreSQL database to scale out.
+
+    ``--parent-fd`` is how ``ondeck server`` starts its embedded worker: the worker
+    then leaves the reaper and callbacks to the server, and stops when it goes.
+    """
     from ondeck import jsonlog
     from ondeck.node import Node
 
@@ -411,8 +413,10 @@ def worker_command(
             run_scheduler=False,
             worker_group=group,
             worker_concurrency=concurrency,
+            run_services=parent_fd is None,
+            parent_fd=parent_fd,
         )
-        stop = asyncio.Event()
+        stop = node.detached
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)

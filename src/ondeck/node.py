@@ -1,15 +1,18 @@
 """One ondeck process: its store, wake-ups, and background loops (worker, reaper).
 
-``ondeck server`` runs a Node inside the web app's lifespan; ``ondeck worker``
-runs one on its own. Both share everything below.
+``ondeck server`` runs a Node inside the web app's lifespan, and its embedded
+worker as a child process (see ``worker_process``); ``ondeck worker`` runs one
+on its own. All share everything below.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from ondeck.auth import tokens
 from ondeck.auth.principals import SYSTEM
 from ondeck.engine import catalog, environments, limits, outbox, scheduler
 from ondeck.engine.admission import AdmissionPolicy
-from ondeck.engine.wakeup import PostgresListener, WakeBus
+from ondeck.engine.wakeup import PostgresListener, Relay, WakeBus
 from ondeck.engine.worker import Worker, reap_forever
 from ondeck.errors import InvalidDefinition
 from ondeck.settings import Settings
@@ -29,19 +32,27 @@ from ondeck.spec.loader import load_directory
 from ondeck.store.store import Store
 from ondeck.triggers import standard_webhooks
 from ondeck.vault import Vault
+from ondeck.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
-THREADS = 12
+THREADS = 4
 
 
 @dataclass
 class Node:
+    """What runs here: ``run_worker`` executes runs in this process, ``embedded_worker``
+    in a child process; ``run_services`` is the reaper and the callback sender;
+    ``parent_fd`` makes this the child of a server, joined to it by that socket."""
+
     settings: Settings
     run_worker: bool = True
     load_automations: bool = True
     run_scheduler: bool = True
     worker_group: str | None = None
     worker_concurrency: int | None = None
+    embedded_worker: bool = False
+    run_services: bool = True
+    parent_fd: int | None = None
     store: Store = field(init=False)
     vault: Vault = field(init=False)
     admission_policy: AdmissionPolicy = field(init=False)
@@ -52,6 +63,9 @@ class Node:
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _listener: PostgresListener | None = field(init=False, default=None)
     _delivery_wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _worker_process: WorkerProcess | None = field(init=False, default=None)
+    detached: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    """Set when the server this worker was started by is gone."""
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.resolved_database_url)
@@ -66,6 +80,9 @@ class Node:
         # Fewer threads doing database work means shorter waits for the GIL on the event
         # loop thread (which must keep answering /healthz and streams under load).
         to_thread.current_default_thread_limiter().total_tokens = THREADS
+        # Database threads give the GIL back to the event loop sooner, so a busy loop does not
+        # stall every statement (and the SQLite write lock held around it) by 5 ms each time.
+        sys.setswitchinterval(0.001)
         self.bus.bind(asyncio.get_running_loop())
         self.store.subscribe(self.bus.from_thread)
         await to_thread.run_sync(self.store.upgrade)
@@ -85,6 +102,37 @@ class Node:
         if self.store.dialect == "postgresql":
             self._listener = PostgresListener(self.store.url, self.bus)
             self._listener.start()
+        if self.parent_fd is not None:
+            relay = Relay(socket.socket(fileno=self.parent_fd), self.bus, on_closed=self.detached.set)
+            relay.start(asyncio.get_running_loop())
+            if self.store.dialect == "sqlite":
+                self.store.subscribe(relay.send)
+        if self.run_services:
+            self._start_services()
+        if self.run_scheduler:
+            self._tasks.append(
+                asyncio.create_task(scheduler.schedule_forever(self.store, self.admission_policy, self._stop))
+            )
+        if self.run_worker:
+            self.worker = Worker(
+                self.store,
+                self.settings,
+                self.bus,
+                self.vault,
+                group=self.worker_group,
+                concurrency=self.worker_concurrency,
+            )
+            self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
+        if self.embedded_worker:
+            self._worker_process = WorkerProcess(self.store, self.bus, self.settings.kill_grace_seconds)
+            await self._worker_process.start()
+        # A full collection walks every object alive, most of them modules, classes and
+        # routes made at startup: under load that paused the loop for 50-160 ms at a time.
+        # Frozen, they are never walked again; only what is made from now on is.
+        gc.collect()
+        gc.freeze()
+
+    def _start_services(self) -> None:
         reap_interval = min(5.0, max(0.5, self.settings.lease_seconds / 4))
         self._tasks.append(
             asyncio.create_task(
@@ -104,20 +152,6 @@ class Node:
                 )
             )
         )
-        if self.run_scheduler:
-            self._tasks.append(
-                asyncio.create_task(scheduler.schedule_forever(self.store, self.admission_policy, self._stop))
-            )
-        if self.run_worker:
-            self.worker = Worker(
-                self.store,
-                self.settings,
-                self.bus,
-                self.vault,
-                group=self.worker_group,
-                concurrency=self.worker_concurrency,
-            )
-            self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
 
     def _load_automations(self) -> None:
         directory = self.settings.resolved_automations_dir()
@@ -136,6 +170,8 @@ class Node:
         log.info("%d automations from %s", len(automations), directory)
 
     async def stop(self) -> None:
+        if self._worker_process is not None:
+            await self._worker_process.stop()
         self._stop.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

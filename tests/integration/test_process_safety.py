@@ -433,6 +433,50 @@ sleep {unique_sleep(60)}
         assert "attempt 2 done" in log_text(client, run_id)
 
 
+def embedded_workers(server_pid: int) -> list[int]:
+    """Live child processes of the server that are its embedded ``ondeck worker``."""
+    try:
+        children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for child in map(int, children):
+        with contextlib.suppress(OSError):
+            if b"worker" in Path(f"/proc/{child}/cmdline").read_bytes() and _alive(child):
+                found.append(child)
+    return found
+
+
+def test_embedded_worker_is_a_child_that_is_restarted_and_dies_with_its_server(
+    start_server: Callable[..., tuple[Server, dict[str, str]]], run_ids: list[str]
+) -> None:
+    server, _ = start_server()
+    first = wait_until(lambda: embedded_workers(server.pid), timeout=30, message="the embedded worker")
+    assert len(first) == 1
+    name = unique_name("embedded")
+    with server.client() as client:
+        put_automation(client, {"name": name, "run": {"runtime": "bash", "script": "echo hi"}})
+
+        def executed_by() -> int:
+            run_ids.append(run_id := trigger(client, name)["id"])
+            run = wait_for_run(client, run_id)
+            assert run["status"] == "succeeded", run
+            return int(run["attempts"][0]["worker"].split(":")[1])
+
+        assert executed_by() == first[0] != server.pid
+
+        os.kill(first[0], signal.SIGKILL)
+        second = wait_until(
+            lambda: [pid for pid in embedded_workers(server.pid) if pid != first[0]],
+            timeout=30,
+            message="the embedded worker to be started again",
+        )
+        assert executed_by() == second[0]
+
+    server.kill(signal.SIGKILL)
+    wait_until(lambda: not _alive(second[0]), timeout=30, message="the worker to stop with its server")
+
+
 # --- 4. an output flood is capped and does not stall the server ------------------
 
 

@@ -325,10 +325,7 @@ CLIENTS = 64
 # PostgreSQL uses fewer runs: on 2 cores it measured ~14 runs/s end to end against ~24 on
 # SQLite (2,000 runs took 143 s vs 82 s), so 2,000 would not fit the time budget.
 LOAD_RUNS = {"sqlite": 2000, "postgresql": 1000}
-# The issue asks for every /healthz within 100 ms throughout; on 2 cores the slowest calls
-# under this load reach a few hundred ms (see the closing note: not met yet), so this
-# asserts the typical call, and prints p99 and max for the record.
-HEALTHZ_P50_BOUND = 0.1
+HEALTHZ_BOUND = 0.1  # every call, throughout the load
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -351,6 +348,8 @@ PROBE = """
 import json, sys, time, httpx
 latencies, failures = [], []
 with httpx.Client(base_url=sys.argv[1], timeout=10) as client:
+    client.get("/healthz")  # connect and warm up this process before timing anything
+    print("ready", flush=True)
     while not sys.stdin.closed:
         began = time.perf_counter()
         try:
@@ -374,6 +373,8 @@ class HealthProbe:
         self.process = subprocess.Popen(
             [sys.executable, "-c", PROBE, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "ready\n", "the health probe did not start"
         self.latencies: list[float] = []
         self.failures: list[str] = []
 
@@ -444,5 +445,5 @@ def test_load_has_no_errors_leaves_nothing_stuck_and_healthz_answers(
         f"healthz n={len(ordered)} p50={ordered[len(ordered) // 2] * 1000:.1f} ms "
         f"p99={ordered[int(len(ordered) * 0.99)] * 1000:.1f} ms max={worst * 1000:.1f} ms"
     )
-    median = ordered[len(ordered) // 2]
-    assert median < HEALTHZ_P50_BOUND, f"/healthz p50 was {median * 1000:.0f} ms under load"
+    slow = [round(latency * 1000) for latency in probe.latencies if latency >= HEALTHZ_BOUND]
+    assert slow == [], f"/healthz took 100 ms or more {len(slow)} times under load (ms: {slow})"

@@ -20,7 +20,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        node = Node(settings, run_worker=run_worker, load_automations=load_automations)
+        node = Node(settings, run_worker=False, embedded_worker=run_worker, load_automations=load_automations)
         app.state.node = node
         await node.start()
         try:

@@ -182,7 +182,6 @@ def _write(
             tx.save_idempotency(
                 run.automation, run.idempotency_key, fingerprint, run.id, now + policy.idempotency_ttl, now
             )
-        _check_limits(tx, run, automation, policy)
         tx.insert_run(run, f"triggered via {run.trigger} by {run.principal}")
         if request.schedule_fire is not None:
             tx.insert_fire(*request.schedule_fire, run.id)
@@ -200,6 +199,10 @@ def _write(
         states.move(tx, run, status, now, reason, **extra)
         if status == RunStatus.QUEUED:
             tx.notify("queue", run.worker_group)
+        # Last, with the audit append: both lock a row (or the chain) that every admission
+        # needs until commit, so taking them late keeps admissions from queueing on them.
+        # A refusal here rolls back everything above.
+        _check_limits(tx, run, automation, policy)
         tx.append_audit(
             run.principal or "system",
             "run.triggered",

@@ -4,6 +4,8 @@ Channels: ``queue`` (a run became due; payload is the worker group), ``run``
 (a run changed or logged; payload is its id), ``cancel`` (a running run was
 asked to stop). On SQLite the store's in-process notifications are all there
 is; on PostgreSQL a ``LISTEN`` connection adds those of every other process.
+An embedded worker process hears the server's notifications, and the server
+the worker's, through a ``Relay`` (SQLite has no ``NOTIFY``).
 Polling remains only as a fallback: every wait has a timeout.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -133,3 +136,48 @@ class PostgresListener:
             except psycopg.Error as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
                 self._stop.wait(1.0)
+
+
+class Relay:
+    """Forwards wake-ups to a peer process over a socketpair, and publishes the peer's.
+
+    ``SOCK_SEQPACKET`` keeps each notification one message (no framing) and tells
+    each side when the other is gone, so the socket is also the embedded
+    worker's lifeline: ``on_closed`` runs when the peer exits, however it died.
+    A message the peer cannot take at once is dropped: wake-ups are hints, every
+    wait has a polling fallback, and a store commit must never block on a peer.
+    """
+
+    def __init__(self, sock: socket.socket, bus: WakeBus, on_closed: Callable[[], None]) -> None:
+        self._sock, self._bus, self._on_closed = sock, bus, on_closed
+        self._sock.setblocking(False)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self._sock.fileno(), self._receive)
+
+    def send(self, channel: str, payload: str) -> None:
+        """Store listener: safe from any thread (the kernel keeps each message whole)."""
+        with contextlib.suppress(OSError):  # full (dropped, see above) or peer gone
+            self._sock.send(f"{channel}\n{payload}".encode())
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                message = self._sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if not message:
+                self.close()
+                self._on_closed()
+                return
+            channel, _, payload = message.decode().partition("\n")
+            self._bus.publish(channel, payload)
+
+    def close(self) -> None:
+        if self._loop is not None and self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()

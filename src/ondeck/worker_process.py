@@ -1,0 +1,114 @@
+"""The server's embedded worker, run as a child process.
+
+In the server's own process, every claim, spawn, output read and finish would
+compete with the API for one interpreter lock: under a flood of triggers,
+``/healthz`` and live log streams waited behind runs, and runs behind requests.
+As a child it has its own, so on two cores the API and the runs each get one.
+
+The child is ``ondeck worker`` with the server's environment. A socketpair joins
+the two: it carries wake-ups both ways on SQLite (see ``wakeup.Relay``), and its
+closing tells the child that the server is gone, so the child never outlives it.
+If the child dies, it is started again; the reaper ends whatever it was running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+import time
+
+from ondeck.engine.wakeup import Relay, WakeBus
+from ondeck.store.store import Store
+
+log = logging.getLogger(__name__)
+_RESTART_DELAY = (1.0, 30.0)  # first, and most, seconds between restarts
+_HEALTHY_AFTER = 60.0  # a child that lived this long restarts without delay
+
+
+class WorkerProcess:
+    def __init__(self, store: Store, bus: WakeBus, stop_grace: float) -> None:
+        self._store, self._bus, self._stop_grace = store, bus, stop_grace
+        self._relay: Relay | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        if store.dialect == "sqlite":  # PostgreSQL's NOTIFY already reaches the child
+            store.subscribe(self._forward)
+
+    def _forward(self, channel: str, payload: str) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.send(channel, payload)
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._task = asyncio.create_task(self._supervise())
+
+    async def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ondeck",
+                "worker",
+                "--parent-fd",
+                str(theirs.fileno()),
+                "--log-level",
+                level,
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._relay = Relay(ours, self._bus, on_closed=lambda: None)
+        self._relay.start(asyncio.get_running_loop())
+        log.info("embedded worker started (pid %d)", self._process.pid)
+
+    async def _supervise(self) -> None:
+        delay = _RESTART_DELAY[0]
+        while True:
+            assert self._process is not None
+            began = time.monotonic()
+            code = await self._process.wait()
+            if self._stopping:
+                return
+            self._close_relay()
+            if time.monotonic() - began > _HEALTHY_AFTER:
+                delay = _RESTART_DELAY[0]
+            log.error("embedded worker exited with %s; restarting in %.0f s", code, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESTART_DELAY[1])
+            try:
+                await self._spawn()
+            except OSError:
+                log.exception("starting the embedded worker failed")
+
+    def _close_relay(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
+
+    async def stop(self) -> None:
+        """Ask the child to stop (it ends its attempts within the kill grace), then wait."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        process = self._process
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), self._stop_grace + 10)
+            except TimeoutError:
+                log.error("embedded worker did not stop in time; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        self._close_relay()
