@@ -208,13 +208,17 @@ class Worker:
         flusher = asyncio.create_task(buffer.flush_periodically(output_done))
         outcome = Outcome(RunStatus.FAILED, None, "the attempt ended without a result")
         try:
-            secrets = await to_thread.run_sync(
-                secret_store.resolve,
-                self.store,
-                self.vault,
-                claim.automation.secrets,
-                claim.automation.name,
-                claim.run.environment,
+            secrets = (
+                await to_thread.run_sync(
+                    secret_store.resolve,
+                    self.store,
+                    self.vault,
+                    claim.automation.secrets,
+                    claim.automation.name,
+                    claim.run.environment,
+                )
+                if claim.automation.secrets
+                else {}
             )
             attempt = self.attempt_for(claim, secrets)
             async with contextlib.aclosing(run_attempt(attempt, stop)) as events:

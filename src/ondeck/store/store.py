@@ -18,7 +18,7 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -66,6 +66,53 @@ _AUDIT_LOCK = 0x0ADA0D17  # serialises appends to the audit chain on PostgreSQL
 
 __all__ = ["IntegrityError", "Store", "Transaction"]
 
+# Statements every run goes through, built once. SQLAlchemy then skips building the
+# statement and its cache key on each call, which was most of the CPU of admitting,
+# claiming and finishing a run. Values come as bound parameters.
+_CURRENT_VERSION = (
+    select(automation_versions)
+    .join(
+        automations,
+        and_(
+            automations.c.name == automation_versions.c.name,
+            automations.c.current_version == automation_versions.c.version,
+        ),
+    )
+    .where(automations.c.name == bindparam("name"))
+)
+_VERSION = select(automation_versions).where(
+    automation_versions.c.name == bindparam("name"), automation_versions.c.version == bindparam("version")
+)
+_INSERT_RUN = insert(runs)
+_GET_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
+_GET_RUN_LOCKED = _GET_RUN.with_for_update()
+# No SET clause: it is made from the column values passed with the bound parameters.
+_MOVE_RUN = update(runs).where(runs.c.id == bindparam("_run_id"), runs.c.status == bindparam("_from"))
+_INSERT_TRANSITION = insert(run_transitions)
+_INSERT_ATTEMPT = insert(attempts)
+_FINISH_ATTEMPT = update(attempts).where(
+    attempts.c.run_id == bindparam("_run_id"), attempts.c.number == bindparam("_number")
+)
+_RELEASE_SLOT = delete(concurrency_slots).where(concurrency_slots.c.run_id == bindparam("run_id"))
+_COUNT_LOGS = (
+    update(runs)
+    .where(runs.c.id == bindparam("run_id"))
+    .values(log_seq=runs.c.log_seq + bindparam("count"), log_bytes=runs.c.log_bytes + bindparam("size"))
+    .returning(runs.c.log_seq)
+)
+_INSERT_LOGS = insert(log_entries)
+_NOTIFY = text("SELECT pg_notify(:c, :p)")
+_LAST_AUDIT_HASH = select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1)
+_INSERT_AUDIT = insert(audit_entries).returning(audit_entries.c.id)
+_AUDIT_LOCK_SQL = text("SELECT pg_advisory_xact_lock(:k)")
+_COUNT_RATE = {
+    name: dialect.insert(rate_counters)
+    .values(key=bindparam("key"), window=bindparam("window"), count=1)
+    .on_conflict_do_update(index_elements=["key", "window"], set_={"count": rate_counters.c.count + 1})
+    .returning(rate_counters.c.count)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+
 
 def _run(row: Any) -> Run:
     values = {name: getattr(row, name) for name in _RUN_FIELDS}
@@ -102,7 +149,7 @@ class Transaction:
         """Wake listeners after commit (in this process, and on PostgreSQL everywhere)."""
         self.notifications.append((channel, payload))
         if self.postgres:
-            self._c.execute(text("SELECT pg_notify(:c, :p)"), {"c": f"ondeck_{channel}", "p": payload})
+            self._c.execute(_NOTIFY, {"c": f"ondeck_{channel}", "p": payload})
 
     def ping(self) -> None:
         self._c.execute(text("SELECT 1"))
@@ -110,25 +157,11 @@ class Transaction:
     # --- automations -------------------------------------------------------
 
     def current_automation(self, name: str) -> AutomationVersion | None:
-        row = self._c.execute(
-            select(automation_versions)
-            .join(
-                automations,
-                and_(
-                    automations.c.name == automation_versions.c.name,
-                    automations.c.current_version == automation_versions.c.version,
-                ),
-            )
-            .where(automations.c.name == name)
-        ).first()
+        row = self._c.execute(_CURRENT_VERSION, {"name": name}).first()
         return _version(row) if row else None
 
     def automation_version(self, name: str, version: int) -> AutomationVersion | None:
-        row = self._c.execute(
-            select(automation_versions).where(
-                automation_versions.c.name == name, automation_versions.c.version == version
-            )
-        ).first()
+        row = self._c.execute(_VERSION, {"name": name, "version": version}).first()
         return _version(row) if row else None
 
     def current_automations(self) -> list[AutomationVersion]:
@@ -174,14 +207,11 @@ class Transaction:
     def insert_run(self, run: Run, reason: str) -> None:
         values = {name: getattr(run, name) for name in _RUN_FIELDS}
         values["status"] = str(run.status)
-        self._c.execute(insert(runs).values(**values))
+        self._c.execute(_INSERT_RUN, values)
         self._transition(run.id, None, run.status, run.created_at, reason)
 
     def get_run(self, run_id: str, *, lock: bool = False) -> Run | None:
-        query = select(runs).where(runs.c.id == run_id)
-        if lock:
-            query = query.with_for_update()
-        row = self._c.execute(query).first()
+        row = self._c.execute(_GET_RUN_LOCKED if lock else _GET_RUN, {"run_id": run_id}).first()
         return _run(row) if row else None
 
     def list_runs(
@@ -219,9 +249,7 @@ class Transaction:
         so two processes can never both move the same run.
         """
         result = self._c.execute(
-            update(runs)
-            .where(runs.c.id == run_id, runs.c.status == str(from_status))
-            .values(status=str(to_status), **values)
+            _MOVE_RUN, {"_run_id": run_id, "_from": str(from_status), "status": str(to_status), **values}
         )
         if result.rowcount != 1:
             return False
@@ -236,9 +264,14 @@ class Transaction:
         self, run_id: str, from_status: str | None, to_status: str, now: datetime, reason: str
     ) -> None:
         self._c.execute(
-            insert(run_transitions).values(
-                run_id=run_id, from_status=from_status, to_status=str(to_status), at=now, reason=reason
-            )
+            _INSERT_TRANSITION,
+            {
+                "run_id": run_id,
+                "from_status": from_status,
+                "to_status": str(to_status),
+                "at": now,
+                "reason": reason,
+            },
         )
 
     def transitions(self, run_id: str) -> list[Transition]:
@@ -292,7 +325,7 @@ class Transaction:
         return False
 
     def release_slot(self, run_id: str) -> None:
-        self._c.execute(delete(concurrency_slots).where(concurrency_slots.c.run_id == run_id))
+        self._c.execute(_RELEASE_SLOT, {"run_id": run_id})
 
     def lock_concurrency_key(self, key: str) -> None:
         """Serialise admissions for one key (SQLite writers are serial already)."""
@@ -331,9 +364,8 @@ class Transaction:
 
     def insert_attempt(self, run_id: str, number: int, worker: str, now: datetime) -> None:
         self._c.execute(
-            insert(attempts).values(
-                run_id=run_id, number=number, worker=worker, status="running", started_at=now
-            )
+            _INSERT_ATTEMPT,
+            {"run_id": run_id, "number": number, "worker": worker, "status": "running", "started_at": now},
         )
 
     def finish_attempt(
@@ -346,9 +378,15 @@ class Transaction:
         now: datetime,
     ) -> None:
         self._c.execute(
-            update(attempts)
-            .where(attempts.c.run_id == run_id, attempts.c.number == number)
-            .values(status=status, exit_code=exit_code, error=error, finished_at=now)
+            _FINISH_ATTEMPT,
+            {
+                "_run_id": run_id,
+                "_number": number,
+                "status": status,
+                "exit_code": exit_code,
+                "error": error,
+                "finished_at": now,
+            },
         )
 
     def attempts(self, run_id: str) -> list[AttemptRecord]:
@@ -367,14 +405,11 @@ class Transaction:
             return
         size = sum(len(chunk.text.encode()) for chunk in chunks)
         last: int = self._c.execute(
-            update(runs)
-            .where(runs.c.id == run_id)
-            .values(log_seq=runs.c.log_seq + len(chunks), log_bytes=runs.c.log_bytes + size)
-            .returning(runs.c.log_seq)
+            _COUNT_LOGS, {"run_id": run_id, "count": len(chunks), "size": size}
         ).scalar_one()
         first = last - len(chunks) + 1
         self._c.execute(
-            insert(log_entries),
+            _INSERT_LOGS,
             [
                 {
                     "run_id": run_id,
@@ -510,26 +545,22 @@ class Transaction:
         self, actor: str, action: str, target: str, detail: dict[str, Any], now: datetime
     ) -> AuditEntry:
         """Append to the chain; appends are serialised so the chain never forks."""
-        if self.postgres:
-            self._c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK})
-        prev = self._c.execute(
-            select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1)
-        ).scalar()
-        prev_hash = prev or GENESIS
         body = canonical_detail(detail)
+        if self.postgres:
+            self._c.execute(_AUDIT_LOCK_SQL, {"k": _AUDIT_LOCK})
+        prev_hash = self._c.execute(_LAST_AUDIT_HASH).scalar() or GENESIS
         digest = chain_hash(prev_hash, now, actor, action, target, body)
         entry_id: int = self._c.execute(
-            insert(audit_entries)
-            .values(
-                at=now,
-                actor=actor,
-                action=action,
-                target=target,
-                detail=body,
-                prev_hash=prev_hash,
-                hash=digest,
-            )
-            .returning(audit_entries.c.id)
+            _INSERT_AUDIT,
+            {
+                "at": now,
+                "actor": actor,
+                "action": action,
+                "target": target,
+                "detail": body,
+                "prev_hash": prev_hash,
+                "hash": digest,
+            },
         ).scalar_one()
         return AuditEntry(entry_id, now, actor, action, target, detail, prev_hash, digest)
 
@@ -603,12 +634,8 @@ class Transaction:
 
     def count_in_window(self, key: str, window: int) -> int:
         """Add one to the counter of ``key`` for ``window``; returns the new count (atomic)."""
-        dialect = postgresql if self.postgres else sqlite
-        statement = dialect.insert(rate_counters).values(key=key, window=window, count=1)
-        statement = statement.on_conflict_do_update(
-            index_elements=["key", "window"], set_={"count": rate_counters.c.count + 1}
-        ).returning(rate_counters.c.count)
-        return int(self._c.execute(statement).scalar_one())
+        statement = _COUNT_RATE[self._c.dialect.name]
+        return int(self._c.execute(statement, {"key": key, "window": window}).scalar_one())
 
     def purge_counters(self, before_window: int) -> None:
         self._c.execute(delete(rate_counters).where(rate_counters.c.window < before_window))
