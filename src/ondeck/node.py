@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class Node:
         # Database threads give the GIL back to the event loop sooner, so a busy loop does not
         # stall every statement (and the SQLite write lock held around it) by 5 ms each time.
         sys.setswitchinterval(0.001)
+        _watch_children_with_pidfds()
         self.bus.bind(asyncio.get_running_loop())
         self.store.subscribe(self.bus.from_thread)
         await to_thread.run_sync(self.store.upgrade)
@@ -178,6 +180,23 @@ class Node:
         if self._listener is not None:
             await to_thread.run_sync(self._listener.stop)
         self.store.dispose()
+
+
+def _watch_children_with_pidfds() -> None:
+    """Learn of exited run processes from pidfds in the event loop (Python 3.12 does so
+    by default), not from a thread started per process, which cost 8-10% of the
+    worker's CPU per trivial run."""
+    if sys.version_info >= (3, 12):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return  # a kernel before 5.3: keep asyncio's thread-based watcher
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_child_watcher(watcher)
 
 
 def _callback_secret(data_dir: Path) -> str:
