@@ -389,6 +389,10 @@ def server(
     )
 
 
+def _ignore() -> None:
+    pass
+
+
 @app.command("worker")
 def worker_command(
     concurrency: Annotated[int | None, typer.Option(help="Runs at once (ONDECK_WORKER_CONCURRENCY).")] = None,
@@ -419,7 +423,10 @@ def worker_command(
         stop = node.detached
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            # An embedded worker stops when its server closes the socket, not on signals
+            # sent to the whole group (see worker_process). A handler, not SIG_IGN: runs
+            # must not inherit an ignored SIGTERM.
+            loop.add_signal_handler(signum, stop.set if parent_fd is None else _ignore)
         await node.start()
         await stop.wait()
         await node.stop()

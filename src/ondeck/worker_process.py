@@ -7,7 +7,11 @@ As a child it has its own, so on two cores the API and the runs each get one.
 
 The child is ``ondeck worker`` with the server's environment. A socketpair joins
 the two: it carries wake-ups both ways on SQLite (see ``wakeup.Relay``), and its
-closing tells the child that the server is gone, so the child never outlives it.
+closing is the only thing that stops the child: the server closes it to stop the
+worker, and the kernel closes it if the server dies, so the child never outlives
+it. Signals meant for the whole process group (Ctrl-C, a service manager's stop)
+are left to the server, which may still be draining requests: a child that
+stopped on them would be restarted and pick up its runs again mid-shutdown.
 If the child dies, it is started again; the reaper ends whatever it was running.
 """
 
@@ -26,6 +30,7 @@ from ondeck.store.store import Store
 log = logging.getLogger(__name__)
 _RESTART_DELAY = (1.0, 30.0)  # first, and most, seconds between restarts
 _HEALTHY_AFTER = 60.0  # a child that lived this long restarts without delay
+_STOP_MARGIN = 20.0  # beyond the kill grace: time for the child to record its results
 
 
 class WorkerProcess:
@@ -88,8 +93,8 @@ class WorkerProcess:
             delay = min(delay * 2, _RESTART_DELAY[1])
             try:
                 await self._spawn()
-            except OSError:
-                log.exception("starting the embedded worker failed")
+            except Exception:
+                log.exception("starting the embedded worker failed; will retry")
 
     def _close_relay(self) -> None:
         if self._relay is not None:
@@ -97,18 +102,19 @@ class WorkerProcess:
             self._relay = None
 
     async def stop(self) -> None:
-        """Ask the child to stop (it ends its attempts within the kill grace), then wait."""
+        """Close the socket, which stops the child (it ends its attempts within the kill
+        grace and records them), then wait for it."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._close_relay()
         process = self._process
         if process is not None and process.returncode is None:
-            process.terminate()
             try:
-                await asyncio.wait_for(process.wait(), self._stop_grace + 10)
+                await asyncio.wait_for(process.wait(), self._stop_grace + _STOP_MARGIN)
             except TimeoutError:
                 log.error("embedded worker did not stop in time; killing it")
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
-        self._close_relay()

@@ -477,6 +477,44 @@ def test_embedded_worker_is_a_child_that_is_restarted_and_dies_with_its_server(
     wait_until(lambda: not _alive(second[0]), timeout=30, message="the worker to stop with its server")
 
 
+def test_a_stop_signal_to_server_and_worker_together_stops_both_without_a_restart(
+    start_server: Callable[..., tuple[Server, dict[str, str]]], run_ids: list[str]
+) -> None:
+    """As Ctrl-C in a terminal or a service manager's stop signals the whole group."""
+    server, _ = start_server()
+    (child,) = wait_until(lambda: embedded_workers(server.pid), timeout=30, message="the embedded worker")
+    name = unique_name("group-stop")
+    with server.client() as client:
+        script = f"echo started; sleep {unique_sleep(60)}"
+        runs_as = {"runtime": "bash", "script": script}
+        put_automation(client, {"name": name, "run": runs_as, "retries": {"attempts": 3, "backoff": "0s"}})
+        run_ids.append(run_id := trigger(client, name)["id"])
+        wait_running(client, run_id)
+
+        # An open log stream keeps the server draining for a while after the signal: the
+        # time in which a worker that stopped on the signal would have been started again.
+        with client.stream("GET", f"/runs/{run_id}/logs/stream") as stream:
+            assert stream.status_code == 200
+            for pid in (server.pid, child):
+                os.kill(pid, signal.SIGTERM)
+            assert server.process is not None
+            server.process.wait(timeout=60)
+    wait_until(lambda: not _alive(child), timeout=30, message="the worker to stop")
+    assert "restarting" not in server.log()
+    assert embedded_workers(server.pid) == []
+    assert run_processes(run_id) == []
+
+    # The attempt was ended once, by the worker shutting down; its retry waits in the queue
+    # instead of starting on a worker restarted during the shutdown.
+    again, _ = start_server(["--no-worker"])
+    with again.client() as client:
+        run = get_run(client, run_id)
+    assert run["status"] == "queued", run
+    assert [(a["status"], a["error"]) for a in run["attempts"]] == [
+        ("failed", "worker shut down during the attempt")
+    ]
+
+
 # --- 4. an output flood is capped and does not stall the server ------------------
 
 
