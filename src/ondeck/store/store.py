@@ -69,17 +69,14 @@ __all__ = ["IntegrityError", "Store", "Transaction"]
 # Statements every run goes through, built once. SQLAlchemy then skips building the
 # statement and its cache key on each call, which was most of the CPU of admitting,
 # claiming and finishing a run. Values come as bound parameters.
-_CURRENT_VERSION = (
-    select(automation_versions)
-    .join(
-        automations,
-        and_(
-            automations.c.name == automation_versions.c.name,
-            automations.c.current_version == automation_versions.c.version,
-        ),
-    )
-    .where(automations.c.name == bindparam("name"))
+_CURRENT_VERSIONS = select(automation_versions).join(
+    automations,
+    and_(
+        automations.c.name == automation_versions.c.name,
+        automations.c.current_version == automation_versions.c.version,
+    ),
 )
+_CURRENT_VERSION = _CURRENT_VERSIONS.where(automations.c.name == bindparam("name"))
 _VERSION = select(automation_versions).where(
     automation_versions.c.name == bindparam("name"), automation_versions.c.version == bindparam("version")
 )
@@ -165,17 +162,7 @@ class Transaction:
         return _version(row) if row else None
 
     def current_automations(self) -> list[AutomationVersion]:
-        rows = self._c.execute(
-            select(automation_versions)
-            .join(
-                automations,
-                and_(
-                    automations.c.name == automation_versions.c.name,
-                    automations.c.current_version == automation_versions.c.version,
-                ),
-            )
-            .order_by(automation_versions.c.name)
-        )
+        rows = self._c.execute(_CURRENT_VERSIONS.order_by(automation_versions.c.name))
         return [_version(row) for row in rows]
 
     def save_automation_version(
