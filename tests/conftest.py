@@ -53,20 +53,25 @@ def store(database_url: str) -> Iterator[Store]:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One real ``ondeck server`` (with its worker) per module and backend."""
+def module_database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, str]]:
+    """A data directory (with an empty automations dir) and a database, per module and backend."""
     data = tmp_path_factory.mktemp("server")
     (data / "automations").mkdir()
     if request.param == "sqlite":
-        urls: Iterator[str] = iter([f"sqlite:///{data / 'ondeck.db'}"])
+        yield data, f"sqlite:///{data / 'ondeck.db'}"
     else:
         request.getfixturevalue("pg_reachable")
-        urls = pg_schema_url()
-    url = next(urls)
+        yield from ((data, url) for url in pg_schema_url())  # drops the schema afterwards
+
+
+@pytest.fixture(scope="module")
+def server(module_database: tuple[Path, str]) -> Iterator[Server]:
+    """One real ``ondeck server`` (with its worker) per module and backend."""
+    data, url = module_database
     proc = Server(base_env(data, url, ONDECK_WORKER_CONCURRENCY="8"), data / "server.log").start()
     try:
         yield proc
     finally:
         proc.stop()
-        for _ in urls:  # drops the PostgreSQL schema
-            pass

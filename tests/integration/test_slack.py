@@ -29,7 +29,7 @@ from ondeck.spec.loader import parse_definition
 from ondeck.store.store import Store
 from ondeck.triggers import slack
 from ondeck.triggers.slack import SlashCommand
-from tests.support import Server, base_env, pg_schema_url, put_automation, wait_for_run, wait_until
+from tests.support import Server, base_env, put_automation, wait_for_run, wait_until
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 OPS, APPROVER, REVOKED, GHOST, STRANGER = "UOPS0001", "UAPPR0001", "UREVOKED1", "UGHOST001", "USTRANGER"
@@ -172,21 +172,13 @@ def receiver() -> Iterator[Receiver]:
     made.close()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def chat(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
-) -> Iterator[Slack]:
-    data = tmp_path_factory.mktemp("slack")
-    (data / "automations").mkdir()
-    if request.param == "sqlite":
-        urls: Iterator[str] = iter([f"sqlite:///{data / 'ondeck.db'}"])
-    else:
-        request.getfixturevalue("pg_reachable")
-        urls = pg_schema_url()
+@pytest.fixture(scope="module")
+def chat(module_database: tuple[Path, str], receiver: Receiver) -> Iterator[Slack]:
+    data, url = module_database
     users = f"{OPS}=slack-ops,{APPROVER}=slack-approver,{REVOKED}=slack-revoked,{GHOST}=no-such-token"
     env = base_env(
         data,
-        next(urls),
+        url,
         ONDECK_SLACK_SIGNING_SECRET=SECRET,
         ONDECK_SLACK_USERS=users,
         ONDECK_CALLBACK_ALLOW="127.0.0.0/8",
@@ -208,8 +200,6 @@ def chat(
             yield Slack(server, admin, receiver)
     finally:
         server.stop()
-        for _ in urls:  # drops the PostgreSQL schema
-            pass
 
 
 def _run_id(text: str) -> str:
