@@ -1,16 +1,24 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LAUNCHER := $(VENV)/bin/ondeck-launch
 
 .PHONY: install run test lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(LAUNCHER)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The program that starts each run (PID namespace, limits, one exec). Static where the C
+# library allows, so starting it links nothing; without a C compiler, runs start through
+# setpriv, unshare and prlimit instead (about 2 ms more CPU each).
+$(LAUNCHER): src/ondeck/runner/launch.c $(STAMP)
+	$(CC) -O2 -Wall -Wextra -static -o $@ $< 2>/dev/null || $(CC) -O2 -Wall -Wextra -o $@ $< \
+		|| echo "warning: no C compiler; runs will start through setpriv/unshare/prlimit"
 
 run: install
 	$(VENV)/bin/ondeck server

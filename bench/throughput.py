@@ -45,11 +45,14 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ondeck.runner import isolation
+from ondeck.runner.attempt import ResourceLimits
 from tests.support import TERMINAL, base_env, free_port, pg_schema_url
 
 CLIENTS = 32
 CONCURRENCY = "16"
 ACTIVE = "pending,waiting_approval,queued,running"
+LIMITS = ResourceLimits(memory_bytes=4 << 30, cpu_seconds=3600, processes=4096, file_size_bytes=1 << 30)
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -105,28 +108,15 @@ class Figures:
 # --- bare process spawn -----------------------------------------------------------
 
 
-def isolation_prefix() -> list[str]:
-    """The PID-namespace wrapper newer runners put in front of prlimit (ONDECK_ISOLATE), if usable here."""
-    setpriv, unshare = shutil.which("setpriv"), shutil.which("unshare")
-    if not (setpriv and unshare):
-        return []
-    prefix = [setpriv, "--pdeathsig", "KILL", "--", unshare, "--pid", "--fork", "--kill-child"]
-    if os.geteuid() != 0:
-        prefix += ["--user", "--map-current-user"]
-    prefix.append("--")
-    probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False)
-    return prefix if probe.returncode == 0 else []
-
-
 def measure_spawn(count: int) -> dict[str, tuple[list[float], list[float]]]:
     """Per variant: seconds until create_subprocess_exec returned, and until the process exited.
 
-    Variants: the brief's prlimit + bash under uvloop and stdlib asyncio, and (where the host
-    allows it) the same behind the PID-namespace wrapper, under uvloop.
+    Variants: the issue's bare prlimit + bash under uvloop and stdlib asyncio, and bash
+    started the way the runner starts it here (PID namespace and limits; see
+    ondeck.runner.isolation) under stdlib asyncio, which the server uses.
     """
-    prlimit = shutil.which("prlimit")
-    limits = ["--as=4294967296", "--cpu=3600", "--nproc=4096", "--fsize=1073741824", "--core=0", "--"]
-    prefix = [prlimit, *limits] if prlimit else []
+    mode = isolation.best()
+    prefix = isolation.command(isolation.GROUP, LIMITS)
     results: dict[str, tuple[list[float], list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "script.sh"
@@ -158,11 +148,9 @@ def measure_spawn(count: int) -> dict[str, tuple[list[float], list[float]]]:
             run = uvloop.run
             results["uvloop"] = run(spawn_all(argv))
         results["asyncio"] = asyncio.run(spawn_all(argv))
-        isolated = isolation_prefix()
-        if isolated:
-            results["uvloop, PID namespace" if run is not asyncio.run else "asyncio, PID namespace"] = run(
-                spawn_all([*isolated, *argv])
-            )
+        if mode != isolation.GROUP:
+            isolated = [*isolation.command(mode, LIMITS), *argv[len(prefix) :]]
+            results[f"asyncio, {mode}"] = asyncio.run(spawn_all(isolated))
     return results
 
 
@@ -531,9 +519,9 @@ def main() -> None:
         )
     # What the server pays: `ondeck server` runs on stdlib asyncio (vfork; see cli.server).
     spawns = {"bare spawn": statistics.median(spawn["asyncio"][1])}
-    namespaced = [name for name in spawn if "namespace" in name]
-    if namespaced:
-        spawns["namespaced spawn"] = statistics.median(spawn[namespaced[0]][1])
+    isolated = [name for name in spawn if name not in ("asyncio", "uvloop")]
+    if isolated:
+        spawns["namespaced spawn"] = statistics.median(spawn[isolated[0]][1])
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     results = [bench_backend(args, backend, spawns) for backend in backends]
 

@@ -100,7 +100,7 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
         self.lease = timedelta(seconds=settings.lease_seconds)
         self._definitions = DefinitionCache()
-        self.isolation = isolation.prefix() if settings.isolate else ()
+        self.isolation = isolation.best() if settings.isolate else isolation.GROUP
         self._active: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -115,11 +115,11 @@ class Worker:
         """Claim and execute until ``stop`` is set; then stop in-flight attempts."""
         heartbeat = asyncio.create_task(self._heartbeat())
         log.info(
-            "worker %s started (group %s, concurrency %d, %s)",
+            "worker %s started (group %s, concurrency %d, isolation: %s)",
             self.id,
             self.group,
             self.concurrency,
-            "PID namespace per attempt" if self.isolation else "process group per attempt",
+            self.isolation,
         )
         try:
             while not stop.is_set():

@@ -34,8 +34,8 @@ class Attempt:
     extra_env: dict[str, str] = field(default_factory=dict)
     # Values (the run's secrets) replaced by *** in everything the attempt reports.
     redact: tuple[str, ...] = ()
-    # Command prefix that puts the attempt in its own PID namespace (see runner.isolation).
-    isolation: tuple[str, ...] = ()
+    # How the process is started and contained: see runner.isolation.
+    isolation: str = "group"
 
 
 @dataclass(frozen=True)

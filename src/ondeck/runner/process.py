@@ -10,7 +10,6 @@ import asyncio
 import codecs
 import json
 import re
-import shutil
 import signal
 import sys
 from collections.abc import AsyncGenerator
@@ -20,13 +19,12 @@ from typing import Any
 from ondeck.domain import LogChunk, Outcome, RunStatus, utcnow
 from ondeck.durations import format_duration
 from ondeck.masking import Masker, StreamMasker
-from ondeck.runner import processes
-from ondeck.runner.attempt import Attempt, Event, Finished, Output, ResourceLimits, Started
+from ondeck.runner import isolation, processes
+from ondeck.runner.attempt import Attempt, Event, Finished, Output, Started
 from ondeck.runner.workspace import Workspace
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENTRY = Path(__file__).with_name("python_entry.py")
-_PRLIMIT = shutil.which("prlimit")
 _READ_SIZE = 64 * 1024
 _OUTPUTS_MAX = 1024 * 1024
 _EOF = object()
@@ -66,20 +64,6 @@ def build_env(attempt: Attempt, workspace: Workspace) -> dict[str, str]:
     return env
 
 
-def _limit_prefix(limits: ResourceLimits) -> list[str]:
-    if _PRLIMIT is None:
-        return []
-    return [
-        _PRLIMIT,
-        f"--as={limits.memory_bytes}",
-        f"--cpu={limits.cpu_seconds}",
-        f"--nproc={limits.processes}",
-        f"--fsize={limits.file_size_bytes}",
-        "--core=0",
-        "--",
-    ]
-
-
 def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
     if attempt.runtime == "exec":
         program = attempt.args
@@ -95,7 +79,7 @@ def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
             program = [sys.executable, "-I", str(_ENTRY), str(script)]
         else:
             program = [sys.executable, "-I", str(script), *attempt.args]
-    return [*attempt.isolation, *_limit_prefix(attempt.limits), *program]
+    return [*isolation.command(attempt.isolation, attempt.limits), *program]
 
 
 class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
@@ -296,12 +280,10 @@ async def _stop_when_due(
     reason = None
     if exited not in done:
         reason = "cancel" if cancel.is_set() else "timeout"
+    if reason is not None or processes.group_alive(pid):
+        spare_leader = attempt.isolation != isolation.GROUP
         await processes.terminate(
-            pid, attempt.run_id, attempt.number, attempt.kill_grace, spare_leader=bool(attempt.isolation)
-        )
-    elif processes.group_alive(pid):
-        await processes.terminate(
-            pid, attempt.run_id, attempt.number, attempt.kill_grace, spare_leader=bool(attempt.isolation)
+            pid, attempt.run_id, attempt.number, attempt.kill_grace, spare_leader=spare_leader
         )
     await exited
     return reason

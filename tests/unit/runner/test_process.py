@@ -19,14 +19,12 @@ from tests.support import wait_until
 LIMITS = ResourceLimits(memory_bytes=2 << 30, cpu_seconds=60, processes=4096, file_size_bytes=1 << 30)
 
 
-@pytest.fixture(params=["namespace", "group"])
-def contained(request: pytest.FixtureRequest) -> tuple[str, ...]:
-    """Run a test with a PID namespace per attempt, and with the process-group fallback."""
-    if request.param == "group":
-        return ()
-    prefix = isolation.prefix()
-    assert prefix, "this host should support PID namespaces (setpriv + unshare)"
-    return prefix
+@pytest.fixture(params=[isolation.LAUNCHER, isolation.NAMESPACE, isolation.GROUP])
+def contained(request: pytest.FixtureRequest) -> str:
+    """Run a test with each way of starting an attempt (see runner.isolation)."""
+    mode: str = request.param
+    assert isolation.available(mode), f"this host should support isolation by {mode} (make install)"
+    return mode
 
 
 def make(tmp_path: Path, script: str | None, **fields: Any) -> Attempt:
@@ -65,7 +63,7 @@ def execute(attempt: Attempt, cancel_after: float | None = None) -> tuple[Outcom
     return asyncio.run(go())
 
 
-def test_params_are_inert_data(tmp_path: Path, contained: tuple[str, ...]) -> None:
+def test_params_are_inert_data(tmp_path: Path, contained: str) -> None:
     marker = tmp_path / "pwned"
     evil = f"$(touch {marker}); `touch {marker}`; rm -rf ~"
     script = 'echo "[$ONDECK_PARAM_TARGET]"; cat "$ONDECK_PARAMS"'
@@ -109,15 +107,16 @@ def test_outputs_that_are_not_an_object_fail_the_run(tmp_path: Path) -> None:
     assert outcome.status == RunStatus.FAILED and "JSON object" in (outcome.error or "")
 
 
-def test_exit_code_is_recorded(tmp_path: Path, contained: tuple[str, ...]) -> None:
+def test_exit_code_is_recorded(tmp_path: Path, contained: str) -> None:
     outcome, _ = execute(make(tmp_path, "exit 7", isolation=contained))
     assert (outcome.status, outcome.exit_code, outcome.error) == (RunStatus.FAILED, 7, "exit code 7")
 
 
-def test_supervisor_death_kills_every_process_of_the_attempt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [isolation.LAUNCHER, isolation.NAMESPACE])
+def test_supervisor_death_kills_every_process_of_the_attempt(mode: str) -> None:
     """kill -9 of the process holding the attempt (the worker) leaves nothing running."""
     marker = f"ONDECK_RUN_ID=orphan-{time.monotonic_ns()}"
-    prefix = " ".join(isolation.prefix())
+    prefix = " ".join(isolation.command(mode, LIMITS))
     holder = subprocess.Popen(
         [
             "bash",
@@ -141,7 +140,7 @@ def test_bash_stops_at_the_first_failure(tmp_path: Path) -> None:
     assert outcome.status == RunStatus.FAILED and "unreachable" not in text
 
 
-def test_timeout_kills_the_whole_group(tmp_path: Path, contained: tuple[str, ...]) -> None:
+def test_timeout_kills_the_whole_group(tmp_path: Path, contained: str) -> None:
     attempt = make(
         tmp_path,
         "sleep 300.321 & (sleep 301.321; echo) & setsid sleep 302.321 & sleep 1000",
@@ -155,7 +154,7 @@ def test_timeout_kills_the_whole_group(tmp_path: Path, contained: tuple[str, ...
     assert processes.tagged_processes(attempt.run_id, 1) == []
 
 
-def test_term_ignoring_script_is_killed_after_grace(tmp_path: Path, contained: tuple[str, ...]) -> None:
+def test_term_ignoring_script_is_killed_after_grace(tmp_path: Path, contained: str) -> None:
     attempt = make(
         tmp_path, "trap '' TERM; echo ready; sleep 1000", timeout=0.5, kill_grace=0.5, isolation=contained
     )
@@ -164,23 +163,21 @@ def test_term_ignoring_script_is_killed_after_grace(tmp_path: Path, contained: t
     assert processes.tagged_processes(attempt.run_id, 1) == []
 
 
-def test_cancel_stops_the_attempt(tmp_path: Path, contained: tuple[str, ...]) -> None:
+def test_cancel_stops_the_attempt(tmp_path: Path, contained: str) -> None:
     attempt = make(tmp_path, "sleep 1000", isolation=contained)
     outcome, _ = execute(attempt, cancel_after=0.3)
     assert outcome.status == RunStatus.CANCELLED
     assert processes.tagged_processes(attempt.run_id, 1) == []
 
 
-def test_background_children_do_not_outlive_a_finished_run(
-    tmp_path: Path, contained: tuple[str, ...]
-) -> None:
+def test_background_children_do_not_outlive_a_finished_run(tmp_path: Path, contained: str) -> None:
     attempt = make(tmp_path, "sleep 303.321 & echo done", isolation=contained)
     outcome, text = execute(attempt)
     assert outcome.status == RunStatus.SUCCEEDED and "done" in text
     assert processes.tagged_processes(attempt.run_id, 1) == []
 
 
-def test_output_is_capped_and_pipes_are_drained(tmp_path: Path, contained: tuple[str, ...]) -> None:
+def test_output_is_capped_and_pipes_are_drained(tmp_path: Path, contained: str) -> None:
     attempt = make(
         tmp_path,
         "head -c 5000000 /dev/zero | tr '\\0' y; echo; echo finished >&2",
@@ -204,17 +201,36 @@ def test_both_streams_are_captured_and_labelled(tmp_path: Path) -> None:
     assert asyncio.run(go()) == {"stdout": "out\n", "stderr": "err\n"}
 
 
-def test_memory_limit_applies(tmp_path: Path) -> None:
+def test_memory_limit_applies(tmp_path: Path, contained: str) -> None:
     limits = ResourceLimits(memory_bytes=200 << 20, cpu_seconds=60, processes=4096, file_size_bytes=1 << 30)
     script = "python3 -c 'x = bytearray(500 * 1024 * 1024)'"
-    outcome, text = execute(make(tmp_path, script, limits=limits))
+    outcome, text = execute(make(tmp_path, script, limits=limits, isolation=contained))
     assert outcome.status == RunStatus.FAILED and "MemoryError" in text
 
 
-def test_file_size_limit_applies(tmp_path: Path) -> None:
+def test_file_size_limit_applies(tmp_path: Path, contained: str) -> None:
     limits = ResourceLimits(memory_bytes=2 << 30, cpu_seconds=60, processes=4096, file_size_bytes=1 << 20)
-    outcome, _ = execute(make(tmp_path, "head -c 5000000 /dev/zero > big", limits=limits))
+    script = "head -c 5000000 /dev/zero > big"
+    outcome, _ = execute(make(tmp_path, script, limits=limits, isolation=contained))
     assert outcome.status == RunStatus.FAILED
+
+
+def test_every_limit_is_set_for_the_script_and_its_children(tmp_path: Path, contained: str) -> None:
+    limits = ResourceLimits(memory_bytes=3 << 30, cpu_seconds=77, processes=333, file_size_bytes=5 << 20)
+    script = "bash -c 'ulimit -v; ulimit -t; ulimit -u; ulimit -f; ulimit -c'"
+    outcome, text = execute(make(tmp_path, script, limits=limits, isolation=contained))
+    assert outcome.status == RunStatus.SUCCEEDED
+    # bash's ulimit reports -v and -f in kibibytes.
+    assert text.split() == [str(3 << 20), "77", "333", str(5 << 10), "0"]
+
+
+@pytest.mark.parametrize("mode", [isolation.LAUNCHER, isolation.NAMESPACE])
+def test_the_script_is_pid_1_of_its_own_namespace_and_its_exit_passes_through(
+    tmp_path: Path, mode: str
+) -> None:
+    outcome, text = execute(make(tmp_path, 'echo "pid $$"; exit 3', isolation=mode))
+    assert text == "pid 1\n"
+    assert (outcome.status, outcome.exit_code) == (RunStatus.FAILED, 3)
 
 
 def test_python_main_receives_params_and_returns_outputs(tmp_path: Path) -> None:
