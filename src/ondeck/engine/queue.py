@@ -9,7 +9,7 @@ from typing import Any
 from ondeck.domain import Run, RunStatus, utcnow
 from ondeck.engine import states
 from ondeck.spec.models import Automation
-from ondeck.store.store import Store
+from ondeck.store.store import Store, Transaction
 
 
 @dataclass(frozen=True)
@@ -22,15 +22,17 @@ class Claim:
 
 
 class DefinitionCache:
-    """Versions never change once stored, so each is parsed once per process."""
+    """Versions never change once stored, so each is read and parsed once per process."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, int], Automation] = {}
 
-    def get(self, name: str, version: int, definition: dict[str, object]) -> Automation:
+    def get(self, tx: Transaction, name: str, version: int) -> Automation:
         key = (name, version)
         if key not in self._cache:
-            self._cache[key] = Automation.model_validate(definition)
+            stored = tx.automation_version(name, version)
+            assert stored is not None, f"automation {name} version {version} is missing"
+            self._cache[key] = Automation.model_validate(stored.definition)
         return self._cache[key]
 
 
@@ -75,9 +77,7 @@ def claim(
             ):
                 continue
             tx.insert_attempt(run.id, number, worker, now)
-            version = tx.automation_version(run.automation, run.version)
-            assert version is not None, f"run {run.id} refers to a missing automation version"
-            automation = definitions.get(run.automation, run.version, version.definition)
+            automation = definitions.get(tx, run.automation, run.version)
             claims.append(Claim(replace(run, status=RunStatus.RUNNING, **fields), automation, worker))
     return claims
 

@@ -68,12 +68,12 @@ def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
     if attempt.runtime == "exec":
         program = attempt.args
     elif attempt.runtime == "bash":
-        script = workspace.meta / "script.sh"
+        script = workspace.root / "script.sh"
         script.write_text(attempt.script or "", encoding="utf-8")
         # As GitHub Actions does: no rc files, stop at the first failing command or pipe stage.
         program = ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script), *attempt.args]
     else:
-        script = workspace.meta / "script.py"
+        script = workspace.root / "script.py"
         script.write_text(attempt.script or "", encoding="utf-8")
         if attempt.entrypoint == "main":
             program = [sys.executable, "-I", str(_ENTRY), str(script)]
@@ -99,10 +99,15 @@ class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
             self.exited.set_result(None)
 
 
-def _prepare(attempt: Attempt, workspace: Workspace) -> list[str]:
-    """Write the params file (and the script, via ``build_argv``); return the command."""
-    workspace.params_file.write_text(json.dumps(attempt.params), encoding="utf-8")
-    return build_argv(attempt, workspace)
+def _prepare(attempt: Attempt) -> tuple[Workspace, list[str]]:
+    """Make the workspace with the params file and the script in it; return it and the command."""
+    workspace = Workspace.create(attempt.workspace_root, attempt.run_id, attempt.number)
+    try:
+        workspace.params_file.write_text(json.dumps(attempt.params), encoding="utf-8")
+        return workspace, build_argv(attempt, workspace)
+    except BaseException:
+        workspace.remove()
+        raise
 
 
 class _OutputBudget:
@@ -180,12 +185,9 @@ async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncGenerator
     of the attempt is killed and the workspace removed before this returns.
     """
     # File work happens off the event loop: it must keep serving while disks are slow.
-    workspace = await asyncio.to_thread(
-        Workspace.create, attempt.workspace_root, attempt.run_id, attempt.number
-    )
+    workspace, argv = await asyncio.to_thread(_prepare, attempt)
     process: asyncio.subprocess.Process | None = None
     try:
-        argv = await asyncio.to_thread(_prepare, attempt, workspace)
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.subprocess_exec(

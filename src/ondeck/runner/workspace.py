@@ -12,6 +12,10 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Workspace:
+    """``root`` holds what ondeck writes for the script (params, the script itself) and
+    reads back (outputs); ``work`` and ``tmp`` are the script's. Few directories, because
+    each one is an inode allocated and freed per attempt, which is most of a workspace's cost."""
+
     root: Path
 
     @property
@@ -24,17 +28,12 @@ class Workspace:
         return self.root / "tmp"
 
     @property
-    def meta(self) -> Path:
-        """Files ondeck writes for the script: params, the script itself; outputs come back here."""
-        return self.root / "meta"
-
-    @property
     def params_file(self) -> Path:
-        return self.meta / "params.json"
+        return self.root / "params.json"
 
     @property
     def outputs_file(self) -> Path:
-        return self.meta / "outputs.json"
+        return self.root / "outputs.json"
 
     @classmethod
     def create(cls, parent: Path, run_id: str, attempt: int) -> Workspace:
@@ -42,7 +41,7 @@ class Workspace:
         root = Path(tempfile.mkdtemp(prefix=f"{run_id}-{attempt}-", dir=parent))
         os.chmod(root, 0o700)
         workspace = cls(root)
-        for directory in (workspace.work, workspace.tmp, workspace.meta):
+        for directory in (workspace.work, workspace.tmp):
             directory.mkdir()
         return workspace
 
