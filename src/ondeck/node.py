@@ -139,7 +139,7 @@ class Node:
         reap_interval = min(5.0, max(0.5, self.settings.lease_seconds / 4))
         self._tasks.append(
             asyncio.create_task(
-                reap_forever(self.store, self.settings.workspaces_dir, reap_interval, self._stop)
+                reap_forever(self.store, self.settings.workspace_root, reap_interval, self._stop)
             )
         )
         self.bus.on_delivery(self._delivery_wake.set)

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ONDECK_", extra="ignore")
 
     data_dir: Path = Field(Path(".ondeck"), description="Where the SQLite file and workspaces live.")
+    workspaces_dir: Path | None = Field(
+        None, description="Where runs' workspaces are made; default data_dir/workspaces. tmpfs is cheapest."
+    )
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL; default sqlite under data_dir. Use postgresql+psycopg://… to scale out.",
@@ -69,9 +72,9 @@ class Settings(BaseSettings):
     def idempotency_ttl(self) -> timedelta:
         return timedelta(seconds=self.idempotency_ttl_seconds)
 
-    @property
-    def workspaces_dir(self) -> Path:
-        return self.data_dir / "workspaces"
+    @cached_property
+    def workspace_root(self) -> Path:
+        return (self.workspaces_dir or self.data_dir / "workspaces").resolve()
 
     def resolved_automations_dir(self) -> Path:
         if self.automations_dir is not None:

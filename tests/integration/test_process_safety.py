@@ -132,8 +132,8 @@ def wait_running(client: httpx.Client, run_id: str, timeout: float = 30.0) -> di
     return wait_until(running, timeout=timeout, message=f"run {run_id} to be running")
 
 
-def leftover_workspaces(data_dir: Path, run_id: str) -> list[Path]:
-    root = data_dir / "workspaces"
+def leftover_workspaces(data_dir: Path, run_id: str, root: Path | None = None) -> list[Path]:
+    root = root or data_dir / "workspaces"
     return sorted(root.glob(f"{run_id}-*")) if root.exists() else []
 
 
@@ -345,7 +345,10 @@ def test_killed_worker_run_is_failed_by_the_reaper(
     processes: list[OndeckProcess],
     run_ids: list[str],
 ) -> None:
-    server, env = start_server(["--no-worker"], ONDECK_LEASE_SECONDS=LEASE_SECONDS)
+    workspaces = data_dir / "elsewhere"  # ONDECK_WORKSPACES_DIR: the worker and the reaper use it
+    server, env = start_server(
+        ["--no-worker"], ONDECK_LEASE_SECONDS=LEASE_SECONDS, ONDECK_WORKSPACES_DIR=str(workspaces)
+    )
     name = unique_name("lost")
     with server.client() as client:
         put_automation(
@@ -360,6 +363,7 @@ def test_killed_worker_run_is_failed_by_the_reaper(
         run_ids.append(run_id := trigger(client, name)["id"])
         worker = _start_worker(env, data_dir, processes, "worker")
         _running_on(client, run_id, worker, attempt=1)
+        assert len(leftover_workspaces(data_dir, run_id, workspaces)) == 1
 
         worker.kill(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -382,7 +386,9 @@ def test_killed_worker_run_is_failed_by_the_reaper(
         # reaper removed the attempt's workspace: nothing of the lost attempt lives on.
         wait_until(lambda: run_processes(run_id) == [], timeout=10, message="orphans to die")
         wait_until(
-            lambda: leftover_workspaces(data_dir, run_id) == [], timeout=10, message="workspace removal"
+            lambda: leftover_workspaces(data_dir, run_id, workspaces) == [],
+            timeout=10,
+            message="workspace removal",
         )
 
 

@@ -37,16 +37,16 @@ def append_logs(store: Store, claim: Claim, chunks: Sequence[LogChunk]) -> bool:
         return True
 
 
-def finish(store: Store, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk] = ()) -> Run | None:
-    """Record the attempt's end with its last output; None if the lease was lost meanwhile."""
+def finish(store: Store, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk] = ()) -> bool:
+    """Record the attempt's end with its last output; False if the lease was lost meanwhile."""
     now = utcnow()
     with store.transaction() as tx:
         run = tx.get_run(claim.run.id, lock=True)
         if run is None or not _still_owned(run, claim):
-            return None
+            return False
         tx.append_logs(run.id, run.attempt, chunks)
         _end_attempt(tx, run, outcome, claim.automation, now)
-        return tx.get_run(run.id)
+        return True
 
 
 def _still_owned(run: Run | None, claim: Claim) -> bool:

@@ -101,6 +101,13 @@ class Worker:
         self.lease = timedelta(seconds=settings.lease_seconds)
         self._definitions = DefinitionCache()
         self.isolation = isolation.best() if settings.isolate else isolation.GROUP
+        self._default_timeout = parse_duration(settings.default_timeout)
+        self._default_limits = ResourceLimits(
+            memory_bytes=parse_size(settings.limit_memory),
+            cpu_seconds=int(parse_duration(settings.limit_cpu)),
+            processes=settings.limit_processes,
+            file_size_bytes=parse_size(settings.limit_file_size),
+        )
         self._active: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -176,7 +183,7 @@ class Worker:
         """Translate a claimed run into the runner's terms (limits, args, budget)."""
         automation, run, settings = claim.automation, claim.run, self.settings
         context = {"params": run.params, "run": {"id": run.id, "attempt": run.attempt}}
-        limits = automation.limits
+        limits, defaults = automation.limits, self._default_limits
         return Attempt(
             run_id=run.id,
             number=run.attempt,
@@ -185,15 +192,15 @@ class Worker:
             args=[render(arg, context) for arg in automation.run.args],
             entrypoint=automation.run.entrypoint,
             params=run.params,
-            timeout=automation.timeout or parse_duration(settings.default_timeout),
+            timeout=automation.timeout or self._default_timeout,
             limits=ResourceLimits(
-                memory_bytes=limits.memory or parse_size(settings.limit_memory),
-                cpu_seconds=int(limits.cpu or parse_duration(settings.limit_cpu)),
-                processes=limits.processes or settings.limit_processes,
-                file_size_bytes=limits.file_size or parse_size(settings.limit_file_size),
+                memory_bytes=limits.memory or defaults.memory_bytes,
+                cpu_seconds=int(limits.cpu or defaults.cpu_seconds),
+                processes=limits.processes or defaults.processes,
+                file_size_bytes=limits.file_size or defaults.file_size_bytes,
             ),
             log_budget=settings.log_cap_bytes - run.log_bytes,
-            workspace_root=settings.workspaces_dir.resolve(),
+            workspace_root=settings.workspace_root,
             kill_grace=settings.kill_grace_seconds,
             extra_env=secrets,
             redact=tuple(secrets.values()),

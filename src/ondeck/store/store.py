@@ -81,6 +81,24 @@ _VERSION = select(automation_versions).where(
     automation_versions.c.name == bindparam("name"), automation_versions.c.version == bindparam("version")
 )
 _INSERT_RUN = insert(runs)
+_SLOTS_USED = (
+    select(func.count())
+    .select_from(concurrency_slots)
+    .where(concurrency_slots.c.key == runs.c.concurrency_key)
+    .scalar_subquery()
+)
+_QUEUED_CANDIDATES = (
+    select(runs)
+    .where(
+        runs.c.status == RunStatus.QUEUED.value,
+        runs.c.worker_group == bindparam("worker_group"),
+        runs.c.not_before <= bindparam("now"),
+        or_(runs.c.concurrency_key.is_(None), runs.c.concurrency_limit > _SLOTS_USED),
+    )
+    .order_by(runs.c.priority.desc(), runs.c.id)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True, of=runs)
+)
 _GET_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
 _GET_RUN_LOCKED = _GET_RUN.with_for_update()
 # No SET clause: it is made from the column values passed with the bound parameters.
@@ -271,25 +289,8 @@ class Transaction:
 
     def queued_candidates(self, worker_group: str, now: datetime, limit: int) -> list[Run]:
         """Queued runs that are due and whose concurrency key has a free slot."""
-        used = (
-            select(func.count())
-            .select_from(concurrency_slots)
-            .where(concurrency_slots.c.key == runs.c.concurrency_key)
-            .scalar_subquery()
-        )
-        query = (
-            select(runs)
-            .where(
-                runs.c.status == RunStatus.QUEUED.value,
-                runs.c.worker_group == worker_group,
-                runs.c.not_before <= now,
-                or_(runs.c.concurrency_key.is_(None), used < runs.c.concurrency_limit),
-            )
-            .order_by(runs.c.priority.desc(), runs.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True, of=runs)
-        )
-        return [_run(row) for row in self._c.execute(query)]
+        values = {"worker_group": worker_group, "now": now, "limit": limit}
+        return [_run(row) for row in self._c.execute(_QUEUED_CANDIDATES, values)]
 
     def take_slot(self, key: str, limit: int, run_id: str) -> bool:
         """Occupy one of ``limit`` slots of ``key``; False when all are taken.

@@ -114,8 +114,9 @@ def test_claim_takes_a_lease_and_finish_ends_the_run(store: Store) -> None:
     (claimed,) = claim(store)
     assert claimed.run.id == run.id and claimed.run.attempt == 1
     assert claim(store, "w2") == []  # nothing left to take
-    done = finish.finish(store, claimed, Outcome(RunStatus.SUCCEEDED, 0, None, {"ok": True}))
-    assert done is not None and done.status == RunStatus.SUCCEEDED and done.outputs == {"ok": True}
+    assert finish.finish(store, claimed, Outcome(RunStatus.SUCCEEDED, 0, None, {"ok": True}))
+    done = runs.get(store, run.id)
+    assert done.status == RunStatus.SUCCEEDED and done.outputs == {"ok": True}
     assert done.lease_owner is None and done.finished_at is not None
 
 
@@ -131,12 +132,13 @@ def test_failed_attempt_is_retried_after_backoff_then_fails(store: Store) -> Non
     define(store, retries={"attempts": 2, "backoff": "0s"})
     admit(store, TriggerRequest("job"))
     (first,) = claim(store)
-    after = finish.finish(store, first, Outcome(RunStatus.FAILED, 1, "exit code 1"))
-    assert after is not None and after.status == RunStatus.QUEUED
+    assert finish.finish(store, first, Outcome(RunStatus.FAILED, 1, "exit code 1"))
+    assert runs.get(store, first.run.id).status == RunStatus.QUEUED
     (second,) = claim(store)
     assert second.run.attempt == 2
-    final = finish.finish(store, second, Outcome(RunStatus.FAILED, 1, "exit code 1"))
-    assert final is not None and final.status == RunStatus.FAILED
+    assert finish.finish(store, second, Outcome(RunStatus.FAILED, 1, "exit code 1"))
+    final = runs.get(store, second.run.id)
+    assert final.status == RunStatus.FAILED
     attempts = runs.detail(store, SYSTEM, final.id).attempts
     assert [(a.number, a.status) for a in attempts] == [(1, "failed"), (2, "failed")]
 
@@ -167,7 +169,7 @@ def test_expired_lease_is_reaped_and_retried(store: Store) -> None:
     assert requeued.status == RunStatus.QUEUED
     assert "worker lost" in (requeued.error or "")
     # The dead worker's late result is refused: its lease is gone.
-    assert finish.finish(store, lost, Outcome(RunStatus.SUCCEEDED, 0)) is None
+    assert not finish.finish(store, lost, Outcome(RunStatus.SUCCEEDED, 0))
     (again,) = claim(store, "w2")
     assert again.run.attempt == 2
 
