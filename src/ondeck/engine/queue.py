@@ -43,16 +43,20 @@ def claim(
     capacity: int,
     lease: timedelta,
     definitions: DefinitionCache,
-) -> list[Claim]:
+) -> tuple[list[Claim], bool]:
     """Lease up to ``capacity`` due runs of ``group``, highest priority first.
 
     A run with a concurrency key is only taken when a slot of its key can be
-    occupied in this same transaction.
+    occupied in this same transaction. Also says whether more runs may be due
+    (False when every due run was seen), so a worker with free slots knows
+    whether to claim again at once or to wait for a wake-up.
     """
     now = utcnow()
     claims: list[Claim] = []
+    window = capacity * 2 + 4
     with store.transaction() as tx:
-        for run in tx.queued_candidates(group, now, capacity * 2 + 4):
+        candidates = tx.queued_candidates(group, now, window)
+        for run in candidates:
             if len(claims) == capacity:
                 break
             if run.concurrency_key is not None and not tx.take_slot(
@@ -79,7 +83,7 @@ def claim(
             tx.insert_attempt(run.id, number, worker, now)
             automation = definitions.get(tx, run.automation, run.version)
             claims.append(Claim(replace(run, status=RunStatus.RUNNING, **fields), automation, worker))
-    return claims
+    return claims, len(candidates) == window
 
 
 def renew_leases(store: Store, worker: str, lease: timedelta) -> list[str]:

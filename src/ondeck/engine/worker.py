@@ -131,9 +131,9 @@ class Worker:
         try:
             while not stop.is_set():
                 with self.bus.watch_queue() as woken:
-                    claimed = await self._claim()
-                    if claimed and len(self._active) < self.concurrency:
-                        continue  # there may be more due right now
+                    if await self._claim() and len(self._active) < self.concurrency:
+                        continue  # more may be due right now
+                    # Otherwise every due run was seen: one admitted meanwhile has fired `woken`.
                     waiter = asyncio.create_task(woken.wait(self.settings.poll_seconds))
                     stopped = asyncio.create_task(stop.wait())
                     await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -148,23 +148,24 @@ class Worker:
             heartbeat.cancel()
             log.info("worker %s stopped", self.id)
 
-    async def _claim(self) -> int:
+    async def _claim(self) -> bool:
+        """Claim and start due runs for the free slots; True if more may be due."""
         free = self.concurrency - len(self._active)
         if free <= 0:
-            return 0
+            return False
         try:
-            claims = await to_thread.run_sync(
+            claims, more = await to_thread.run_sync(
                 queue.claim, self.store, self.id, self.group, free, self.lease, self._definitions
             )
         except Exception:
             log.exception("claiming runs failed; will retry")
-            return 0
+            return False
         for claim in claims:
             self._active[claim.run.id] = asyncio.Event()
             task = asyncio.create_task(self._execute(claim))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return len(claims)
+        return bool(claims) and more  # claiming nothing again at once would spin
 
     async def _heartbeat(self) -> None:
         while True:

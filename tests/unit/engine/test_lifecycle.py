@@ -35,7 +35,8 @@ def define(store: Store, **fields: Any) -> str:
 def claim(
     store: Store, worker: str = "w1", capacity: int = 10, lease: timedelta = LEASE
 ) -> list[queue.Claim]:
-    return queue.claim(store, worker, "default", capacity, lease, DefinitionCache())
+    claims, _ = queue.claim(store, worker, "default", capacity, lease, DefinitionCache())
+    return claims
 
 
 def test_applying_the_same_definition_twice_keeps_one_version(store: Store) -> None:
@@ -118,6 +119,18 @@ def test_claim_takes_a_lease_and_finish_ends_the_run(store: Store) -> None:
     done = runs.get(store, run.id)
     assert done.status == RunStatus.SUCCEEDED and done.outputs == {"ok": True}
     assert done.lease_owner is None and done.finished_at is not None
+
+
+def test_claim_tells_whether_more_runs_may_be_due(store: Store) -> None:
+    """A worker with free slots claims again at once only when the claim did not see every due run."""
+    define(store)
+    for _ in range(7):
+        admit(store, TriggerRequest("job"))
+    # A claim of 1 looks at 6 candidates: it cannot know about the seventh.
+    claims, more = queue.claim(store, "w1", "default", 1, LEASE, DefinitionCache())
+    assert len(claims) == 1 and more
+    claims, more = queue.claim(store, "w1", "default", 10, LEASE, DefinitionCache())
+    assert len(claims) == 6 and not more
 
 
 def test_priority_orders_the_queue(store: Store) -> None:
