@@ -6,12 +6,13 @@ For each backend this starts ``ondeck server`` (embedded worker, concurrency 16)
 in a temporary data directory (PostgreSQL: a fresh schema, dropped afterwards),
 defines a bash automation whose script is ``true``, and measures:
 
-  spawn       the bare cost of starting such a process on this machine as the runner
-              does (prlimit … -- bash --noprofile --norc -eo pipefail script.sh, new
-              session, piped output), under stdlib asyncio (what the server uses) and uvloop;
+  spawn       the bare cost of starting such a process on this machine (prlimit … --
+              bash --noprofile --norc -eo pipefail script.sh, new session, piped output)
+              under stdlib asyncio (what the server uses) and uvloop, and of starting it
+              the way the runner does (ondeck-launch: PID namespace and limits);
   latency     sequential runs: created_at → started_at (server timestamps; started_at
               is stamped at claim, before the spawn) and created_at → finished_at;
-  throughput  N runs triggered by 32 concurrent async clients: runs/s from the first
+  throughput  N runs triggered over 32 keep-alive connections: runs/s from the first
               trigger to the last finished_at, and the trigger request rate meanwhile;
   admission   the same N triggers against a server started with --no-worker;
   drain       then a fresh server with a worker executes those N queued runs.
@@ -254,7 +255,7 @@ class BenchServer:
 
 
 @contextlib.contextmanager
-def environment(backend: str, token: str, rate_limit: str | None) -> Iterator[dict[str, str]]:
+def environment(args: argparse.Namespace, backend: str, token: str) -> Iterator[dict[str, str]]:
     """A temporary data directory and database; the server environment for them."""
     with tempfile.TemporaryDirectory(prefix="ondeck-bench-") as tmp:
         data = Path(tmp)
@@ -269,9 +270,13 @@ def environment(backend: str, token: str, rate_limit: str | None) -> Iterator[di
             )
             env["ONDECK_BACKEND_NAME"] = backend  # for the bench only; ondeck ignores it
             env.pop("ONDECK_RATE_LIMIT", None)  # ondeck's own default unless --rate-limit says
-            if rate_limit is not None:
-                env["ONDECK_RATE_LIMIT"] = rate_limit
-            yield env
+            if args.rate_limit is not None:
+                env["ONDECK_RATE_LIMIT"] = args.rate_limit
+            if args.workspaces is None:
+                yield env
+                return
+            with tempfile.TemporaryDirectory(prefix="ondeck-bench-", dir=args.workspaces) as workspaces:
+                yield {**env, "ONDECK_WORKSPACES_DIR": workspaces}
 
 
 @contextlib.contextmanager
@@ -489,14 +494,16 @@ def admission_then_drain(env: dict[str, str], args: argparse.Namespace, token: s
 
 
 def bench_backend(args: argparse.Namespace, backend: str, spawns: dict[str, float]) -> Figures:
-    source = (f", src {args.src}" if args.src else "") + (
-        f", rate limit {args.rate_limit!r}" if args.rate_limit is not None else ""
+    source = (
+        (f", src {args.src}" if args.src else "")
+        + (f", rate limit {args.rate_limit!r}" if args.rate_limit is not None else "")
+        + (f", workspaces in {args.workspaces}" if args.workspaces else "")
     )
     print(f"\n== {backend}{source} (load average {load()}) ==", flush=True)
     out = Figures(backend)
     token = "odk_" + secrets.token_urlsafe(32)
     profile = f"{args.profile}-{backend}.txt" if args.profile else None
-    with environment(backend, token, args.rate_limit) as env:
+    with environment(args, backend, token) as env:
         with server(env, args, profile=profile) as srv:
             sequential_latency(srv, token, args.latency_runs, out, spawns)
             throughput(srv, token, args.runs, out)
@@ -523,6 +530,12 @@ def main() -> None:
         metavar="SPEC",
         help="ONDECK_RATE_LIMIT for the server (default: ondeck's own, 6000/1m per principal; "
         "'' disables it). Triggers refused with 429 are counted as failed.",
+    )
+    parser.add_argument(
+        "--workspaces",
+        metavar="DIR",
+        help="make runs' workspaces under DIR (ONDECK_WORKSPACES_DIR), e.g. /dev/shm for a tmpfs; "
+        "default: the data directory, as ondeck does",
     )
     parser.add_argument("--skip-admission", action="store_true", help="skip the admission and drain phases")
     parser.add_argument(
