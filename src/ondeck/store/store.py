@@ -116,7 +116,8 @@ _COUNT_LOGS = (
     .returning(runs.c.log_seq)
 )
 _INSERT_LOGS = insert(log_entries)
-_NOTIFY = text("SELECT pg_notify(:c, :p)")
+# All of a transaction's notifications in one round trip, in order, just before commit.
+_NOTIFY = text("SELECT pg_notify(c, p) FROM unnest(CAST(:c AS text[]), CAST(:p AS text[])) AS n(c, p)")
 _LAST_AUDIT_HASH = select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1)
 _INSERT_AUDIT = insert(audit_entries).returning(audit_entries.c.id)
 _AUDIT_LOCK_SQL = text("SELECT pg_advisory_xact_lock(:k)")
@@ -162,9 +163,14 @@ class Transaction:
 
     def notify(self, channel: str, payload: str) -> None:
         """Wake listeners after commit (in this process, and on PostgreSQL everywhere)."""
-        self.notifications.append((channel, payload))
-        if self.postgres:
-            self._c.execute(_NOTIFY, {"c": f"ondeck_{channel}", "p": payload})
+        if (channel, payload) not in self.notifications:
+            self.notifications.append((channel, payload))
+
+    def send_notifications(self) -> None:
+        """On PostgreSQL, queue the notifications to go out with the commit."""
+        if self.postgres and self.notifications:
+            channels = [f"ondeck_{channel}" for channel, _ in self.notifications]
+            self._c.execute(_NOTIFY, {"c": channels, "p": [payload for _, payload in self.notifications]})
 
     def ping(self) -> None:
         self._c.execute(text("SELECT 1"))
@@ -805,6 +811,7 @@ class Store:
             ):
                 tx = Transaction(connection)
                 yield tx
+                tx.send_notifications()
         finally:
             if self._write_lock is not None:
                 self._write_lock.release()

@@ -1,12 +1,17 @@
-"""The relay that carries wake-ups between a server and its embedded worker process."""
+"""Wake-ups: the relay between a server and its embedded worker, and PostgreSQL notifications."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 
+import psycopg
+from sqlalchemy import make_url
+
 from ondeck.engine.wakeup import Relay, WakeBus
+from ondeck.store.store import Store
 
 
 def test_relay_publishes_the_peers_notifications_and_reports_when_the_peer_is_gone() -> None:
@@ -54,3 +59,29 @@ def test_relay_drops_what_the_peer_cannot_take_instead_of_blocking() -> None:
         relay.send("run", "01ARZ3NDEKTSV4RRFFQ69G5FAV")
     relay.close()
     theirs.close()
+
+
+def test_a_transactions_notifications_reach_postgres_listeners_once_each_in_order_at_commit(
+    pg_url: str,
+) -> None:
+    store = Store(pg_url)
+    store.upgrade()
+    local: list[tuple[str, str]] = []
+    store.subscribe(lambda channel, payload: local.append((channel, payload)))
+    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as listener:
+            listener.execute("LISTEN ondeck_run")
+            listener.execute("LISTEN ondeck_queue")
+            with contextlib.suppress(RuntimeError), store.transaction() as tx:
+                tx.notify("run", "rolled-back")
+                raise RuntimeError("abort")
+            with store.transaction() as tx:
+                for channel, payload in [("run", "a"), ("queue", "gpu"), ("run", "a"), ("run", "b")]:
+                    tx.notify(channel, payload)
+                assert not list(listener.notifies(timeout=0.2)), "sent before commit"
+            received = [(n.channel, n.payload) for n in listener.notifies(timeout=2.0, stop_after=3)]
+    finally:
+        store.dispose()
+    assert received == [("ondeck_run", "a"), ("ondeck_queue", "gpu"), ("ondeck_run", "b")]
+    assert local == [("run", "a"), ("queue", "gpu"), ("run", "b")]
