@@ -182,9 +182,6 @@ def _write(
             tx.save_idempotency(
                 run.automation, run.idempotency_key, fingerprint, run.id, now + policy.idempotency_ttl, now
             )
-        tx.insert_run(run, f"triggered via {run.trigger} by {run.principal}")
-        if request.schedule_fire is not None:
-            tx.insert_fire(*request.schedule_fire, run.id)
         status, reason = RunStatus.QUEUED, "admitted"
         if automation.concurrency is not None and run.concurrency_key is not None:
             status, reason = _apply_concurrency(
@@ -196,7 +193,12 @@ def _write(
                 f"waiting for approval ({approvals.describe(run.approval)})",
             )
         extra: dict[str, Any] = {"finished_at": now, "error": reason} if status == RunStatus.REJECTED else {}
-        states.move(tx, run, status, now, reason, **extra)
+        # Pending only within this transaction: the run is written in the status decided.
+        admitted = states.admit(
+            tx, run, status, f"triggered via {run.trigger} by {run.principal}", reason, **extra
+        )
+        if request.schedule_fire is not None:
+            tx.insert_fire(*request.schedule_fire, run.id)
         if status == RunStatus.QUEUED:
             tx.notify("queue", run.worker_group)
         # Last, with the audit append: both lock a row (or the chain) that every admission
@@ -217,7 +219,7 @@ def _write(
             },
             now,
         )
-        return Admission(replace(run, status=status, **extra))
+        return Admission(admitted)
 
 
 def _check_limits(tx: Transaction, run: Run, automation: Automation, policy: AdmissionPolicy) -> None:

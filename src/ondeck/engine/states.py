@@ -42,6 +42,20 @@ def move(tx: Transaction, run: Run, to_status: RunStatus, now: datetime, reason:
     return True
 
 
+def admit(tx: Transaction, run: Run, to_status: RunStatus, triggered: str, reason: str, **values: Any) -> Run:
+    """Write a new run straight into the status admission decided (``queued``,
+    ``waiting_approval`` or ``rejected``), recording both its transitions: from
+    nothing to ``pending`` (``triggered``), and from ``pending`` on (``reason``).
+    """
+    check(None, RunStatus.PENDING)
+    check(RunStatus.PENDING, to_status)
+    admitted = replace(run, status=to_status, **values)
+    tx.insert_run(admitted, [(None, RunStatus.PENDING, triggered), (RunStatus.PENDING, to_status, reason)])
+    if to_status.terminal:
+        outbox.enqueue(tx, admitted, run.created_at)
+    return admitted
+
+
 def check(from_status: RunStatus | None, to_status: RunStatus) -> None:
     """Raise ``IllegalTransition`` unless ``from_status -> to_status`` is in the table."""
     if to_status not in TRANSITIONS[from_status]:

@@ -215,11 +215,23 @@ class Transaction:
 
     # --- runs --------------------------------------------------------------
 
-    def insert_run(self, run: Run, reason: str) -> None:
+    def insert_run(self, run: Run, history: Sequence[tuple[RunStatus | None, RunStatus, str]]) -> None:
+        """Write a new run with the transitions that brought it to its status, all at its creation."""
         values = {name: getattr(run, name) for name in _RUN_FIELDS}
         values["status"] = str(run.status)
         self._c.execute(_INSERT_RUN, values)
-        self._transition(run.id, None, run.status, run.created_at, reason)
+        transitions = [
+            {
+                "run_id": run.id,
+                "from_status": None if from_status is None else str(from_status),
+                "to_status": str(to_status),
+                "at": run.created_at,
+                "reason": reason,
+            }
+            for from_status, to_status, reason in history
+        ]
+        self._c.execute(_INSERT_TRANSITION, transitions)
+        self.notify("run", run.id)
 
     def get_run(self, run_id: str, *, lock: bool = False) -> Run | None:
         row = self._c.execute(_GET_RUN_LOCKED if lock else _GET_RUN, {"run_id": run_id}).first()
