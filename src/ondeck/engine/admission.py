@@ -194,9 +194,8 @@ def _write(
             )
         extra: dict[str, Any] = {"finished_at": now, "error": reason} if status == RunStatus.REJECTED else {}
         # Pending only within this transaction: the run is written in the status decided.
-        admitted = states.admit(
-            tx, run, status, f"triggered via {run.trigger} by {run.principal}", reason, **extra
-        )
+        triggered = f"triggered via {run.trigger} by {run.principal}"
+        admitted = states.admit(tx, run, status, triggered, reason, automation, **extra)
         if request.schedule_fire is not None:
             tx.insert_fire(*request.schedule_fire, run.id)
         if status == RunStatus.QUEUED:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
 from ondeck.durations import format_duration
@@ -79,8 +80,8 @@ def _end_attempt(
     retries = automation.retries if automation is not None else Retries()
     tx.finish_attempt(run.id, run.attempt, outcome.status, outcome.exit_code, outcome.error, now)
     tx.release_slot(run.id)
-    released = {"lease_owner": None, "lease_expires_at": None}
-    result = {"exit_code": outcome.exit_code, "error": outcome.error}
+    released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+    result: dict[str, Any] = {"exit_code": outcome.exit_code, "error": outcome.error}
     if outcome.status in RETRYABLE and not run.cancel_requested and run.attempt < run.max_attempts:
         delay = backoff(retries, run.attempt)
         reason = (
@@ -107,6 +108,7 @@ def _end_attempt(
         outcome.status,
         now,
         reason,
+        definition=automation,
         outputs=outcome.outputs,
         finished_at=now,
         **released,

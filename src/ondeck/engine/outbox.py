@@ -25,6 +25,7 @@ from anyio import to_thread
 from ondeck.domain import Run, utcnow
 from ondeck.errors import InvalidRequest
 from ondeck.ids import new_id
+from ondeck.spec.models import Automation, Notify
 from ondeck.store.store import Store, Transaction
 from ondeck.triggers import standard_webhooks
 
@@ -56,16 +57,19 @@ def run_summary(run: Run) -> dict[str, Any]:
     }
 
 
-def enqueue(tx: Transaction, run: Run, now: datetime) -> None:
-    """Queue the callback and matching notifications for a run that just ended."""
+def enqueue(tx: Transaction, run: Run, now: datetime, definition: Automation | None = None) -> None:
+    """Queue the callback and matching notifications for a run that just ended.
+
+    ``definition`` is the run's automation version when the caller has it parsed
+    already; otherwise its notify rules are read from the store.
+    """
     targets: list[tuple[str, str]] = []
     if run.callback_url:
         kind = "slack" if run.trigger == "slack" else "callback"
         targets.append((kind, run.callback_url))
-    version = tx.automation_version(run.automation, run.version)
-    for rule in version.definition.get("notify", []) if version else []:
-        if str(run.status) in rule.get("on", []):
-            targets.append(("notify", rule["url"]))
+    for rule in _stored_notify(tx, run) if definition is None else definition.notify:
+        if str(run.status) in rule.on:
+            targets.append(("notify", rule.url))
     for kind, url in targets:
         payload = (
             _slack_message(run)
@@ -77,6 +81,11 @@ def enqueue(tx: Transaction, run: Run, now: datetime) -> None:
             }
         )
         tx.insert_delivery(new_id(), run.id, url, kind, payload, now)
+
+
+def _stored_notify(tx: Transaction, run: Run) -> list[Notify]:
+    version = tx.automation_version(run.automation, run.version)
+    return [Notify.model_validate(rule) for rule in version.definition.get("notify", [])] if version else []
 
 
 def _slack_message(run: Run) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 from ondeck.domain import Run, RunStatus
 from ondeck.engine import outbox
 from ondeck.errors import IllegalTransition
+from ondeck.spec.models import Automation
 from ondeck.store.store import Transaction
 
 S = RunStatus
@@ -28,21 +29,39 @@ TRANSITIONS: dict[RunStatus | None, frozenset[RunStatus]] = {
 }
 
 
-def move(tx: Transaction, run: Run, to_status: RunStatus, now: datetime, reason: str, **values: Any) -> bool:
+def move(
+    tx: Transaction,
+    run: Run,
+    to_status: RunStatus,
+    now: datetime,
+    reason: str,
+    *,
+    definition: Automation | None = None,
+    **values: Any,
+) -> bool:
     """The one way a run changes state: checked against the table, recorded with its reason.
 
     A move into a terminal state also queues the run's callback and notifications
-    in the same transaction, so they are sent even if this process dies next.
+    in the same transaction, so they are sent even if this process dies next
+    (``definition``, the run's parsed automation, spares reading its notify rules).
     """
     check(run.status, to_status)
     if not tx.move_run(run.id, run.status, to_status, now, reason, **values):
         return False
     if to_status.terminal:
-        outbox.enqueue(tx, replace(run, status=to_status, **values), now)
+        outbox.enqueue(tx, replace(run, status=to_status, **values), now, definition)
     return True
 
 
-def admit(tx: Transaction, run: Run, to_status: RunStatus, triggered: str, reason: str, **values: Any) -> Run:
+def admit(
+    tx: Transaction,
+    run: Run,
+    to_status: RunStatus,
+    triggered: str,
+    reason: str,
+    definition: Automation,
+    **values: Any,
+) -> Run:
     """Write a new run straight into the status admission decided (``queued``,
     ``waiting_approval`` or ``rejected``), recording both its transitions: from
     nothing to ``pending`` (``triggered``), and from ``pending`` on (``reason``).
@@ -52,7 +71,7 @@ def admit(tx: Transaction, run: Run, to_status: RunStatus, triggered: str, reaso
     admitted = replace(run, status=to_status, **values)
     tx.insert_run(admitted, [(None, RunStatus.PENDING, triggered), (RunStatus.PENDING, to_status, reason)])
     if to_status.terminal:
-        outbox.enqueue(tx, admitted, run.created_at)
+        outbox.enqueue(tx, admitted, run.created_at, definition)
     return admitted
 
 

@@ -255,6 +255,26 @@ def test_cancel_queued_is_immediate_and_cancel_finished_conflicts(store: Store) 
         runs.cancel(store, SYSTEM, run.id)
 
 
+def test_notify_rules_match_the_end_state_whether_or_not_the_definition_is_at_hand(store: Store) -> None:
+    """Finish has the parsed automation; a cancel reads the rules from the stored version."""
+    define(
+        store,
+        retries={"attempts": 1},
+        notify=[{"on": ["cancelled"], "url": "https://a.example/"}, {"url": "https://every.example/"}],
+    )
+
+    def notified(run_id: str) -> list[str]:
+        return sorted(d["url"] for d in runs.deliveries(store, SYSTEM, run_id))
+
+    cancelled = admit(store, TriggerRequest("job")).run
+    runs.cancel(store, SYSTEM, cancelled.id)
+    assert notified(cancelled.id) == ["https://a.example/", "https://every.example/"]
+    succeeded = admit(store, TriggerRequest("job")).run
+    (claimed,) = claim(store)
+    assert finish.finish(store, claimed, Outcome(RunStatus.SUCCEEDED, 0))
+    assert notified(succeeded.id) == ["https://every.example/"]
+
+
 def test_cancel_running_asks_the_worker_and_the_lease_renewal_tells_it(store: Store) -> None:
     define(store)
     run = admit(store, TriggerRequest("job")).run
