@@ -79,7 +79,8 @@ def _end_attempt(
 ) -> None:
     retries = automation.retries if automation is not None else Retries()
     tx.finish_attempt(run.id, run.attempt, outcome.status, outcome.exit_code, outcome.error, now)
-    tx.release_slot(run.id)
+    if run.concurrency_key is not None:  # only such runs take a slot (queue.claim)
+        tx.release_slot(run.id)
     released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
     result: dict[str, Any] = {"exit_code": outcome.exit_code, "error": outcome.error}
     if outcome.status in RETRYABLE and not run.cancel_requested and run.attempt < run.max_attempts:
