@@ -2,15 +2,18 @@
 
 Business rules live in the engine, which composes these queries inside one
 ``store.transaction()``; this module only knows how to read and write rows.
-On SQLite, writers are serialised by a process-wide lock (SQLite allows one
-writer anyway; queuing in-process is cheaper than spinning on SQLITE_BUSY).
+On SQLite, writers take turns through a lock (SQLite allows one writer anyway;
+waiting on a lock is cheaper and fairer than polling on SQLITE_BUSY).
 On PostgreSQL, claims and reaping use ``FOR UPDATE SKIP LOCKED`` and
 notifications go out with ``pg_notify`` at commit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,7 +21,20 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    make_url,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -790,6 +806,40 @@ class Transaction:
         return found
 
 
+class _SqliteWriters:
+    """One writer at a time on an SQLite file: across this process's threads, and across
+    processes (a server and its embedded worker) with a blocking ``flock`` beside it.
+
+    SQLite makes a second process's writer poll with growing sleeps (``busy_timeout``),
+    so the write lock could sit free while the waiter sleeps; a waiter blocked on the
+    flock wakes the moment it is released. SQLite's own locking still guards the file.
+    """
+
+    def __init__(self, database_file: str | None) -> None:
+        self._threads = threading.Lock()
+        self._path = f"{database_file}-writer.lock" if database_file else None
+        self._fd: int | None = None
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._threads:
+            if self._path is None:
+                yield
+                return
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Store:
     """Owns the engine; hands out transactions; tells listeners what changed."""
 
@@ -797,7 +847,10 @@ class Store:
         self.url = url
         self.engine: Engine = database.create_db_engine(url)
         self.dialect = self.engine.dialect.name
-        self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
+        self._writers: _SqliteWriters | None = None
+        if self.dialect == "sqlite":
+            file = make_url(url).database
+            self._writers = _SqliteWriters(file if file and file != ":memory:" else None)
         self._listeners: list[Listener] = []
 
     def upgrade(self) -> None:
@@ -813,20 +866,15 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """A read-write transaction, committed when the block ends without error."""
-        if self._write_lock is not None:
-            self._write_lock.acquire()
-        try:
-            with (
-                self._translate_errors(),
-                self.engine.connect().execution_options(ondeck_write=True) as connection,
-                connection.begin(),
-            ):
-                tx = Transaction(connection)
-                yield tx
-                tx.send_notifications()
-        finally:
-            if self._write_lock is not None:
-                self._write_lock.release()
+        with (
+            self._writers.hold() if self._writers is not None else contextlib.nullcontext(),
+            self._translate_errors(),
+            self.engine.connect().execution_options(ondeck_write=True) as connection,
+            connection.begin(),
+        ):
+            tx = Transaction(connection)
+            yield tx
+            tx.send_notifications()
         for channel, payload in tx.notifications:
             for listener in self._listeners:
                 listener(channel, payload)
@@ -850,3 +898,5 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._writers is not None:
+            self._writers.close()
