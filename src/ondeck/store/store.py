@@ -119,7 +119,7 @@ _GET_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
 _GET_RUN_LOCKED = _GET_RUN.with_for_update()
 # No SET clause: it is made from the column values passed with the bound parameters.
 _MOVE_RUN = update(runs).where(runs.c.id == bindparam("_run_id"), runs.c.status == bindparam("_from"))
-_INSERT_TRANSITION = insert(run_transitions)
+_INSERT_TRANSITION = insert(run_transitions).inline()  # no RETURNING of the generated id
 _INSERT_ATTEMPT = insert(attempts)
 _FINISH_ATTEMPT = update(attempts).where(
     attempts.c.run_id == bindparam("_run_id"), attempts.c.number == bindparam("_number")
