@@ -41,7 +41,7 @@ def command(mode: str, limits: ResourceLimits) -> list[str]:
     if mode == LAUNCHER:
         return [_launcher_path() or "ondeck-launch", *map(str, values), "--"]
     prefix = list(_namespace_prefix()) if mode == NAMESPACE else []
-    prlimit = shutil.which("prlimit")
+    prlimit = _prlimit_path()
     if prlimit is None:
         return prefix
     names = ("as", "cpu", "nproc", "fsize")
@@ -53,15 +53,15 @@ def command(mode: str, limits: ResourceLimits) -> list[str]:
 def best() -> str:
     """The best mode this host supports (probed once per process)."""
     for mode in (LAUNCHER, NAMESPACE):
-        problem = _probe(mode)
-        if problem is None:
+        if available(mode):
             return mode
-        log.info("attempts cannot start through the %s: %s", mode, problem)
+        log.info("attempts cannot start through the %s: %s", mode, _probe(mode))
     log.warning("cannot create PID namespaces: attempts run in a process group only")
     return GROUP
 
 
 def available(mode: str) -> bool:
+    """Whether this host can start attempts isolated by ``mode`` (probed once per process)."""
     return mode == GROUP or _probe(mode) is None
 
 
@@ -89,6 +89,11 @@ def _launcher_path() -> str | None:
     if os.access(beside, os.X_OK):
         return str(beside)
     return shutil.which("ondeck-launch")
+
+
+@functools.cache
+def _prlimit_path() -> str | None:
+    return shutil.which("prlimit")
 
 
 @functools.cache
