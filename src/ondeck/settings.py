@@ -59,7 +59,7 @@ class Settings(BaseSettings):
 
     limit_memory: str = Field("4GiB", description="RLIMIT_AS default for scripts.")
     limit_cpu: str = Field("1h", description="RLIMIT_CPU default for scripts.")
-    limit_processes: int = Field(4096, description="RLIMIT_NPROC default (counts per user).")
+    limit_processes: int = Field(4096, ge=1, description="RLIMIT_NPROC default (counts per user).")
     limit_file_size: str = Field("1GiB", description="RLIMIT_FSIZE default for scripts.")
 
     @cached_property

@@ -81,6 +81,7 @@ def _end_attempt(
     tx.finish_attempt(run.id, run.attempt, outcome.status, outcome.exit_code, outcome.error, now)
     if run.concurrency_key is not None:  # only such runs take a slot (queue.claim)
         tx.release_slot(run.id)
+        tx.notify("queue", run.worker_group)  # a run waiting for the slot may go, on any worker
     released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
     result: dict[str, Any] = {"exit_code": outcome.exit_code, "error": outcome.error}
     if outcome.status in RETRYABLE and not run.cancel_requested and run.attempt < run.max_attempts:

@@ -49,7 +49,9 @@ def claim(
     A run with a concurrency key is only taken when a slot of its key can be
     occupied in this same transaction. Also says whether more runs may be due
     (False when every due run was seen), so a worker with free slots knows
-    whether to claim again at once or to wait for a wake-up.
+    whether to claim again at once or to wait for a wake-up. On PostgreSQL the
+    candidates this claim locked but left are hidden from other workers' claims
+    (SKIP LOCKED) until it commits, so it wakes them then.
     """
     now = utcnow()
     claims: list[Claim] = []
@@ -58,6 +60,7 @@ def claim(
         candidates = tx.queued_candidates(group, now, window)
         for run in candidates:
             if len(claims) == capacity:
+                tx.notify("queue", group)
                 break
             if run.concurrency_key is not None and not tx.take_slot(
                 run.concurrency_key, run.concurrency_limit or 1, run.id

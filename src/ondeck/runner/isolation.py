@@ -38,8 +38,8 @@ _PROBE_LIMITS = ResourceLimits(memory_bytes=1 << 30, cpu_seconds=10, processes=4
 def command(mode: str, limits: ResourceLimits) -> list[str]:
     """The prefix that starts a program isolated by ``mode`` under ``limits``."""
     values = (limits.memory_bytes, limits.cpu_seconds, limits.processes, limits.file_size_bytes)
-    if mode == LAUNCHER:
-        return [_launcher_path() or "ondeck-launch", *map(str, values), "--"]
+    if mode == LAUNCHER:  # started by this process, which it must not outlive
+        return [_launcher_path() or "ondeck-launch", str(os.getpid()), *map(str, values), "--"]
     prefix = list(_namespace_prefix()) if mode == NAMESPACE else []
     prlimit = _prlimit_path()
     if prlimit is None:

@@ -2,8 +2,10 @@
  * ondeck-launch: start one attempt's program in its own PID namespace, under
  * resource limits, with a single exec.
  *
- *   ondeck-launch MEMORY CPU PROCESSES FILE_SIZE -- PROGRAM [ARG...]
+ *   ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE -- PROGRAM [ARG...]
  *
+ * PARENT is the worker's PID: the launcher does not start the program if it
+ * finds itself orphaned before it could tie its life to the worker's.
  * It does what `setpriv --pdeathsig KILL -- unshare --pid --fork --kill-child
  * [--user --map-current-user] -- prlimit --as --cpu --nproc --fsize --core=0 --`
  * does, without the three extra programs (each costs an exec and a dynamic
@@ -43,7 +45,7 @@ static rlim_t number(const char *text) {
     char *end;
     errno = 0;
     unsigned long long value = strtoull(text, &end, 10);
-    if (errno || end == text || *end) {
+    if (errno || end == text || *end || text[0] == '-') {
         fprintf(stderr, "ondeck-launch: not a number: %s\n", text);
         _exit(FAIL);
     }
@@ -68,18 +70,22 @@ static void die_with_parent(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 7 || strcmp(argv[5], "--") != 0) {
-        fprintf(stderr, "usage: ondeck-launch MEMORY CPU PROCESSES FILE_SIZE -- PROGRAM [ARG...]\n");
+    if (argc < 8 || strcmp(argv[6], "--") != 0) {
+        fprintf(stderr, "usage: ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE -- PROGRAM [ARG...]\n");
         return FAIL;
     }
-    pid_t parent = getppid();
     die_with_parent();
-    if (getppid() != parent) _exit(FAIL); /* the worker is already gone: do not start */
+    /* The worker may have died before the prctl (even before this exec): then nothing
+       would ever stop the program, so it is not started. */
+    if (getppid() != (pid_t)number(argv[1])) {
+        fprintf(stderr, "ondeck-launch: the worker (pid %s) is gone\n", argv[1]);
+        _exit(FAIL);
+    }
 
-    limit(RLIMIT_AS, number(argv[1]), "memory limit");
-    limit(RLIMIT_CPU, number(argv[2]), "cpu limit");
-    limit(RLIMIT_NPROC, number(argv[3]), "process limit");
-    limit(RLIMIT_FSIZE, number(argv[4]), "file size limit");
+    limit(RLIMIT_AS, number(argv[2]), "memory limit");
+    limit(RLIMIT_CPU, number(argv[3]), "cpu limit");
+    limit(RLIMIT_NPROC, number(argv[4]), "process limit");
+    limit(RLIMIT_FSIZE, number(argv[5]), "file size limit");
     limit(RLIMIT_CORE, 0, "core limit");
 
     uid_t uid = geteuid();
@@ -115,8 +121,8 @@ int main(int argc, char **argv) {
         if (read(alive[0], &byte, 1) == 0) _exit(FAIL); /* the launcher died before the prctl */
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
-        execvp(argv[6], argv + 6);
-        fprintf(stderr, "ondeck-launch: cannot run %s: %s\n", argv[6], strerror(errno));
+        execvp(argv[7], argv + 7);
+        fprintf(stderr, "ondeck-launch: cannot run %s: %s\n", argv[7], strerror(errno));
         _exit(errno == ENOENT ? 127 : 126);
     }
 

@@ -14,6 +14,8 @@ from sqlalchemy import Engine, create_engine, event, make_url, text
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # Any fixed number: serialises concurrent `upgrade` calls from many processes on PostgreSQL.
 _MIGRATION_LOCK = 0x0ADECC
+# How long a writer waits for another before the store reports itself unavailable.
+BUSY_TIMEOUT_SECONDS = 30.0
 
 
 def create_db_engine(url: str) -> Engine:
@@ -40,7 +42,7 @@ def _sqlite_engine(url: str) -> Engine:
         for pragma in (
             "journal_mode=WAL",
             "synchronous=NORMAL",
-            "busy_timeout=30000",
+            f"busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}",
             "foreign_keys=ON",
         ):
             cursor.execute(f"PRAGMA {pragma}")

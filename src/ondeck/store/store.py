@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
@@ -808,11 +809,13 @@ class Transaction:
 
 class _SqliteWriters:
     """One writer at a time on an SQLite file: across this process's threads, and across
-    processes (a server and its embedded worker) with a blocking ``flock`` beside it.
+    processes (a server and its embedded worker) with an ``flock`` beside it.
 
-    SQLite makes a second process's writer poll with growing sleeps (``busy_timeout``),
-    so the write lock could sit free while the waiter sleeps; a waiter blocked on the
-    flock wakes the moment it is released. SQLite's own locking still guards the file.
+    SQLite makes a second process's writer retry with sleeps growing to 100 ms
+    (``busy_timeout``), so the write lock could sit free while the waiter sleeps; a
+    waiter here retries within a millisecond. Like SQLite, it gives up after the busy
+    timeout, so a stopped or hung writer makes others fail rather than hang.
+    SQLite's own locking still guards the file.
     """
 
     def __init__(self, database_file: str | None) -> None:
@@ -828,16 +831,34 @@ class _SqliteWriters:
                 return
             if self._fd is None:
                 self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._lock(self._fd)
             try:
                 yield
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    @staticmethod
+    def _lock(fd: int) -> None:
+        deadline = time.monotonic() + database.BUSY_TIMEOUT_SECONDS
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(
+                        f"database is busy: another process kept writing for "
+                        f"{database.BUSY_TIMEOUT_SECONDS:.0f} s"
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
+
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._threads:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class Store:

@@ -135,6 +135,16 @@ def test_supervisor_death_kills_every_process_of_the_attempt(mode: str) -> None:
     )
 
 
+def test_the_launcher_does_not_start_the_program_once_its_worker_is_gone(tmp_path: Path) -> None:
+    """Had the worker died before the launcher tied itself to it, nothing would stop the script."""
+    argv = isolation.command(isolation.LAUNCHER, LIMITS)
+    argv[1] = "1"  # the worker's pid it expects; its parent is this test, as if re-parented
+    marker = tmp_path / "started"
+    result = subprocess.run([*argv, "touch", str(marker)], capture_output=True, timeout=10, check=False)
+    assert result.returncode == 125 and b"is gone" in result.stderr
+    assert not marker.exists()
+
+
 def test_bash_stops_at_the_first_failure(tmp_path: Path) -> None:
     outcome, text = execute(make(tmp_path, "false | true; echo unreachable"))
     assert outcome.status == RunStatus.FAILED and "unreachable" not in text
