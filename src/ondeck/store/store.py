@@ -2,8 +2,8 @@
 
 Business rules live in the engine, which composes these queries inside one
 ``store.transaction()``; this module only knows how to read and write rows.
-On SQLite, writers take turns through a lock (SQLite allows one writer anyway;
-waiting on a lock is cheaper and fairer than polling on SQLITE_BUSY).
+On SQLite, writers take turns through a lock file (SQLite allows one writer anyway;
+its own retries on SQLITE_BUSY sleep up to 100 ms and leave the lock idle).
 On PostgreSQL, claims and reaping use ``FOR UPDATE SKIP LOCKED`` and
 notifications go out with ``pg_notify`` at commit.
 """
