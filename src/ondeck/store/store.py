@@ -147,6 +147,18 @@ _COUNT_RATE = {
 }
 
 
+def _transition_row(
+    run_id: str, from_status: str | None, to_status: str, at: datetime, reason: str
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "from_status": None if from_status is None else str(from_status),
+        "to_status": str(to_status),
+        "at": at,
+        "reason": reason,
+    }
+
+
 def _run(row: Any) -> Run:
     values = {name: getattr(row, name) for name in _RUN_FIELDS}
     values["status"] = RunStatus(values["status"])
@@ -238,13 +250,7 @@ class Transaction:
         values["status"] = str(run.status)
         self._c.execute(_INSERT_RUN, values)
         transitions = [
-            {
-                "run_id": run.id,
-                "from_status": None if from_status is None else str(from_status),
-                "to_status": str(to_status),
-                "at": run.created_at,
-                "reason": reason,
-            }
+            _transition_row(run.id, from_status, to_status, run.created_at, reason)
             for from_status, to_status, reason in history
         ]
         self._c.execute(_INSERT_TRANSITION, transitions)
@@ -303,16 +309,7 @@ class Transaction:
     def _transition(
         self, run_id: str, from_status: str | None, to_status: str, now: datetime, reason: str
     ) -> None:
-        self._c.execute(
-            _INSERT_TRANSITION,
-            {
-                "run_id": run_id,
-                "from_status": from_status,
-                "to_status": str(to_status),
-                "at": now,
-                "reason": reason,
-            },
-        )
+        self._c.execute(_INSERT_TRANSITION, _transition_row(run_id, from_status, to_status, now, reason))
 
     def transitions(self, run_id: str) -> list[Transition]:
         rows = self._c.execute(
