@@ -38,6 +38,9 @@ async def get_principal(
     node: NodeDep,
     authorization: Annotated[str | None, Header(description="Bearer odk_…")] = None,
 ) -> Principal:
+    principal = tokens.authenticate_recent(authorization)
+    if principal is not None:
+        return principal
     return await call(tokens.authenticate, node.store, authorization)
 
 

@@ -1,0 +1,41 @@
+"""Authentication without a trip to the database, and what must still take one."""
+
+from __future__ import annotations
+
+import pytest
+
+from ondeck.auth import tokens
+from ondeck.auth.principals import SYSTEM
+from ondeck.errors import Unauthenticated
+from ondeck.store.store import Store
+
+
+def test_a_recently_seen_token_needs_no_database(store: Store) -> None:
+    issued = tokens.create(store, SYSTEM, "ci", ["operator"])
+    header = f"Bearer {issued.token}"
+    assert tokens.authenticate_recent(header) is None  # never seen: the caller must ask the store
+
+    principal = tokens.authenticate(store, header)  # first use: read, and last use recorded
+    assert principal.name == "ci"
+    assert tokens.authenticate_recent(header) == principal
+
+
+def test_revoking_in_this_process_takes_effect_at_once(store: Store) -> None:
+    issued = tokens.create(store, SYSTEM, "deploy-bot", ["operator"])
+    header = f"Bearer {issued.token}"
+    tokens.authenticate(store, header)
+
+    tokens.revoke(store, SYSTEM, "deploy-bot")
+
+    assert tokens.authenticate_recent(header) is None
+    with pytest.raises(Unauthenticated, match="revoked"):
+        tokens.authenticate(store, header)
+
+
+@pytest.mark.parametrize(
+    ("header", "detail"),
+    [(None, "send Authorization"), ("Basic abc", "must be: Bearer"), ("Bearer ", "must be: Bearer")],
+)
+def test_malformed_headers_are_refused_without_the_database(header: str | None, detail: str) -> None:
+    with pytest.raises(Unauthenticated, match=detail):
+        tokens.authenticate_recent(header)
