@@ -212,24 +212,28 @@ class BenchServer:
             time.sleep(0.1)
         if profile:
             self.pid = self._children(self.process.pid)[0]
-        self.worker_pid = self._embedded_worker() if worker else None
+        processes = int(env.get("ONDECK_WORKER_PROCESSES", "1")) if worker else 0
+        self.worker_pids = self._embedded_workers(processes)
 
-    def _embedded_worker(self) -> int | None:
+    def _embedded_workers(self, count: int) -> list[int]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            found = []
             for pid in self._children(self.pid):
                 with contextlib.suppress(OSError):
                     if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                        time.sleep(1)  # let it import and start claiming
-                        return pid
+                        found.append(pid)
+            if len(found) >= count:
+                time.sleep(1 if count else 0)  # let them import and start claiming
+                return found
             time.sleep(0.1)
-        raise RuntimeError(f"no embedded worker process:\n{self.log()}")
+        raise RuntimeError(f"not {count} embedded worker processes:\n{self.log()}")
 
     def cpu(self) -> tuple[float, float]:
-        """CPU seconds of the server and its embedded worker: their own, and their scripts'."""
+        """CPU seconds of the server and its embedded workers: their own, and their scripts'."""
         own, scripts = cpu_seconds(self.pid)
-        if self.worker_pid is not None:
-            more = cpu_seconds(self.worker_pid)
+        for pid in self.worker_pids:
+            more = cpu_seconds(pid)
             own, scripts = own + more[0], scripts + more[1]
         return own, scripts
 
@@ -265,6 +269,7 @@ def environment(args: argparse.Namespace, backend: str, token: str) -> Iterator[
                 data,
                 url,
                 ONDECK_WORKER_CONCURRENCY=CONCURRENCY,
+                ONDECK_WORKER_PROCESSES=str(args.worker_processes),
                 ONDECK_ADMIN_TOKEN=token,
                 ONDECK_POLL_SECONDS="1.0",  # the default: wake-ups, not polling, should drive
             )
@@ -537,6 +542,13 @@ def main() -> None:
         help="make runs' workspaces under DIR (ONDECK_WORKSPACES_DIR), e.g. /dev/shm for a tmpfs; "
         "default: the data directory, as ondeck does",
     )
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="embedded worker processes (ONDECK_WORKER_PROCESSES; default 1, as ondeck)",
+    )
     parser.add_argument("--skip-admission", action="store_true", help="skip the admission and drain phases")
     parser.add_argument(
         "--profile",
@@ -551,7 +563,8 @@ def main() -> None:
 
     print(
         f"ondeck bench: {os.cpu_count()} CPUs, load average {load()}, "
-        f"worker concurrency {CONCURRENCY}, {CLIENTS} clients",
+        f"{args.worker_processes} embedded worker process(es) with concurrency {CONCURRENCY} each, "
+        f"{CLIENTS} clients",
         flush=True,
     )
     spawn = measure_spawn(100)

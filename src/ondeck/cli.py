@@ -362,15 +362,20 @@ def server(
     host: Annotated[str | None, typer.Option(help="Default ONDECK_HOST or 127.0.0.1.")] = None,
     port: Annotated[int | None, typer.Option(help="Default ONDECK_PORT or 8000.")] = None,
     worker: Annotated[bool, typer.Option(help="Run an embedded worker.")] = True,
+    worker_processes: Annotated[
+        int | None, typer.Option(min=1, max=64, help="Embedded worker processes (ONDECK_WORKER_PROCESSES).")
+    ] = None,
     log_level: str = "info",
 ) -> None:
-    """API, scheduler, reaper and (unless --no-worker) an embedded worker process."""
+    """API, scheduler, reaper and (unless --no-worker) embedded worker processes."""
     import uvicorn
 
     from ondeck import jsonlog
     from ondeck.api.app import create_app
 
     settings = Settings()
+    if worker_processes is not None:
+        settings = settings.model_copy(update={"worker_processes": worker_processes})
     jsonlog.configure(log_level.upper())
     application = create_app(settings, run_worker=worker)
     uvicorn.run(

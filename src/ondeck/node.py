@@ -65,7 +65,7 @@ class Node:
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _listener: PostgresListener | None = field(init=False, default=None)
     _delivery_wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
-    _worker_process: WorkerProcess | None = field(init=False, default=None)
+    _worker_processes: list[WorkerProcess] = field(init=False, default_factory=list)
     detached: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     """Set when the server this worker was started by is gone."""
 
@@ -127,8 +127,10 @@ class Node:
             )
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
         if self.embedded_worker:
-            self._worker_process = WorkerProcess(self.store, self.bus, self.settings.kill_grace_seconds)
-            await self._worker_process.start()
+            for _ in range(self.settings.worker_processes):
+                worker = WorkerProcess(self.store, self.bus, self.settings.kill_grace_seconds)
+                self._worker_processes.append(worker)
+                await worker.start()
         # A full collection walks every object alive, most of them modules, classes and
         # routes made at startup: under load that paused the loop for 50-160 ms at a time.
         # Frozen, they are never walked again; only what is made from now on is.
@@ -173,8 +175,7 @@ class Node:
         log.info("%d automations from %s", len(automations), directory)
 
     async def stop(self) -> None:
-        if self._worker_process is not None:
-            await self._worker_process.stop()
+        await asyncio.gather(*(worker.stop() for worker in self._worker_processes))
         self._stop.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0.5, description="Run lease; renewed every third of it.")
     poll_seconds: float = Field(1.0, gt=0, description="Fallback queue poll when no wake-up arrives.")
     worker_concurrency: int = Field(8, ge=1, description="Runs one worker process executes at once.")
+    worker_processes: int = Field(
+        1, ge=1, le=64, description="Embedded worker processes of `ondeck server` (each with its own GIL)."
+    )
     worker_group: str = "default"
     isolate: bool = Field(True, description="Run each attempt in its own PID namespace when possible.")
     kill_grace_seconds: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL grace period.")

@@ -13,6 +13,11 @@ it. Signals meant for the whole process group (Ctrl-C, a service manager's stop)
 are left to the server, which may still be draining requests: a child that
 stopped on them would be restarted and pick up its runs again mid-shutdown.
 If the child dies, it is started again; the reaper ends whatever it was running.
+
+``ONDECK_WORKER_PROCESSES`` above 1 starts several such children, each with its own
+interpreter lock. Each gets the server's wake-ups; a child's own stay with it, which
+is enough on SQLite: a child's commit only makes a run due by ending an attempt, and
+then it has a free slot to claim that run itself.
 """
 
 from __future__ import annotations

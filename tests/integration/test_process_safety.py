@@ -483,6 +483,35 @@ def test_embedded_worker_is_a_child_that_is_restarted_and_dies_with_its_server(
     wait_until(lambda: not _alive(second[0]), timeout=30, message="the worker to stop with its server")
 
 
+def test_several_embedded_workers_each_execute_runs_and_stop_with_the_server(
+    start_server: Callable[..., tuple[Server, dict[str, str]]], tmp_path: Path, run_ids: list[str]
+) -> None:
+    server, _ = start_server(ONDECK_WORKER_PROCESSES="2", ONDECK_WORKER_CONCURRENCY="1")
+    workers = wait_until(
+        lambda: (found := embedded_workers(server.pid)) and len(found) == 2 and found,
+        timeout=30,
+        message="two embedded workers",
+    )
+    gate = tmp_path / "gate"
+    name = unique_name("two-workers")
+    script = 'echo waiting; while [ ! -e "$ONDECK_PARAM_GATE" ]; do sleep 0.05; done'
+    with server.client() as client:
+        params = {"type": "object", "properties": {"gate": {"type": "string"}}}
+        put_automation(client, {"name": name, "params": params, "run": {"runtime": "bash", "script": script}})
+        started = [trigger(client, name, {"gate": str(gate)})["id"] for _ in range(2)]
+        run_ids.extend(started)
+        # One run at a time per process: both running at once means both processes execute.
+        running = [wait_running(client, run_id) for run_id in started]
+        pids = {int(run["attempts"][-1]["worker"].split(":")[1]) for run in running}
+        assert pids == set(workers)
+        gate.touch()
+        assert [wait_for_run(client, run_id)["status"] for run_id in started] == ["succeeded"] * 2
+
+    server.stop()
+    wait_until(lambda: not any(map(_alive, workers)), timeout=30, message="the workers to stop")
+    assert "restarting" not in server.log()
+
+
 def test_a_stop_signal_to_server_and_worker_together_stops_both_without_a_restart(
     start_server: Callable[..., tuple[Server, dict[str, str]]], run_ids: list[str]
 ) -> None:
