@@ -39,15 +39,30 @@ def append_logs(store: Store, claim: Claim, chunks: Sequence[LogChunk]) -> bool:
 
 
 def finish(store: Store, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk] = ()) -> bool:
-    """Record the attempt's end with its last output; False if the lease was lost meanwhile."""
+    """Record the attempt's end with its last output; False if the lease was lost meanwhile.
+
+    When the outcome alone decides where the run goes (it succeeded, was cancelled,
+    or has no attempts left), the run is not read first: the move itself checks,
+    as a compare-and-set, that this worker still holds this attempt. A retry also
+    depends on whether a cancel was asked for since the claim, so then it is read.
+    """
     now = utcnow()
+    lease = (claim.worker, claim.run.attempt)
     with store.transaction() as tx:
-        run = tx.get_run(claim.run.id, lock=True)
-        if run is None or not _still_owned(run, claim):
+        run = claim.run
+        if _may_retry(run, outcome):
+            current = tx.get_run(run.id, lock=True)
+            if current is None or not _still_owned(current, claim):
+                return False
+            run = current
+        if not _end_attempt(tx, run, outcome, claim.automation, now, lease):
             return False
         tx.append_logs(run.id, run.attempt, chunks)
-        _end_attempt(tx, run, outcome, claim.automation, now)
         return True
+
+
+def _may_retry(run: Run, outcome: Outcome) -> bool:
+    return outcome.status in RETRYABLE and run.attempt < run.max_attempts
 
 
 def _still_owned(run: Run | None, claim: Claim) -> bool:
@@ -75,46 +90,58 @@ def reap_expired_leases(store: Store, limit: int = 100) -> list[tuple[str, int]]
 
 
 def _end_attempt(
-    tx: Transaction, run: Run, outcome: Outcome, automation: Automation | None, now: datetime
-) -> None:
+    tx: Transaction,
+    run: Run,
+    outcome: Outcome,
+    automation: Automation | None,
+    now: datetime,
+    lease: tuple[str, int] | None = None,
+) -> bool:
+    """Move the run on (retry or end it) and record the attempt; False, with nothing
+    written, if the run was no longer running (under ``lease``, when given)."""
     retries = automation.retries if automation is not None else Retries()
-    tx.finish_attempt(run.id, run.attempt, outcome.status, outcome.exit_code, outcome.error, now)
-    if run.concurrency_key is not None:  # only such runs take a slot (queue.claim)
-        tx.release_slot(run.id)
-        tx.notify("queue", run.worker_group)  # a run waiting for the slot may go, on any worker
     released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
     result: dict[str, Any] = {"exit_code": outcome.exit_code, "error": outcome.error}
-    if outcome.status in RETRYABLE and not run.cancel_requested and run.attempt < run.max_attempts:
+    retry = _may_retry(run, outcome) and not run.cancel_requested
+    if retry:
         delay = backoff(retries, run.attempt)
         reason = (
             f"attempt {run.attempt} {outcome.status}"
             + (f" ({outcome.error})" if outcome.error else "")
             + f"; retry {run.attempt + 1}/{run.max_attempts} in {format_duration(delay)}"
         )
-        states.move(
+        moved = states.move(
             tx,
             run,
             RunStatus.QUEUED,
             now,
             reason,
+            lease=lease,
             not_before=now + timedelta(seconds=delay),
             **released,
             **result,
         )
-        tx.notify("queue", run.worker_group)
-        return
-    reason = outcome.error or str(outcome.status)
-    states.move(
-        tx,
-        run,
-        outcome.status,
-        now,
-        reason,
-        definition=automation,
-        outputs=outcome.outputs,
-        finished_at=now,
-        **released,
-        **result,
-    )
-    if automation is not None and automation.circuit_breaker is not None:
+    else:
+        moved = states.move(
+            tx,
+            run,
+            outcome.status,
+            now,
+            outcome.error or str(outcome.status),
+            definition=automation,
+            lease=lease,
+            outputs=outcome.outputs,
+            finished_at=now,
+            **released,
+            **result,
+        )
+    if not moved:
+        return False
+    tx.finish_attempt(run.id, run.attempt, outcome.status, outcome.exit_code, outcome.error, now)
+    if run.concurrency_key is not None:  # only such runs take a slot (queue.claim)
+        tx.release_slot(run.id)
+    if retry or run.concurrency_key is not None:
+        tx.notify("queue", run.worker_group)  # the retry, or a run waiting for the slot, may go
+    if not retry and automation is not None and automation.circuit_breaker is not None:
         limits.record_result(tx, run.automation, run.id, outcome.status, automation.circuit_breaker, now)
+    return True

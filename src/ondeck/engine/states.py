@@ -37,16 +37,19 @@ def move(
     reason: str,
     *,
     definition: Automation | None = None,
+    lease: tuple[str, int] | None = None,
     **values: Any,
 ) -> bool:
     """The one way a run changes state: checked against the table, recorded with its reason.
 
+    False when the run is no longer in ``run.status`` (or, with ``lease``, no longer
+    leased to that worker for that attempt): then nothing was written.
     A move into a terminal state also queues the run's callback and notifications
     in the same transaction, so they are sent even if this process dies next
     (``definition``, the run's parsed automation, spares reading its notify rules).
     """
     check(run.status, to_status)
-    if not tx.move_run(run.id, run.status, to_status, now, reason, **values):
+    if not tx.move_run(run.id, run.status, to_status, now, reason, lease, **values):
         return False
     if to_status.terminal:
         outbox.enqueue(tx, replace(run, status=to_status, **values), now, definition)

@@ -120,6 +120,9 @@ _GET_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
 _GET_RUN_LOCKED = _GET_RUN.with_for_update()
 # No SET clause: it is made from the column values passed with the bound parameters.
 _MOVE_RUN = update(runs).where(runs.c.id == bindparam("_run_id"), runs.c.status == bindparam("_from"))
+_MOVE_LEASED_RUN = _MOVE_RUN.where(
+    runs.c.lease_owner == bindparam("_owner"), runs.c.attempt == bindparam("_attempt")
+)
 _INSERT_TRANSITION = insert(run_transitions).inline()  # no RETURNING of the generated id
 _INSERT_ATTEMPT = insert(attempts)
 _FINISH_ATTEMPT = update(attempts).where(
@@ -287,16 +290,20 @@ class Transaction:
         to_status: RunStatus,
         now: datetime,
         reason: str,
+        lease: tuple[str, int] | None = None,
         **values: Any,
     ) -> bool:
         """Set a run's status if it is still ``from_status``; record the transition.
 
         The status guard in the WHERE clause makes every move a compare-and-set,
-        so two processes can never both move the same run.
+        so two processes can never both move the same run. With ``lease`` (worker,
+        attempt), the run must also still be leased to that worker for that attempt.
         """
-        result = self._c.execute(
-            _MOVE_RUN, {"_run_id": run_id, "_from": str(from_status), "status": str(to_status), **values}
-        )
+        guard: dict[str, Any] = {"_run_id": run_id, "_from": str(from_status)}
+        if lease is not None:
+            guard["_owner"], guard["_attempt"] = lease
+        statement = _MOVE_RUN if lease is None else _MOVE_LEASED_RUN
+        result = self._c.execute(statement, {**guard, "status": str(to_status), **values})
         if result.rowcount != 1:
             return False
         self._transition(run_id, from_status, to_status, now, reason)

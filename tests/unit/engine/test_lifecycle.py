@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ondeck.auth.principals import SYSTEM
-from ondeck.domain import Outcome, RunStatus
+from ondeck.domain import LogChunk, Outcome, RunStatus, utcnow
 from ondeck.engine import catalog, finish, queue, runs
 from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit, parse_idempotency_key
 from ondeck.engine.queue import DefinitionCache
@@ -185,6 +185,19 @@ def test_expired_lease_is_reaped_and_retried(store: Store) -> None:
     assert not finish.finish(store, lost, Outcome(RunStatus.SUCCEEDED, 0))
     (again,) = claim(store, "w2")
     assert again.run.attempt == 2
+    # Also once the run is running again, on another worker: nothing of it is written.
+    late = [LogChunk("stdout", "late\n", utcnow())]
+    assert not finish.finish(store, lost, Outcome(RunStatus.SUCCEEDED, 0, None, {"late": True}), late)
+    current = runs.get(store, run.id)
+    assert (current.status, current.attempt, current.lease_owner, current.outputs) == (
+        RunStatus.RUNNING,
+        2,
+        "w2",
+        None,
+    )
+    attempts = runs.detail(store, SYSTEM, run.id).attempts
+    assert [(a.number, a.status) for a in attempts] == [(1, "failed"), (2, "running")]
+    assert runs.logs(store, run.id)[1] == []
 
 
 def test_expired_lease_without_retries_fails_the_run(store: Store) -> None:
@@ -284,8 +297,6 @@ def test_cancel_running_asks_the_worker_and_the_lease_renewal_tells_it(store: St
 
 
 def test_logs_are_numbered_in_order_and_kept_per_attempt(store: Store) -> None:
-    from ondeck.domain import LogChunk, utcnow
-
     define(store, retries={"attempts": 2, "backoff": "0s"})
     run = admit(store, TriggerRequest("job")).run
     (first,) = claim(store)
