@@ -21,6 +21,7 @@ from pathlib import Path
 
 from anyio import to_thread
 
+from ondeck import blocking
 from ondeck.auth import tokens
 from ondeck.auth.principals import SYSTEM
 from ondeck.engine import catalog, environments, limits, outbox, scheduler
@@ -37,7 +38,6 @@ from ondeck.vault import Vault
 from ondeck.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
-THREADS = 4
 
 
 @dataclass
@@ -81,17 +81,17 @@ class Node:
     async def start(self) -> None:
         # Fewer threads doing database work means shorter waits for the GIL on the event
         # loop thread (which must keep answering /healthz and streams under load).
-        to_thread.current_default_thread_limiter().total_tokens = THREADS
+        to_thread.current_default_thread_limiter().total_tokens = blocking.THREADS
         # Database threads give the GIL back to the event loop sooner, so a busy loop does not
         # stall every statement (and the SQLite write lock held around it) by 5 ms each time.
         sys.setswitchinterval(0.001)
         _watch_children_with_pidfds()
         self.bus.bind(asyncio.get_running_loop())
         self.store.subscribe(self.bus.from_thread)
-        await to_thread.run_sync(self.store.upgrade)
+        await blocking.run(self.store.upgrade)
         if self.load_automations:
-            await to_thread.run_sync(self._load_automations)
-            token = await to_thread.run_sync(
+            await blocking.run(self._load_automations)
+            token = await blocking.run(
                 tokens.bootstrap, self.store, self.settings.data_dir, self.settings.admin_token
             )
             if token:
@@ -180,7 +180,7 @@ class Node:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._listener is not None:
-            await to_thread.run_sync(self._listener.stop)
+            await blocking.run(self._listener.stop)
         self.store.dispose()
 
 

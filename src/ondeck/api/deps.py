@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from anyio import to_thread
 from fastapi import Depends, Header, Request
 
+from ondeck import blocking
 from ondeck.auth import tokens
 from ondeck.auth.policy import require
 from ondeck.auth.principals import Permission, Principal
@@ -28,7 +28,7 @@ async def get_node(request: Request) -> Node:
 
 async def call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Engine functions do blocking database I/O: run them on a worker thread."""
-    return await to_thread.run_sync(lambda: function(*args, **kwargs))
+    return await blocking.run(function, *args, **kwargs)
 
 
 NodeDep = Annotated[Node, Depends(get_node)]

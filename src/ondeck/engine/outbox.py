@@ -20,8 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from anyio import to_thread
 
+from ondeck import blocking
 from ondeck.domain import Run, utcnow
 from ondeck.errors import InvalidRequest
 from ondeck.ids import new_id
@@ -178,7 +178,7 @@ def _record(
 async def send(
     delivery: dict[str, Any], client: httpx.AsyncClient, secret: str, destinations: Destinations
 ) -> tuple[int | None, str | None]:
-    refusal = await to_thread.run_sync(destinations.refusal, delivery["url"])
+    refusal = await blocking.run(destinations.refusal, delivery["url"])
     if refusal:
         return None, f"refused: {refusal}"
     body = json.dumps(delivery["payload"], separators=(",", ":")).encode()
@@ -203,7 +203,7 @@ async def deliver_forever(
     async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
         while not stop.is_set():
             try:
-                batch = await to_thread.run_sync(_claim, store, 20)
+                batch = await blocking.run(_claim, store, 20)
             except Exception:
                 log.exception("claiming deliveries failed; will retry")
                 batch = []
@@ -212,9 +212,7 @@ async def deliver_forever(
                 status_code, error = await send(delivery, client, secret, destinations)
                 elapsed = int((time.monotonic() - started) * 1000)
                 try:
-                    await to_thread.run_sync(
-                        _record, store, delivery, status_code, error, elapsed, first_retry
-                    )
+                    await blocking.run(_record, store, delivery, status_code, error, elapsed, first_retry)
                 except Exception:
                     log.exception("recording delivery %s failed", delivery["id"])
             if batch:

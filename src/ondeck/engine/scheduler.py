@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from anyio import to_thread
-
+from ondeck import blocking
 from ondeck.auth.principals import Principal
 from ondeck.domain import utcnow
 from ondeck.engine import catalog
@@ -166,7 +165,7 @@ async def schedule_forever(store: Store, policy: AdmissionPolicy, stop: asyncio.
     while not stop.is_set():
         upcoming = None
         try:
-            started, upcoming = await to_thread.run_sync(fire_due, store, policy)
+            started, upcoming = await blocking.run(fire_due, store, policy)
             if started:
                 log.info("schedules started runs: %s", ", ".join(started))
         except Exception:

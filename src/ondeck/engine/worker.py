@@ -10,8 +10,7 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 
-from anyio import to_thread
-
+from ondeck import blocking
 from ondeck.domain import LogChunk, Outcome, RunStatus
 from ondeck.durations import parse_duration, parse_size
 from ondeck.engine import admission, approvals, finish, queue, secret_store
@@ -56,7 +55,7 @@ class _LogBuffer:
                 return
             batch, self._chunks, self._size = self._chunks, [], 0
             try:
-                written = await to_thread.run_sync(finish.append_logs, self._store, self._claim, batch)
+                written = await blocking.run(finish.append_logs, self._store, self._claim, batch)
             except Exception:
                 # Not written (say, the database was unreachable): keep the chunks, in order,
                 # for the next flush or for ``finish``.
@@ -154,7 +153,7 @@ class Worker:
         if free <= 0:
             return False
         try:
-            claims, more = await to_thread.run_sync(
+            claims, more = await blocking.run(
                 queue.claim, self.store, self.id, self.group, free, self.lease, self._definitions
             )
         except Exception:
@@ -173,7 +172,7 @@ class Worker:
             if not self._active:
                 continue
             try:
-                to_cancel = await to_thread.run_sync(queue.renew_leases, self.store, self.id, self.lease)
+                to_cancel = await blocking.run(queue.renew_leases, self.store, self.id, self.lease)
             except Exception:
                 log.exception("renewing leases failed; will retry")
                 continue
@@ -217,7 +216,7 @@ class Worker:
         outcome = Outcome(RunStatus.FAILED, None, "the attempt ended without a result")
         try:
             secrets = (
-                await to_thread.run_sync(
+                await blocking.run(
                     secret_store.resolve,
                     self.store,
                     self.vault,
@@ -251,7 +250,7 @@ class Worker:
             outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
         try:
             rest = await buffer.take_rest()
-            await to_thread.run_sync(finish.finish, self.store, claim, outcome, rest)
+            await blocking.run(finish.finish, self.store, claim, outcome, rest)
         except Exception:
             # The lease will lapse and the reaper will end the attempt: nothing is lost.
             log.exception("run %s: recording the result failed", run_id)
@@ -270,13 +269,13 @@ async def reap_forever(store: Store, workspaces: Path, interval: float, stop: as
     """
     while not stop.is_set():
         try:
-            reaped = await to_thread.run_sync(finish.reap_expired_leases, store)
+            reaped = await blocking.run(finish.reap_expired_leases, store)
             if reaped:
                 log.warning("reaped runs with lapsed leases: %s", ", ".join(run_id for run_id, _ in reaped))
             for run_id, attempt in reaped:
-                await to_thread.run_sync(Workspace.remove_abandoned, workspaces, run_id, attempt)
-            await to_thread.run_sync(admission.purge_expired, store)
-            expired = await to_thread.run_sync(approvals.expire, store)
+                await blocking.run(Workspace.remove_abandoned, workspaces, run_id, attempt)
+            await blocking.run(admission.purge_expired, store)
+            expired = await blocking.run(approvals.expire, store)
             if expired:
                 log.info("approvals expired for runs: %s", ", ".join(expired))
         except Exception:

@@ -22,7 +22,7 @@ def create_db_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
-    # As many pooled connections as threads that use them (api.deps/node THREADS); recycled
+    # More pooled connections than threads that use them (ondeck.blocking, anyio); recycled
     # hourly rather than pinged on every checkout.
     return create_engine(url, pool_size=16, max_overflow=16, pool_recycle=3600, pool_timeout=60)
 
