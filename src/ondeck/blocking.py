@@ -16,14 +16,20 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 THREADS = 4
-_pool: ThreadPoolExecutor | None = None
+_pool = ThreadPoolExecutor(THREADS, thread_name_prefix="ondeck-blocking")
 
 
 async def run(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``function(*args, **kwargs)`` on the pool. If the caller is cancelled, the call
-    still runs to its end; only its result is dropped."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="ondeck-blocking")
+    """``function(*args, **kwargs)`` on the pool.
+
+    A cancelled caller still waits for the call to end (as ``anyio.to_thread``
+    did), so once this returns or raises, the call is over: a task cancelled at
+    shutdown never leaves a database write running behind it.
+    """
     call = functools.partial(function, *args, **kwargs) if kwargs or args else function
-    return await asyncio.get_running_loop().run_in_executor(_pool, call)
+    future = asyncio.get_running_loop().run_in_executor(_pool, call)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        raise

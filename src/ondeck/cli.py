@@ -363,7 +363,7 @@ def server(
     port: Annotated[int | None, typer.Option(help="Default ONDECK_PORT or 8000.")] = None,
     worker: Annotated[bool, typer.Option(help="Run an embedded worker.")] = True,
     worker_processes: Annotated[
-        int | None, typer.Option(min=1, max=64, help="Embedded worker processes (ONDECK_WORKER_PROCESSES).")
+        int | None, typer.Option(min=1, max=16, help="Embedded worker processes (ONDECK_WORKER_PROCESSES).")
     ] = None,
     log_level: str = "info",
 ) -> None:
@@ -375,6 +375,8 @@ def server(
 
     settings = Settings()
     if worker_processes is not None:
+        if not worker:
+            raise typer.BadParameter("--worker-processes needs the embedded worker: drop --no-worker")
         settings = settings.model_copy(update={"worker_processes": worker_processes})
     jsonlog.configure(log_level.upper())
     application = create_app(settings, run_worker=worker)

@@ -79,8 +79,8 @@ class Node:
         self.callback_secret = self.settings.callback_secret or _callback_secret(self.settings.data_dir)
 
     async def start(self) -> None:
-        # Fewer threads doing database work means shorter waits for the GIL on the event
-        # loop thread (which must keep answering /healthz and streams under load).
+        # Database work goes to ondeck.blocking's few threads; this caps the threads
+        # Starlette itself may start, which also compete with the loop for the GIL.
         to_thread.current_default_thread_limiter().total_tokens = blocking.THREADS
         # Database threads give the GIL back to the event loop sooner, so a busy loop does not
         # stall every statement (and the SQLite write lock held around it) by 5 ms each time.
@@ -127,10 +127,14 @@ class Node:
             )
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
         if self.embedded_worker:
-            for _ in range(self.settings.worker_processes):
-                worker = WorkerProcess(self.store, self.bus, self.settings.kill_grace_seconds)
-                self._worker_processes.append(worker)
-                await worker.start()
+            try:
+                for _ in range(self.settings.worker_processes):
+                    worker = WorkerProcess(self.store, self.bus, self.settings.kill_grace_seconds)
+                    await worker.start()
+                    self._worker_processes.append(worker)
+            except BaseException:
+                await self._stop_worker_processes()
+                raise
         # A full collection walks every object alive, most of them modules, classes and
         # routes made at startup: under load that paused the loop for 50-160 ms at a time.
         # Frozen, they are never walked again; only what is made from now on is.
@@ -174,8 +178,16 @@ class Node:
                 log.info("loaded %s version %d", automation.name, applied.version.version)
         log.info("%d automations from %s", len(automations), directory)
 
+    async def _stop_worker_processes(self) -> None:
+        results = await asyncio.gather(
+            *(worker.stop() for worker in self._worker_processes), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("stopping an embedded worker failed", exc_info=result)
+
     async def stop(self) -> None:
-        await asyncio.gather(*(worker.stop() for worker in self._worker_processes))
+        await self._stop_worker_processes()
         self._stop.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

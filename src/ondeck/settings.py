@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(1.0, gt=0, description="Fallback queue poll when no wake-up arrives.")
     worker_concurrency: int = Field(8, ge=1, description="Runs one worker process executes at once.")
     worker_processes: int = Field(
-        1, ge=1, le=64, description="Embedded worker processes of `ondeck server` (each with its own GIL)."
+        1, ge=1, le=16, description="Embedded worker processes of `ondeck server` (each with its own GIL)."
     )
     worker_group: str = "default"
     isolate: bool = Field(True, description="Run each attempt in its own PID namespace when possible.")

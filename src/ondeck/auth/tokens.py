@@ -103,7 +103,8 @@ class _Recent:
         self._seen[token_hash] = (time.monotonic(), record)
 
     def forget(self, name: str) -> None:
-        self._seen = {h: (t, r) for h, (t, r) in self._seen.items() if r.name != name}
+        # A snapshot (one C call): other threads may be adding entries meanwhile.
+        self._seen = {h: (t, r) for h, (t, r) in list(self._seen.items()) if r.name != name}
 
 
 _recent = _Recent()

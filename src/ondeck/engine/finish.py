@@ -1,4 +1,5 @@
-"""Ending an attempt: record it, free its slot, then retry or finish the run.
+"""Ending an attempt: in one transaction, retry or finish the run, record the
+attempt, and free its concurrency slot.
 
 Used by the worker for attempts that ran to an end and by the reaper for
 attempts whose worker disappeared; both go through ``_end_attempt`` so the
@@ -84,8 +85,8 @@ def reap_expired_leases(store: Store, limit: int = 100) -> list[tuple[str, int]]
             automation = Automation.model_validate(version.definition) if version else None
             status = RunStatus.CANCELLED if run.cancel_requested else RunStatus.FAILED
             error = f"worker lost: {run.lease_owner} stopped renewing its lease"
-            _end_attempt(tx, run, Outcome(status, error=error), automation, now)
-            reaped.append((run.id, run.attempt))
+            if _end_attempt(tx, run, Outcome(status, error=error), automation, now):
+                reaped.append((run.id, run.attempt))
     return reaped
 
 
