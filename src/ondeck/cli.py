@@ -386,9 +386,10 @@ def server(
         port=port or settings.port,
         log_config=None,
         access_log=False,
-        # uvloop forks while holding the GIL and blocks the loop until the child execs
-        # (tens of ms in a large process); stdlib asyncio spawns with vfork.
-        loop="asyncio",
+        # uvloop: about an eighth less CPU per request. The server starts no runs itself
+        # (its worker children do, on stdlib asyncio, which spawns with vfork where
+        # uvloop forks); it only forks those children, at start and on a restart.
+        loop="uvloop",
         # Longer than clients' pools keep idle connections, so a request never lands on a
         # connection the server is closing at that moment.
         timeout_keep_alive=75,

@@ -200,6 +200,8 @@ def _watch_children_with_pidfds() -> None:
     """Learn of exited run processes from pidfds in the event loop (Python 3.12 does so
     by default), not from a thread started per process, which cost 8-10% of the
     worker's CPU per trivial run."""
+    if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        return  # uvloop watches its children itself
     if sys.version_info >= (3, 12) or threading.current_thread() is not threading.main_thread():
         return  # the watcher is process-wide: only the CLI's main-thread loop sets it
     try:
