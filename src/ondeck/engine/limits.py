@@ -42,7 +42,8 @@ def parse_global_limit(text: str | None) -> tuple[int, float] | None:
 
 
 def check_breaker(tx: Transaction, automation: str, run_id: str, now: datetime) -> None:
-    """Refuse (503) while open; turn the first trigger after the cooldown into the trial run."""
+    """Refuse (503) while open; turn the first trigger after the cooldown into the trial run
+    (or, if the trial ended without a verdict, the next one)."""
     state = tx.breaker(automation, lock=True)
     if state is None or state["state"] == CLOSED:
         return
@@ -52,13 +53,21 @@ def check_breaker(tx: Transaction, automation: str, run_id: str, now: datetime) 
             f"automation {automation!r} is failing; its circuit breaker is open for another {retry_after}s",
             retry_after,
         )
-    if state["state"] == HALF_OPEN:
+    if state["state"] == HALF_OPEN and _trial_pending(tx, state["trial_run_id"]):
         raise CircuitOpen(
             f"automation {automation!r}: a trial run ({state['trial_run_id']}) is deciding whether "
             "its circuit breaker closes",
             5,
         )
     tx.save_breaker(automation, state=HALF_OPEN, trial_run_id=run_id)
+
+
+def _trial_pending(tx: Transaction, run_id: str | None) -> bool:
+    """Whether the trial run may still give its verdict. One that ended without one
+    (cancelled or rejected before it ran) or is gone lets the next trigger be the trial,
+    so the breaker never stays half open."""
+    trial = tx.get_run(run_id) if run_id else None
+    return trial is not None and not trial.status.terminal
 
 
 def record_result(

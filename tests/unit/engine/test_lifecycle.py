@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 
 from ondeck.auth.principals import SYSTEM
-from ondeck.domain import LogChunk, Outcome, RunStatus, utcnow
+from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
 from ondeck.engine import catalog, finish, queue, runs
 from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit, parse_idempotency_key
 from ondeck.engine.queue import DefinitionCache
 from ondeck.errors import (
+    CircuitOpen,
     ConcurrencyRejected,
     Conflict,
     IdempotencyMismatch,
@@ -22,6 +23,7 @@ from ondeck.errors import (
 )
 from ondeck.spec.loader import parse_definition
 from ondeck.store.store import Store
+from tests.support import wait_until
 
 LEASE = timedelta(seconds=30)
 
@@ -345,3 +347,28 @@ def test_rotate_key_reencrypts_every_secret(store: Store, tmp_path: Any) -> None
     }
     with pytest.raises(Exception, match="cannot be decrypted"):
         secret_store.resolve(store, Vault([old_key.strip()]), ["API_KEY"], "job", None)
+
+
+def test_a_trial_run_that_ends_without_a_verdict_lets_the_next_trigger_be_the_trial(store: Store) -> None:
+    define(store, circuit_breaker={"failures": 1, "within": "1m", "cooldown": "100ms"})
+    admit(store, TriggerRequest("job"))
+    (failing,) = claim(store)
+    finish.finish(store, failing, Outcome(RunStatus.FAILED, 1, "exit code 1"))
+    with pytest.raises(CircuitOpen):
+        admit(store, TriggerRequest("job"))  # open for the cooldown
+    trial = wait_until(lambda: _admitted(store), timeout=10, message="the cooldown to end")
+    with pytest.raises(CircuitOpen, match="trial run"):
+        admit(store, TriggerRequest("job"))
+
+    runs.cancel(store, SYSTEM, trial.id)  # before it ran: no verdict
+
+    assert admit(store, TriggerRequest("job")).run.status == RunStatus.QUEUED
+    with pytest.raises(CircuitOpen, match="trial run"):
+        admit(store, TriggerRequest("job"))  # the new trial is deciding
+
+
+def _admitted(store: Store) -> Run | None:
+    try:
+        return admit(store, TriggerRequest("job")).run
+    except CircuitOpen:
+        return None
