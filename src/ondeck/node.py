@@ -129,7 +129,7 @@ class Node:
         if self.embedded_worker:
             try:
                 for _ in range(self.settings.worker_processes):
-                    worker = WorkerProcess(self.store, self.bus, self.settings.kill_grace_seconds)
+                    worker = WorkerProcess(self.store, self.bus, self.settings)
                     await worker.start()
                     self._worker_processes.append(worker)
             except BaseException:

@@ -65,6 +65,16 @@ class Settings(BaseSettings):
     limit_processes: int = Field(4096, ge=1, description="RLIMIT_NPROC default (counts per user).")
     limit_file_size: str = Field("1GiB", description="RLIMIT_FSIZE default for scripts.")
 
+    def as_environment(self) -> dict[str, str]:
+        """``ONDECK_*`` variables that make ``Settings()`` in a child process equal to these
+        settings, however they were made (so values given in code reach it too).
+        A field left None is left out: the child takes its default."""
+        return {
+            f"ONDECK_{name.upper()}": str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
+
     @cached_property
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -5,13 +5,14 @@ compete with the API for one interpreter lock: under a flood of triggers,
 ``/healthz`` and live log streams waited behind runs, and runs behind requests.
 As a child it has its own, so on two cores the API and the runs each get one.
 
-The child is ``ondeck worker`` with the server's environment. A socketpair joins
-the two: it carries wake-ups both ways on SQLite (see ``wakeup.Relay``), and its
-closing is the only thing that stops the child: the server closes it to stop the
-worker, and the kernel closes it if the server dies, so the child never outlives
-it. Signals meant for the whole process group (Ctrl-C, a service manager's stop)
-are left to the server, which may still be draining requests: a child that
-stopped on them would be restarted and pick up its runs again mid-shutdown.
+The child is ``ondeck worker`` with the server's environment and, whatever the
+environment says, the server's settings. A socketpair joins the two: it carries
+wake-ups both ways on SQLite (see ``wakeup.Relay``), and its closing is the only
+thing that stops the child: the server closes it to stop the worker, and the kernel
+closes it if the server dies, so the child never outlives it. Signals meant for the
+whole process group (Ctrl-C, a service manager's stop) are left to the server, which
+may still be draining requests: a child that stopped on them would be restarted and
+pick up its runs again mid-shutdown.
 If the child dies, it is started again; the reaper ends whatever it was running.
 
 ``ONDECK_WORKER_PROCESSES`` above 1 starts several such children, each with its own
@@ -25,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import sys
 import time
 
 from ondeck.engine.wakeup import Relay, WakeBus
+from ondeck.settings import Settings
 from ondeck.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -39,8 +42,13 @@ _STOP_MARGIN = 20.0  # beyond the kill grace: time for the child to record its r
 
 
 class WorkerProcess:
-    def __init__(self, store: Store, bus: WakeBus, stop_grace: float) -> None:
-        self._store, self._bus, self._stop_grace = store, bus, stop_grace
+    def __init__(self, store: Store, bus: WakeBus, settings: Settings) -> None:
+        self._store, self._bus, self._stop_grace = store, bus, settings.kill_grace_seconds
+        # The child reads its settings from the environment: the server's own, as given.
+        self._env = {
+            **{key: value for key, value in os.environ.items() if not key.startswith("ONDECK_")},
+            **settings.as_environment(),
+        }
         self._relay: Relay | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -71,6 +79,7 @@ class WorkerProcess:
                 "--log-level",
                 level,
                 stdin=asyncio.subprocess.DEVNULL,
+                env=self._env,
                 pass_fds=(theirs.fileno(),),
             )
         except BaseException:
