@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -83,13 +84,17 @@ class _Recent:
     """Tokens seen in the last few seconds, so most requests need no database read.
 
     A revocation is immediate in the process that revoked it and takes at most
-    ``TTL`` seconds to reach other API processes.
+    ``TTL`` seconds to reach other API processes. A record read before a revocation
+    in this process is not cached after it: ``put`` takes the ``generation`` seen
+    before the read, and every ``forget`` starts a new one.
     """
 
     TTL = 5.0
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[float, TokenRecord]] = {}
+        self._lock = threading.Lock()
+        self.generation = 0
 
     def get(self, token_hash: str) -> TokenRecord | None:
         hit = self._seen.get(token_hash)
@@ -97,14 +102,18 @@ class _Recent:
             return None
         return hit[1]
 
-    def put(self, token_hash: str, record: TokenRecord) -> None:
-        if len(self._seen) > 10_000:
-            self._seen.clear()
-        self._seen[token_hash] = (time.monotonic(), record)
+    def put(self, token_hash: str, record: TokenRecord, generation: int) -> None:
+        with self._lock:
+            if generation != self.generation:
+                return  # a revocation happened meanwhile: the record may predate it
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            self._seen[token_hash] = (time.monotonic(), record)
 
     def forget(self, name: str) -> None:
-        # A snapshot (one C call): other threads may be adding entries meanwhile.
-        self._seen = {h: (t, r) for h, (t, r) in list(self._seen.items()) if r.name != name}
+        with self._lock:
+            self.generation += 1
+            self._seen = {h: (t, r) for h, (t, r) in self._seen.items() if r.name != name}
 
 
 _recent = _Recent()
@@ -113,12 +122,13 @@ _recent = _Recent()
 def authenticate(store: Store, authorization: str | None) -> Principal:
     """The principal behind an ``Authorization: Bearer odk_…`` header, or 401."""
     token_hash = _token_hash(authorization)
+    generation = _recent.generation
     record = _recent.get(token_hash)
     if record is None:
         with store.read() as tx:
             record = tx.token_by_hash(token_hash)
         if record is not None:
-            _recent.put(token_hash, record)
+            _recent.put(token_hash, record, generation)
     if record is None:
         raise Unauthenticated("unknown token")
     now = utcnow()
@@ -126,7 +136,7 @@ def authenticate(store: Store, authorization: str | None) -> Principal:
     if _needs_touch(record, now):
         with store.transaction() as tx:
             tx.touch_token(record.id, now)
-        _recent.put(token_hash, replace(record, last_used_at=now))
+        _recent.put(token_hash, replace(record, last_used_at=now), generation)
     return principal
 
 

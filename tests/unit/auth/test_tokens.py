@@ -39,3 +39,21 @@ def test_revoking_in_this_process_takes_effect_at_once(store: Store) -> None:
 def test_malformed_headers_are_refused_without_the_database(header: str | None, detail: str) -> None:
     with pytest.raises(Unauthenticated, match=detail):
         tokens.authenticate_recent(header)
+
+
+def test_a_record_read_before_a_revocation_is_not_cached_after_it(store: Store) -> None:
+    """What a request racing a revocation in another thread does: read, then cache."""
+    issued = tokens.create(store, SYSTEM, "racer", ["operator"])
+    token_hash = tokens.hash_token(issued.token)
+    generation = tokens._recent.generation
+    with store.read() as tx:
+        active = tx.token_by_hash(token_hash)
+    assert active is not None and active.revoked_at is None
+
+    tokens.revoke(store, SYSTEM, "racer")
+    tokens._recent.put(token_hash, active, generation)  # the slower request caches what it read
+
+    header = f"Bearer {issued.token}"
+    assert tokens.authenticate_recent(header) is None
+    with pytest.raises(Unauthenticated, match="revoked"):
+        tokens.authenticate(store, header)
