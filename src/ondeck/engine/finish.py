@@ -15,7 +15,7 @@ from typing import Any
 
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
 from ondeck.durations import format_duration
-from ondeck.engine import limits, states
+from ondeck.engine import catalog, limits, states
 from ondeck.engine.queue import Claim
 from ondeck.spec.models import Automation, Retries
 from ondeck.store.store import Store, Transaction
@@ -82,7 +82,7 @@ def reap_expired_leases(store: Store, limit: int = 100) -> list[tuple[str, int]]
     with store.transaction() as tx:
         for run in tx.expired_leases(now, limit):
             version = tx.automation_version(run.automation, run.version)
-            automation = Automation.model_validate(version.definition) if version else None
+            automation = catalog.definition_of(version) if version else None
             status = RunStatus.CANCELLED if run.cancel_requested else RunStatus.FAILED
             error = f"worker lost: {run.lease_owner} stopped renewing its lease"
             if _end_attempt(tx, run, Outcome(status, error=error), automation, now):

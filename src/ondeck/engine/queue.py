@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from ondeck.domain import Run, RunStatus, utcnow
-from ondeck.engine import states
+from ondeck.engine import catalog, states
 from ondeck.spec.models import Automation
 from ondeck.store.store import Store, Transaction
 
@@ -22,7 +22,8 @@ class Claim:
 
 
 class DefinitionCache:
-    """Versions never change once stored, so each is read and parsed once per process."""
+    """Versions never change once stored, so each is read once per process (and parsed
+    once, by ``catalog.definition_of``)."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, int], Automation] = {}
@@ -32,7 +33,7 @@ class DefinitionCache:
         if key not in self._cache:
             stored = tx.automation_version(name, version)
             assert stored is not None, f"automation {name} version {version} is missing"
-            self._cache[key] = Automation.model_validate(stored.definition)
+            self._cache[key] = catalog.definition_of(stored)
         return self._cache[key]
 
 

@@ -1,4 +1,4 @@
-"""SQLite writers from several processes take turns through a lock file, not by polling."""
+"""SQLite writers from several processes take turns through a lock file, not SQLite's sleep-and-retry."""
 
 from __future__ import annotations
 
