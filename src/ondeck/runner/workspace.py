@@ -12,9 +12,11 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Workspace:
-    """``root`` holds what ondeck writes for the script (params, the script itself) and
-    reads back (outputs); ``work`` and ``tmp`` are the script's. Few directories, because
-    each one is an inode allocated and freed per attempt, which is most of a workspace's cost."""
+    """``root`` holds what ondeck writes for the script (params, a Python script) and reads
+    back (outputs), and is the script's ``TMPDIR``; ``work``, empty at the start, is its
+    working directory and ``HOME``. As few inodes as that: each one is allocated and freed
+    per attempt, which is most of a workspace's cost, and on some filesystems (ext4
+    without a journal) allocation slows as freed inodes pile up."""
 
     root: Path
 
@@ -25,7 +27,8 @@ class Workspace:
 
     @property
     def tmp(self) -> Path:
-        return self.root / "tmp"
+        """The script's ``TMPDIR``: private to the attempt and removed with it."""
+        return self.root
 
     @property
     def params_file(self) -> Path:
@@ -37,12 +40,14 @@ class Workspace:
 
     @classmethod
     def create(cls, parent: Path, run_id: str, attempt: int) -> Workspace:
-        parent.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix=f"{run_id}-{attempt}-", dir=parent))
-        os.chmod(root, 0o700)
-        workspace = cls(root)
-        for directory in (workspace.work, workspace.tmp):
-            directory.mkdir()
+        prefix = f"{run_id}-{attempt}-"
+        try:
+            root = tempfile.mkdtemp(prefix=prefix, dir=parent)  # mode 0700
+        except FileNotFoundError:
+            parent.mkdir(parents=True, exist_ok=True)
+            root = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        workspace = cls(Path(root))
+        workspace.work.mkdir()
         return workspace
 
     @classmethod

@@ -97,6 +97,26 @@ def test_workspace_is_fresh_and_removed(tmp_path: Path) -> None:
     assert list((tmp_path / "ws").iterdir()) == []
 
 
+def test_tmpdir_is_private_to_the_attempt_and_removed_with_it(tmp_path: Path) -> None:
+    script = 'f=$(mktemp); echo "$TMPDIR $f"; ls -ld "$TMPDIR"'
+    outcome, text = execute(make(tmp_path, script))
+    tmpdir, made, mode = text.split()[:3]
+    assert outcome.status == RunStatus.SUCCEEDED
+    assert Path(tmpdir).is_relative_to(tmp_path / "ws") and Path(made).parent == Path(tmpdir)
+    assert mode == "drwx------"
+    assert not Path(made).exists() and list((tmp_path / "ws").iterdir()) == []
+
+
+@pytest.mark.parametrize("padding", [0, 200_000], ids=["inline", "from-a-file"])
+def test_bash_scripts_of_any_size_get_their_args(tmp_path: Path, padding: int) -> None:
+    """Scripts up to 64 KiB are passed inline; larger ones (past the kernel's limit for one
+    argument) are written to a file first. Either way args arrive as $1… and set -e holds."""
+    script = f"# {'x' * padding}\nprintf '[%s]' \"$@\"; false; echo unreachable"
+    outcome, text = execute(make(tmp_path, script, args=["a b", "$(c)"]))
+    assert outcome.status == RunStatus.FAILED and outcome.exit_code == 1
+    assert text == "[a b][$(c)]"
+
+
 def test_outputs_file_becomes_outputs(tmp_path: Path) -> None:
     outcome, _ = execute(make(tmp_path, 'echo \'{"answer": 42}\' > "$ONDECK_OUTPUTS"'))
     assert outcome.outputs == {"answer": 42}
