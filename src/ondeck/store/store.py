@@ -54,6 +54,7 @@ from ondeck.domain import (
 )
 from ondeck.errors import StoreUnavailable
 from ondeck.store import database
+from ondeck.store.direct import Direct
 from ondeck.store.tables import (
     approval_decisions,
     attempts,
@@ -97,7 +98,7 @@ _CURRENT_VERSION = _CURRENT_VERSIONS.where(automations.c.name == bindparam("name
 _VERSION = select(automation_versions).where(
     automation_versions.c.name == bindparam("name"), automation_versions.c.version == bindparam("version")
 )
-_INSERT_RUN = insert(runs)
+_INSERT_RUN = Direct(insert(runs))
 _SLOTS_USED = (
     select(func.count())
     .select_from(concurrency_slots)
@@ -123,10 +124,13 @@ _MOVE_RUN = update(runs).where(runs.c.id == bindparam("_run_id"), runs.c.status 
 _MOVE_LEASED_RUN = _MOVE_RUN.where(
     runs.c.lease_owner == bindparam("_owner"), runs.c.attempt == bindparam("_attempt")
 )
-_INSERT_TRANSITION = insert(run_transitions).inline()  # no RETURNING of the generated id
-_INSERT_ATTEMPT = insert(attempts)
-_FINISH_ATTEMPT = update(attempts).where(
-    attempts.c.run_id == bindparam("_run_id"), attempts.c.number == bindparam("_number")
+_MOVES = {False: Direct(_MOVE_RUN), True: Direct(_MOVE_LEASED_RUN)}
+_INSERT_TRANSITION = Direct(insert(run_transitions).inline())  # no RETURNING of the generated id
+_INSERT_ATTEMPT = Direct(insert(attempts))
+_FINISH_ATTEMPT = Direct(
+    update(attempts).where(
+        attempts.c.run_id == bindparam("_run_id"), attempts.c.number == bindparam("_number")
+    )
 )
 _RELEASE_SLOT = delete(concurrency_slots).where(concurrency_slots.c.run_id == bindparam("run_id"))
 _COUNT_LOGS = (
@@ -139,13 +143,15 @@ _INSERT_LOGS = insert(log_entries)
 # All of a transaction's notifications in one round trip, in order, just before commit.
 _NOTIFY = text("SELECT pg_notify(c, p) FROM unnest(CAST(:c AS text[]), CAST(:p AS text[])) AS n(c, p)")
 _LAST_AUDIT_HASH = select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1)
-_INSERT_AUDIT = insert(audit_entries).returning(audit_entries.c.id)
+_INSERT_AUDIT = Direct(insert(audit_entries).returning(audit_entries.c.id))
 _AUDIT_LOCK_SQL = text("SELECT pg_advisory_xact_lock(:k)")
 _COUNT_RATE = {
-    name: dialect.insert(rate_counters)
-    .values(key=bindparam("key"), window=bindparam("window"), count=1)
-    .on_conflict_do_update(index_elements=["key", "window"], set_={"count": rate_counters.c.count + 1})
-    .returning(rate_counters.c.count)
+    name: Direct(
+        dialect.insert(rate_counters)
+        .values(key=bindparam("key"), window=bindparam("window"), count=1)
+        .on_conflict_do_update(index_elements=["key", "window"], set_={"count": rate_counters.c.count + 1})
+        .returning(rate_counters.c.count)
+    )
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 
@@ -251,12 +257,12 @@ class Transaction:
         """Write a new run with the transitions that brought it to its status, all at its creation."""
         values = {name: getattr(run, name) for name in _RUN_FIELDS}
         values["status"] = str(run.status)
-        self._c.execute(_INSERT_RUN, values)
+        _INSERT_RUN.execute(self._c, values)
         transitions = [
             _transition_row(run.id, from_status, to_status, run.created_at, reason)
             for from_status, to_status, reason in history
         ]
-        self._c.execute(_INSERT_TRANSITION, transitions)
+        _INSERT_TRANSITION.executemany(self._c, transitions)
         self.notify("run", run.id)
 
     def get_run(self, run_id: str, *, lock: bool = False) -> Run | None:
@@ -302,9 +308,7 @@ class Transaction:
         guard: dict[str, Any] = {"_run_id": run_id, "_from": str(from_status)}
         if lease is not None:
             guard["_owner"], guard["_attempt"] = lease
-        statement = _MOVE_RUN if lease is None else _MOVE_LEASED_RUN
-        result = self._c.execute(statement, {**guard, "status": str(to_status), **values})
-        if result.rowcount != 1:
+        if _MOVES[lease is not None].execute(self._c, {**guard, "status": str(to_status), **values}) != 1:
             return False
         self._transition(run_id, from_status, to_status, now, reason)
         self.notify("run", run_id)
@@ -316,7 +320,7 @@ class Transaction:
     def _transition(
         self, run_id: str, from_status: str | None, to_status: str, now: datetime, reason: str
     ) -> None:
-        self._c.execute(_INSERT_TRANSITION, _transition_row(run_id, from_status, to_status, now, reason))
+        _INSERT_TRANSITION.execute(self._c, _transition_row(run_id, from_status, to_status, now, reason))
 
     def transitions(self, run_id: str) -> list[Transition]:
         rows = self._c.execute(
@@ -390,8 +394,8 @@ class Transaction:
         return [_run(row) for row in rows]
 
     def insert_attempt(self, run_id: str, number: int, worker: str, now: datetime) -> None:
-        self._c.execute(
-            _INSERT_ATTEMPT,
+        _INSERT_ATTEMPT.execute(
+            self._c,
             {"run_id": run_id, "number": number, "worker": worker, "status": "running", "started_at": now},
         )
 
@@ -404,8 +408,8 @@ class Transaction:
         error: str | None,
         now: datetime,
     ) -> None:
-        self._c.execute(
-            _FINISH_ATTEMPT,
+        _FINISH_ATTEMPT.execute(
+            self._c,
             {
                 "_run_id": run_id,
                 "_number": number,
@@ -577,8 +581,8 @@ class Transaction:
             self._c.execute(_AUDIT_LOCK_SQL, {"k": _AUDIT_LOCK})
         prev_hash = self._c.execute(_LAST_AUDIT_HASH).scalar() or GENESIS
         digest = chain_hash(prev_hash, now, actor, action, target, body)
-        entry_id: int = self._c.execute(
-            _INSERT_AUDIT,
+        entry_id: int = _INSERT_AUDIT.scalar(
+            self._c,
             {
                 "at": now,
                 "actor": actor,
@@ -588,7 +592,7 @@ class Transaction:
                 "prev_hash": prev_hash,
                 "hash": digest,
             },
-        ).scalar_one()
+        )
         return AuditEntry(entry_id, now, actor, action, target, detail, prev_hash, digest)
 
     def audit_entries(
@@ -661,8 +665,7 @@ class Transaction:
 
     def count_in_window(self, key: str, window: int) -> int:
         """Add one to the counter of ``key`` for ``window``; returns the new count (atomic)."""
-        statement = _COUNT_RATE[self._c.dialect.name]
-        return int(self._c.execute(statement, {"key": key, "window": window}).scalar_one())
+        return int(_COUNT_RATE[self._c.dialect.name].scalar(self._c, {"key": key, "window": window}))
 
     def purge_counters(self, before_window: int) -> None:
         self._c.execute(delete(rate_counters).where(rate_counters.c.window < before_window))

@@ -1,0 +1,97 @@
+"""Statements run on the driver's cursor store what SQLAlchemy would, and fail the same way."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import bindparam, insert, select, update
+
+from ondeck.store.direct import Direct
+from ondeck.store.store import IntegrityError, Store
+from ondeck.store.tables import audit_entries, automation_versions, runs
+
+AT = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+def _run_row(run_id: str, **values: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "id": run_id,
+        "automation": "a",
+        "version": 1,
+        "status": "queued",
+        "params": {"text": "ünïcode", "n": [1, None, True]},
+        "max_attempts": 1,
+        "worker_group": "default",
+        "trigger": "api",
+        "created_at": AT,
+        "not_before": AT + timedelta(seconds=1),
+        "attempt": 0,
+        "priority": 0,
+        "cancel_requested": False,
+        "log_seq": 0,
+        "log_bytes": 0,
+    }
+    row.update(values)
+    return row
+
+
+def test_rows_written_directly_read_back_as_written_through_sqlalchemy(store: Store) -> None:
+    with store.transaction() as tx:
+        connection = tx._c
+        connection.execute(insert(runs), _run_row("core"))
+        Direct(insert(runs)).execute(connection, _run_row("direct"))
+    with store.read() as tx:
+        core, direct = (tx.get_run(run_id) for run_id in ("core", "direct"))
+    assert core is not None and direct is not None
+    assert direct.created_at == core.created_at == AT
+    assert direct == core.__class__(**{**core.__dict__, "id": "direct"})
+
+
+def test_update_returns_the_rows_it_matched_and_returning_gives_the_value(store: Store) -> None:
+    move = Direct(update(runs).where(runs.c.id == bindparam("_id"), runs.c.status == bindparam("_from")))
+    append = Direct(insert(audit_entries).returning(audit_entries.c.id))
+    entry = {"at": AT, "actor": "me", "action": "x", "target": "t", "detail": "{}", "prev_hash": "p"}
+    with store.transaction() as tx:
+        Direct(insert(runs)).execute(tx._c, _run_row("r1"))
+        assert move.execute(tx._c, {"_id": "r1", "_from": "queued", "status": "running"}) == 1
+        assert move.execute(tx._c, {"_id": "r1", "_from": "queued", "status": "failed"}) == 0
+        first = append.scalar(tx._c, {**entry, "hash": "h1"})
+        second = append.scalar(tx._c, {**entry, "hash": "h2"})
+    assert second == first + 1
+    with store.read() as tx:
+        run = tx.get_run("r1")
+    assert run is not None and run.status == "running"
+
+
+def test_driver_errors_come_back_as_sqlalchemy_errors(store: Store) -> None:
+    statement = Direct(insert(runs))
+    with pytest.raises(IntegrityError), store.transaction() as tx:
+        statement.execute(tx._c, _run_row("twice"))
+        statement.execute(tx._c, _run_row("twice"))
+    with store.read() as tx:
+        assert tx.get_run("twice") is None  # the transaction rolled back as a whole
+
+
+def test_a_statement_that_needs_python_side_defaults_goes_through_sqlalchemy(store: Store) -> None:
+    row = _run_row("defaults")
+    for column in ("attempt", "priority", "cancel_requested", "log_seq", "log_bytes"):
+        del row[column]  # these have Python-side defaults, which only SQLAlchemy fills in
+    with store.transaction() as tx:
+        Direct(insert(runs)).execute(tx._c, row)
+    with store.read() as tx:
+        run = tx.get_run("defaults")
+    assert run is not None and run.attempt == 0 and run.cancel_requested is False
+
+
+def test_many_rows_in_one_call(store: Store) -> None:
+    rows = [
+        {"name": "n", "version": v, "definition": {"v": v}, "digest": f"d{v}", "created_at": AT}
+        for v in (1, 2, 3)
+    ]
+    with store.transaction() as tx:
+        Direct(insert(automation_versions)).executemany(tx._c, rows)
+        stored = tx._c.execute(
+            select(automation_versions.c.definition).order_by(automation_versions.c.version)
+        ).scalars()
+        assert list(stored) == [{"v": 1}, {"v": 2}, {"v": 3}]
