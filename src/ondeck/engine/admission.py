@@ -21,13 +21,23 @@ from ondeck.auth.principals import SYSTEM, Principal
 from ondeck.domain import Run, RunStatus, utcnow
 from ondeck.engine import approvals, catalog, environments, limits, outbox, states
 from ondeck.engine.runs import request_cancel
-from ondeck.errors import ConcurrencyRejected, IdempotencyMismatch, InvalidRequest, NotFound, OndeckError
+from ondeck.errors import (
+    ConcurrencyRejected,
+    Conflict,
+    IdempotencyMismatch,
+    InvalidRequest,
+    NotFound,
+    OndeckError,
+)
 from ondeck.ids import new_id
 from ondeck.masking import MASK
 from ondeck.spec.expressions import ExpressionError, render
 from ondeck.spec.models import Automation
 from ondeck.spec.params import validate_params
 from ondeck.store.store import IntegrityError, Store, Transaction
+
+# Passes at most through admission when other processes keep applying new versions.
+_CATALOG_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -100,32 +110,49 @@ def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None 
     try:
         if request.callback_url is not None:
             outbox.check_url(request.callback_url)
-        version = catalog.get(store, request.automation)
-        automation = catalog.definition_of(version)
-        params = validate_params(automation.params_schema, request.params)
-        environment = environments.resolve(store, automation, params)
-        authorize_run(request.principal, automation.name, automation.access, params, environment)
-        run = _new_run(
-            request, automation, version.version, params, environment.name if environment else None
-        )
-        approval = approvals.requirement(automation, environment, params, run.created_at)
-        run = replace(run, approval=approval)
-        fingerprint = _fingerprint(request.params)
-        # A concurrent request with the same idempotency key can win the insert race;
-        # the second pass then finds its run and answers with it.
-        for last_try in (False, True):
+        # The version this process read last, without a read; the write confirms that it
+        # is still current, and a refusal is only given once it is confirmed: otherwise the
+        # run is admitted again under the newer version.
+        for _ in range(_CATALOG_TRIES):
+            version = catalog.current(store, request.automation)
+            automation = catalog.definition_of(version)
             try:
-                admission = _write(store, run, automation, fingerprint, policy, request)
-                break
-            except IntegrityError:
-                if last_try:
+                found = _admit_version(store, request, policy, automation, version.version)
+            except OndeckError:
+                if catalog.still_current(store, version):
                     raise
+                continue
+            if found is not None:
+                admission = found
+                break
+            catalog.forget(store, request.automation)
+        else:
+            raise Conflict(f"automation {request.automation!r} kept changing while the run was admitted")
     except OndeckError as refusal:
         _audit_refusal(store, request, automation, refusal)
         raise
     if admission.run.status == RunStatus.REJECTED:
         raise ConcurrencyRejected(admission.run.error or "rejected", run_id=admission.run.id)
     return admission
+
+
+def _admit_version(
+    store: Store, request: TriggerRequest, policy: AdmissionPolicy, automation: Automation, version: int
+) -> Admission | None:
+    """Admit under this version of the automation; None if it is no longer the current one."""
+    params = validate_params(automation.params_schema, request.params)
+    environment = environments.resolve(store, automation, params)
+    authorize_run(request.principal, automation.name, automation.access, params, environment)
+    run = _new_run(request, automation, version, params, environment.name if environment else None)
+    approval = approvals.requirement(automation, environment, params, run.created_at)
+    run = replace(run, approval=approval)
+    fingerprint = _fingerprint(request.params)
+    try:
+        return _write(store, run, automation, fingerprint, policy, request)
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the insert race: this
+        # second pass finds its run and answers with it.
+        return _write(store, run, automation, fingerprint, policy, request)
 
 
 def _new_run(
@@ -172,9 +199,11 @@ def _write(
     fingerprint: str,
     policy: AdmissionPolicy,
     request: TriggerRequest,
-) -> Admission:
+) -> Admission | None:
     now = run.created_at
     with store.transaction() as tx:
+        if tx.current_version(run.automation) != run.version:
+            return None
         if run.idempotency_key is not None:
             found = tx.find_idempotency(run.automation, run.idempotency_key, now)
             if found is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 from ondeck.auth.policy import may_view, require
 from ondeck.auth.principals import Permission, Principal
@@ -36,6 +37,34 @@ def get(store: Store, name: str, version: int | None = None) -> AutomationVersio
         what = f"automation {name!r}" + (f" version {version}" if version is not None else "")
         raise NotFound(f"{what} does not exist")
     return found
+
+
+_seen: WeakKeyDictionary[Store, dict[str, AutomationVersion]] = WeakKeyDictionary()
+
+
+def current(store: Store, name: str) -> AutomationVersion:
+    """The current version of ``name`` as this process last read it, without a read when
+    it has one. Another process may have applied a newer version since, so a writer that
+    relies on it first checks ``Transaction.current_version`` in its own transaction (as
+    admission does) and calls ``forget`` when it differs."""
+    seen = _seen.setdefault(store, {})
+    found = seen.get(name)
+    if found is None:
+        found = seen[name] = get(store, name)
+    return found
+
+
+def forget(store: Store, name: str) -> None:
+    _seen.get(store, {}).pop(name, None)
+
+
+def still_current(store: Store, version: AutomationVersion) -> bool:
+    """Whether ``version`` is still the current one (read now); forgets it if not."""
+    with store.read() as tx:
+        if tx.current_version(version.name) == version.version:
+            return True
+    forget(store, version.name)
+    return False
 
 
 def list_current(store: Store) -> list[AutomationVersion]:

@@ -7,7 +7,8 @@ once per dialect and set of parameter names; its values go through the bind proc
 SQLAlchemy would apply, so the rows stored are the same; driver errors come back as
 SQLAlchemy's (``IntegrityError``, ``OperationalError``…), so callers see no difference.
 A statement whose compiled form needs more than that (Python-side column defaults,
-expanding parameters) runs through SQLAlchemy as before.
+expanding parameters) runs through SQLAlchemy as before. Values read back are the
+driver's own, not processed: only integers and text are read this way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import UpdateBase
 
@@ -44,9 +45,9 @@ class _Plan:
 
 
 class Direct:
-    """One INSERT, UPDATE or DELETE, run on the connection's DBAPI cursor."""
+    """One statement, run on the connection's DBAPI cursor."""
 
-    def __init__(self, statement: UpdateBase) -> None:
+    def __init__(self, statement: UpdateBase | Select[Any]) -> None:
         self._statement = statement
         self._plans: dict[tuple[str, str, tuple[str, ...]], _Plan | None] = {}
 
@@ -60,13 +61,14 @@ class Direct:
             return int(cursor.rowcount)
 
     def scalar(self, connection: Connection, values: Mapping[str, Any]) -> Any:
-        """Run once; the first column of the first row it returned (a RETURNING clause)."""
+        """Run once; the first column of the first row it returned (None without rows)."""
         plan = self._plan(connection, values)
         if plan is None:
-            return connection.execute(self._statement, dict(values)).scalar_one()
+            return connection.execute(self._statement, dict(values)).scalar()
         with self._cursor(connection, plan, values) as cursor:
             cursor.execute(plan.compiled.string, plan.parameters(values))
-            return cursor.fetchone()[0]
+            row = cursor.fetchone()
+            return None if row is None else row[0]
 
     def executemany(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run once per row (every row with the same names)."""

@@ -95,6 +95,9 @@ _CURRENT_VERSIONS = select(automation_versions).join(
     ),
 )
 _CURRENT_VERSION = _CURRENT_VERSIONS.where(automations.c.name == bindparam("name"))
+_CURRENT_VERSION_NUMBER = Direct(
+    select(automations.c.current_version).where(automations.c.name == bindparam("name"))
+)
 _VERSION = select(automation_versions).where(
     automation_versions.c.name == bindparam("name"), automation_versions.c.version == bindparam("version")
 )
@@ -218,6 +221,11 @@ class Transaction:
     def current_automation(self, name: str) -> AutomationVersion | None:
         row = self._c.execute(_CURRENT_VERSION, {"name": name}).first()
         return _version(row) if row else None
+
+    def current_version(self, name: str) -> int | None:
+        """The number of the current version of ``name`` (None if there is no such automation)."""
+        value = _CURRENT_VERSION_NUMBER.scalar(self._c, {"name": name})
+        return None if value is None else int(value)
 
     def automation_version(self, name: str, version: int) -> AutomationVersion | None:
         row = self._c.execute(_VERSION, {"name": name, "version": version}).first()

@@ -59,6 +59,35 @@ def test_a_run_records_the_version_it_was_admitted_with(store: Store) -> None:
     assert (first.version, second.version) == (1, 2)
 
 
+def test_a_version_applied_by_another_process_is_the_one_admission_validates_against(
+    store: Store, database_url: str
+) -> None:
+    define(store, params={"type": "object", "properties": {"x": {}}})
+    assert admit(store, TriggerRequest("job", {"x": "any"})).run.version == 1  # v1 now known here
+    other = Store(database_url)  # another process on the same database
+    try:
+        schema = {"type": "object", "required": ["x"], "properties": {"x": {"type": "integer"}}}
+        define(other, params=schema)
+    finally:
+        other.dispose()
+    with pytest.raises(InvalidParams):
+        admit(store, TriggerRequest("job", {"x": "nope"}))
+    assert admit(store, TriggerRequest("job", {"x": 1})).run.version == 2
+
+
+def test_params_refused_by_a_version_another_process_replaced_are_judged_by_the_new_one(
+    store: Store, database_url: str
+) -> None:
+    define(store, params={"type": "object", "required": ["x"], "properties": {"x": {}}})
+    assert admit(store, TriggerRequest("job", {"x": 1})).run.version == 1  # v1 now known here
+    other = Store(database_url)
+    try:
+        define(other, params={"type": "object", "properties": {"x": {}}})  # x is optional now
+    finally:
+        other.dispose()
+    assert admit(store, TriggerRequest("job", {})).run.version == 2
+
+
 def test_invalid_params_write_nothing(store: Store) -> None:
     define(store, params={"type": "object", "required": ["x"], "properties": {"x": {"type": "integer"}}})
     with pytest.raises(InvalidParams):
