@@ -212,7 +212,7 @@ class Worker:
         stop = self._active[run_id]
         buffer = _LogBuffer(self.store, claim, stop)
         output_done = asyncio.Event()
-        flusher = asyncio.create_task(buffer.flush_periodically(output_done))
+        flusher: asyncio.Task[None] | None = None  # from the first output on: most runs print little
         outcome = Outcome(RunStatus.FAILED, None, "the attempt ended without a result")
         try:
             secrets = (
@@ -232,6 +232,8 @@ class Worker:
                 async for event in events:
                     if isinstance(event, Output):
                         buffer.add(event.chunk)
+                        if flusher is None:
+                            flusher = asyncio.create_task(buffer.flush_periodically(output_done))
                         if buffer.full:
                             await buffer.flush()
                     elif isinstance(event, Finished):
@@ -245,7 +247,8 @@ class Worker:
             outcome = Outcome(RunStatus.FAILED, None, f"runner error: {type(exc).__name__}: {exc}")
         finally:
             output_done.set()
-            await asyncio.wait({flusher})
+            if flusher is not None:
+                await asyncio.wait({flusher})
         if self._stopping and outcome.status == RunStatus.CANCELLED:
             outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
         try:
