@@ -45,7 +45,20 @@ def claim(
     lease: timedelta,
     definitions: DefinitionCache,
 ) -> tuple[list[Claim], bool]:
-    """Lease up to ``capacity`` due runs of ``group``, highest priority first.
+    """Lease up to ``capacity`` due runs of ``group``, highest priority first (see ``claim_in``)."""
+    with store.transaction() as tx:
+        return claim_in(tx, worker, group, capacity, lease, definitions)
+
+
+def claim_in(
+    tx: Transaction,
+    worker: str,
+    group: str,
+    capacity: int,
+    lease: timedelta,
+    definitions: DefinitionCache,
+) -> tuple[list[Claim], bool]:
+    """Lease up to ``capacity`` due runs of ``group`` in ``tx``, highest priority first.
 
     A run with a concurrency key is only taken when a slot of its key can be
     occupied in this same transaction. Also says whether more runs may be due
@@ -57,36 +70,35 @@ def claim(
     now = utcnow()
     claims: list[Claim] = []
     window = capacity * 2 + 4
-    with store.transaction() as tx:
-        candidates = tx.queued_candidates(group, now, window)
-        for run in candidates:
-            if len(claims) == capacity:
-                tx.notify("queue", group)
-                break
-            if run.concurrency_key is not None and not tx.take_slot(
-                run.concurrency_key, run.concurrency_limit or 1, run.id
-            ):
-                continue
-            number = run.attempt + 1
-            started_at = run.started_at or now
-            fields: dict[str, Any] = {
-                "attempt": number,
-                "lease_owner": worker,
-                "lease_expires_at": now + lease,
-                "started_at": started_at,
-            }
-            if not states.move(
-                tx,
-                run,
-                RunStatus.RUNNING,
-                now,
-                f"attempt {number} started on {worker}",
-                **fields,
-            ):
-                continue
-            tx.insert_attempt(run.id, number, worker, now)
-            automation = definitions.get(tx, run.automation, run.version)
-            claims.append(Claim(replace(run, status=RunStatus.RUNNING, **fields), automation, worker))
+    candidates = tx.queued_candidates(group, now, window)
+    for run in candidates:
+        if len(claims) == capacity:
+            tx.notify("queue", group)
+            break
+        if run.concurrency_key is not None and not tx.take_slot(
+            run.concurrency_key, run.concurrency_limit or 1, run.id
+        ):
+            continue
+        number = run.attempt + 1
+        started_at = run.started_at or now
+        fields: dict[str, Any] = {
+            "attempt": number,
+            "lease_owner": worker,
+            "lease_expires_at": now + lease,
+            "started_at": started_at,
+        }
+        if not states.move(
+            tx,
+            run,
+            RunStatus.RUNNING,
+            now,
+            f"attempt {number} started on {worker}",
+            **fields,
+        ):
+            continue
+        tx.insert_attempt(run.id, number, worker, now)
+        automation = definitions.get(tx, run.automation, run.version)
+        claims.append(Claim(replace(run, status=RunStatus.RUNNING, **fields), automation, worker))
     return claims, len(candidates) == window
 
 

@@ -110,6 +110,10 @@ class Worker:
         self._active: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # Whether the last claim found a due run: then an attempt that ends claims the next
+        # run for its slot in the same transaction (finish.finish_and_claim).
+        self._backlog = False
+        self._next = finish.NextClaim(self.group, self.lease, self._definitions)
         bus.on_cancel(self._cancel)
 
     def _cancel(self, run_id: str) -> None:
@@ -142,8 +146,11 @@ class Worker:
             self._stopping = True
             for event in self._active.values():
                 event.set()
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=self.settings.kill_grace_seconds + 10)
+            # Attempts that end meanwhile may still start the runs they claimed (stopped at
+            # once by ``_start``): wait for those too.
+            deadline = asyncio.get_running_loop().time() + self.settings.kill_grace_seconds + 10
+            while self._tasks and (left := deadline - asyncio.get_running_loop().time()) > 0:
+                await asyncio.wait(set(self._tasks), timeout=left)
             heartbeat.cancel()
             log.info("worker %s stopped", self.id)
 
@@ -159,12 +166,18 @@ class Worker:
         except Exception:
             log.exception("claiming runs failed; will retry")
             return False
+        self._backlog = bool(claims)
+        self._start(claims)
+        return bool(claims) and more  # claiming nothing again at once would spin
+
+    def _start(self, claims: list[Claim]) -> None:
         for claim in claims:
-            self._active[claim.run.id] = asyncio.Event()
+            stop = self._active[claim.run.id] = asyncio.Event()
+            if self._stopping:
+                stop.set()  # claimed as the worker began to stop: ends like the others
             task = asyncio.create_task(self._execute(claim))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return bool(claims) and more  # claiming nothing again at once would spin
 
     async def _heartbeat(self) -> None:
         while True:
@@ -251,9 +264,16 @@ class Worker:
                 await asyncio.wait({flusher})
         if self._stopping and outcome.status == RunStatus.CANCELLED:
             outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
+        following: list[Claim] = []
         try:
             rest = await buffer.take_rest()
-            await blocking.run(finish.finish, self.store, claim, outcome, rest)
+            if self._backlog and not self._stopping:
+                _, following = await blocking.run(
+                    finish.finish_and_claim, self.store, claim, outcome, rest, self._next
+                )
+                self._backlog = bool(following)
+            else:
+                await blocking.run(finish.finish, self.store, claim, outcome, rest)
         except Exception:
             # The lease will lapse and the reaper will end the attempt: nothing is lost.
             log.exception("run %s: recording the result failed", run_id)
@@ -261,6 +281,7 @@ class Worker:
             # A retry of this run may already be claimed here under the same id: leave its entry.
             if self._active.get(run_id) is stop:
                 del self._active[run_id]
+            self._start(following)
             self.bus.publish("queue", self.group)
 
 

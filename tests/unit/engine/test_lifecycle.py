@@ -152,6 +152,22 @@ def test_claim_takes_a_lease_and_finish_ends_the_run(store: Store) -> None:
     assert done.lease_owner is None and done.finished_at is not None
 
 
+def test_finishing_an_attempt_claims_the_next_due_run_for_its_slot_in_the_same_call(store: Store) -> None:
+    define(store)
+    first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    (claimed,) = claim(store, capacity=1)
+    following = finish.NextClaim("default", LEASE, DefinitionCache())
+    done = Outcome(RunStatus.SUCCEEDED, 0)
+    finished, (next_claim,) = finish.finish_and_claim(store, claimed, done, [], following)
+    assert finished and (claimed.run.id, next_claim.run.id) == (first.id, second.id)
+    assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
+    now_running = runs.get(store, second.id)
+    assert now_running.status == RunStatus.RUNNING and now_running.lease_owner == "w1"
+    # With nothing left due, it only finishes; a lost lease still lets the slot be filled.
+    assert finish.finish_and_claim(store, next_claim, done, [], following) == (True, [])
+    assert finish.finish_and_claim(store, next_claim, done, [], following) == (False, [])
+
+
 def test_claim_tells_whether_more_runs_may_be_due(store: Store) -> None:
     """A worker with free slots claims again at once only when the claim did not see every due run."""
     define(store)
