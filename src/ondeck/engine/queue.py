@@ -69,7 +69,9 @@ def claim_in(
     """
     now = utcnow()
     claims: list[Claim] = []
-    window = capacity * 2 + 4
+    # A little beyond the capacity: room to skip runs whose key this batch just filled, and
+    # to tell whether more are due. Each candidate is parsed and, on PostgreSQL, locked.
+    window = capacity + 2
     candidates = tx.queued_candidates(group, now, window)
     for run in candidates:
         if len(claims) == capacity:

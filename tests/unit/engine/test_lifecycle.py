@@ -173,7 +173,7 @@ def test_claim_tells_whether_more_runs_may_be_due(store: Store) -> None:
     define(store)
     for _ in range(7):
         admit(store, TriggerRequest("job"))
-    # A claim of 1 looks at 6 candidates: it cannot know about the seventh.
+    # A claim of 1 looks at 3 candidates: it cannot know about the others.
     claims, more = queue.claim(store, "w1", "default", 1, LEASE, DefinitionCache())
     assert len(claims) == 1 and more
     claims, more = queue.claim(store, "w1", "default", 10, LEASE, DefinitionCache())
