@@ -110,9 +110,10 @@ def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None 
     try:
         if request.callback_url is not None:
             outbox.check_url(request.callback_url)
-        # The version this process read last, without a read; the write confirms that it
-        # is still current, and a refusal is only given once it is confirmed: otherwise the
-        # run is admitted again under the newer version.
+        # The version this process read last, without a read; the write checks that it is
+        # still current (on PostgreSQL as of that statement: an apply committing alongside
+        # may land just after, as it always could), and a refusal is only given once a
+        # fresh read agrees. Otherwise the run is admitted again under the newer version.
         for _ in range(_CATALOG_TRIES):
             version = catalog.current(store, request.automation)
             automation = catalog.definition_of(version)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
 from ondeck.durations import format_duration
-from ondeck.engine import catalog, limits, queue, states
-from ondeck.engine.queue import Claim, DefinitionCache
+from ondeck.engine import catalog, limits, states
+from ondeck.engine.queue import Claim
 from ondeck.spec.models import Automation, Retries
 from ondeck.store.store import Store, Transaction
 
@@ -43,34 +42,13 @@ def append_logs(store: Store, claim: Claim, chunks: Sequence[LogChunk]) -> bool:
 def finish(store: Store, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk] = ()) -> bool:
     """Record the attempt's end with its last output; False if the lease was lost meanwhile."""
     with store.transaction() as tx:
-        return _finish_in(tx, claim, outcome, chunks)
+        return finish_in(tx, claim, outcome, chunks)
 
 
-@dataclass(frozen=True)
-class NextClaim:
-    """What a worker finishing an attempt wants claimed for the slot it frees."""
+def finish_in(tx: Transaction, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk]) -> bool:
+    """``finish`` within ``tx``.
 
-    group: str
-    lease: timedelta
-    definitions: DefinitionCache
-
-
-def finish_and_claim(
-    store: Store, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk], then: NextClaim
-) -> tuple[bool, list[Claim]]:
-    """``finish``, and claim a due run for the freed slot in the same transaction.
-
-    Under a backlog this halves the worker's write transactions: each run is
-    claimed by the commit that ends the one before it in that slot.
-    """
-    with store.transaction() as tx:
-        finished = _finish_in(tx, claim, outcome, chunks)
-        claims, _ = queue.claim_in(tx, claim.worker, then.group, 1, then.lease, then.definitions)
-    return finished, claims
-
-
-def _finish_in(tx: Transaction, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk]) -> bool:
-    """When the outcome alone decides where the run goes (it succeeded, was cancelled,
+    When the outcome alone decides where the run goes (it succeeded, was cancelled,
     or has no attempts left), the run is not read first: the move itself checks,
     as a compare-and-set, that this worker still holds this attempt. A retry also
     depends on whether a cancel was asked for since the claim, so then it is read.

@@ -104,8 +104,37 @@ def claim_in(
     return claims, len(candidates) == window
 
 
-def renew_leases(store: Store, worker: str, lease: timedelta) -> list[str]:
-    """Extend the worker's leases; returns the ids of its runs asked to cancel."""
+def hand_back(store: Store, claims: list[Claim], reason: str) -> None:
+    """Return claimed runs that never started to the queue, as if never claimed: the
+    attempt is not counted, and the runs are due at once for another worker."""
+    now = utcnow()
     with store.transaction() as tx:
-        renewed = tx.renew_leases(worker, utcnow() + lease)
+        for claim in claims:
+            run = claim.run
+            previous = run.attempt - 1
+            if not states.move(
+                tx,
+                run,
+                RunStatus.QUEUED,
+                now,
+                reason,
+                lease=(claim.worker, run.attempt),
+                attempt=previous,
+                lease_owner=None,
+                lease_expires_at=None,
+                started_at=run.started_at if previous else None,
+            ):
+                continue
+            tx.delete_attempt(run.id, run.attempt)
+            if run.concurrency_key is not None:
+                tx.release_slot(run.id)
+            tx.notify("queue", run.worker_group)
+
+
+def renew_leases(store: Store, worker: str, lease: timedelta, run_ids: list[str]) -> list[str]:
+    """Extend the worker's leases of ``run_ids`` (the attempts it is running); returns
+    the ids of those asked to cancel. A run it no longer runs (its end failed to
+    record, say) keeps its lease only until it lapses, so the reaper ends it."""
+    with store.transaction() as tx:
+        renewed = tx.renew_leases(worker, run_ids, utcnow() + lease)
     return [run_id for run_id, cancel in renewed if cancel]

@@ -111,9 +111,8 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         # Whether the last claim found a due run: then an attempt that ends claims the next
-        # run for its slot in the same transaction (finish.finish_and_claim).
+        # run for its slot in the same transaction (``_finish_and_claim``).
         self._backlog = False
-        self._next = finish.NextClaim(self.group, self.lease, self._definitions)
         bus.on_cancel(self._cancel)
 
     def _cancel(self, run_id: str) -> None:
@@ -146,11 +145,8 @@ class Worker:
             self._stopping = True
             for event in self._active.values():
                 event.set()
-            # Attempts that end meanwhile may still start the runs they claimed (stopped at
-            # once by ``_start``): wait for those too.
-            deadline = asyncio.get_running_loop().time() + self.settings.kill_grace_seconds + 10
-            while self._tasks and (left := deadline - asyncio.get_running_loop().time()) > 0:
-                await asyncio.wait(set(self._tasks), timeout=left)
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=self.settings.kill_grace_seconds + 10)
             heartbeat.cancel()
             log.info("worker %s stopped", self.id)
 
@@ -172,9 +168,7 @@ class Worker:
 
     def _start(self, claims: list[Claim]) -> None:
         for claim in claims:
-            stop = self._active[claim.run.id] = asyncio.Event()
-            if self._stopping:
-                stop.set()  # claimed as the worker began to stop: ends like the others
+            self._active[claim.run.id] = asyncio.Event()
             task = asyncio.create_task(self._execute(claim))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -185,7 +179,9 @@ class Worker:
             if not self._active:
                 continue
             try:
-                to_cancel = await blocking.run(queue.renew_leases, self.store, self.id, self.lease)
+                to_cancel = await blocking.run(
+                    queue.renew_leases, self.store, self.id, self.lease, list(self._active)
+                )
             except Exception:
                 log.exception("renewing leases failed; will retry")
                 continue
@@ -268,9 +264,7 @@ class Worker:
         try:
             rest = await buffer.take_rest()
             if self._backlog and not self._stopping:
-                _, following = await blocking.run(
-                    finish.finish_and_claim, self.store, claim, outcome, rest, self._next
-                )
+                following = await blocking.run(self._finish_and_claim, claim, outcome, rest)
                 self._backlog = bool(following)
             else:
                 await blocking.run(finish.finish, self.store, claim, outcome, rest)
@@ -281,8 +275,35 @@ class Worker:
             # A retry of this run may already be claimed here under the same id: leave its entry.
             if self._active.get(run_id) is stop:
                 del self._active[run_id]
-            self._start(following)
+            if following and self._stopping:  # the worker began to stop meanwhile
+                await self._hand_back(following)
+            else:
+                self._start(following)
             self.bus.publish("queue", self.group)
+
+    def _finish_and_claim(self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]) -> list[Claim]:
+        """``finish.finish``, and claim a due run for the freed slot in the same transaction.
+
+        Under a backlog this halves the worker's write transactions: each run is claimed
+        by the commit that ends the one before it in that slot. The claim cannot undo
+        the finish: it runs in a savepoint, and if it fails the main loop claims instead.
+        """
+        with self.store.transaction() as tx:
+            finish.finish_in(tx, claim, outcome, chunks)
+            try:
+                with tx.savepoint():
+                    claims, _ = queue.claim_in(tx, self.id, self.group, 1, self.lease, self._definitions)
+            except Exception:
+                log.exception("claiming the next run with run %s's end failed", claim.run.id)
+                claims = []
+        return claims
+
+    async def _hand_back(self, claims: list[Claim]) -> None:
+        try:
+            await blocking.run(queue.hand_back, self.store, claims, f"handed back: worker {self.id} stopping")
+        except Exception:
+            # Their leases lapse and the reaper ends or retries them.
+            log.exception("handing back runs %s failed", ", ".join(c.run.id for c in claims))
 
 
 async def reap_forever(store: Store, workspaces: Path, interval: float, stop: asyncio.Event) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Workspace:
     """``root`` holds what ondeck writes for the script (params, a Python script) and reads
-    back (outputs), and is the script's ``TMPDIR``; ``work``, empty at the start, is its
-    working directory and ``HOME``. As few inodes as that: each one is allocated and freed
-    per attempt, which is most of a workspace's cost, and on some filesystems (ext4
+    back (outputs); ``work``, empty at the start, is the script's working directory and
+    ``HOME``, and ``tmp`` its ``TMPDIR``. No more than that: each inode is allocated and
+    freed per attempt, which is most of a workspace's cost, and on some filesystems (ext4
     without a journal) allocation slows as freed inodes pile up."""
 
     root: Path
@@ -27,8 +27,7 @@ class Workspace:
 
     @property
     def tmp(self) -> Path:
-        """The script's ``TMPDIR``: private to the attempt and removed with it."""
-        return self.root
+        return self.root / "tmp"
 
     @property
     def params_file(self) -> Path:
@@ -48,6 +47,7 @@ class Workspace:
             root = tempfile.mkdtemp(prefix=prefix, dir=parent)
         workspace = cls(Path(root))
         workspace.work.mkdir()
+        workspace.tmp.mkdir()
         return workspace
 
     @classmethod

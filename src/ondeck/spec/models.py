@@ -20,6 +20,10 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 
+# The kernel's limit for one argument (MAX_ARG_STRLEN), less its terminating NUL.
+BASH_SCRIPT_MAX = 128 * 1024 - 1
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -42,6 +46,12 @@ class RunSpec(_Strict):
                 raise ValueError("runtime exec takes args, not script")
         elif self.script is None:
             raise ValueError(f"runtime {self.runtime} needs script (or file)")
+        elif self.runtime == "bash":
+            # Bash scripts are given to bash as one argument (runner.process.build_argv).
+            if "\0" in self.script:
+                raise ValueError("a bash script cannot contain NUL characters")
+            if len(self.script.encode()) > BASH_SCRIPT_MAX:
+                raise ValueError(f"a bash script is at most {BASH_SCRIPT_MAX} bytes (one argument to bash)")
         return self
 
 

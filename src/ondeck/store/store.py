@@ -207,6 +207,12 @@ class Transaction:
         if (channel, payload) not in self.notifications:
             self.notifications.append((channel, payload))
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """If the block raises, undo only what it wrote; the transaction goes on."""
+        with self._c.begin_nested():
+            yield
+
     def send_notifications(self) -> None:
         """On PostgreSQL, queue the notifications to go out with the commit."""
         if self.postgres and self.notifications:
@@ -381,11 +387,15 @@ class Transaction:
 
     # --- leases and attempts -----------------------------------------------
 
-    def renew_leases(self, worker: str, until: datetime) -> list[tuple[str, bool]]:
-        """Extend every lease ``worker`` holds; returns (run id, cancel requested)."""
+    def renew_leases(self, worker: str, run_ids: Sequence[str], until: datetime) -> list[tuple[str, bool]]:
+        """Extend the leases ``worker`` holds on ``run_ids``; returns (run id, cancel requested)."""
         rows = self._c.execute(
             update(runs)
-            .where(runs.c.lease_owner == worker, runs.c.status == RunStatus.RUNNING.value)
+            .where(
+                runs.c.id.in_(list(run_ids)),
+                runs.c.lease_owner == worker,
+                runs.c.status == RunStatus.RUNNING.value,
+            )
             .values(lease_expires_at=until)
             .returning(runs.c.id, runs.c.cancel_requested)
         )
@@ -406,6 +416,9 @@ class Transaction:
             self._c,
             {"run_id": run_id, "number": number, "worker": worker, "status": "running", "started_at": now},
         )
+
+    def delete_attempt(self, run_id: str, number: int) -> None:
+        self._c.execute(delete(attempts).where(attempts.c.run_id == run_id, attempts.c.number == number))
 
     def finish_attempt(
         self,

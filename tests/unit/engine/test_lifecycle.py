@@ -152,22 +152,6 @@ def test_claim_takes_a_lease_and_finish_ends_the_run(store: Store) -> None:
     assert done.lease_owner is None and done.finished_at is not None
 
 
-def test_finishing_an_attempt_claims_the_next_due_run_for_its_slot_in_the_same_call(store: Store) -> None:
-    define(store)
-    first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
-    (claimed,) = claim(store, capacity=1)
-    following = finish.NextClaim("default", LEASE, DefinitionCache())
-    done = Outcome(RunStatus.SUCCEEDED, 0)
-    finished, (next_claim,) = finish.finish_and_claim(store, claimed, done, [], following)
-    assert finished and (claimed.run.id, next_claim.run.id) == (first.id, second.id)
-    assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
-    now_running = runs.get(store, second.id)
-    assert now_running.status == RunStatus.RUNNING and now_running.lease_owner == "w1"
-    # With nothing left due, it only finishes; a lost lease still lets the slot be filled.
-    assert finish.finish_and_claim(store, next_claim, done, [], following) == (True, [])
-    assert finish.finish_and_claim(store, next_claim, done, [], following) == (False, [])
-
-
 def test_claim_tells_whether_more_runs_may_be_due(store: Store) -> None:
     """A worker with free slots claims again at once only when the claim did not see every due run."""
     define(store)
@@ -258,10 +242,32 @@ def test_expired_lease_without_retries_fails_the_run(store: Store) -> None:
 
 def test_renewed_lease_is_not_reaped(store: Store) -> None:
     define(store)
-    admit(store, TriggerRequest("job"))
+    run = admit(store, TriggerRequest("job")).run
     claim(store, lease=timedelta(seconds=-1))
-    assert queue.renew_leases(store, "w1", LEASE) == []
+    assert queue.renew_leases(store, "w1", LEASE, [run.id]) == []
     assert finish.reap_expired_leases(store) == []
+
+
+def test_a_worker_renews_only_the_leases_of_runs_it_is_running(store: Store) -> None:
+    """A run whose end failed to record is not kept alive by the worker's heartbeat."""
+    define(store)
+    running, forgotten = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    claim(store, lease=timedelta(seconds=-1))
+    queue.renew_leases(store, "w1", LEASE, [running.id])
+    assert finish.reap_expired_leases(store) == [(forgotten.id, 1)]
+    assert runs.get(store, running.id).status == RunStatus.RUNNING
+
+
+def test_runs_handed_back_are_queued_as_if_never_claimed(store: Store) -> None:
+    define(store, concurrency={"key": "k", "limit": 1})
+    first = admit(store, TriggerRequest("job")).run
+    (claimed,) = claim(store)
+    queue.hand_back(store, [claimed], "handed back: worker stopping")
+    back = runs.get(store, first.id)
+    assert (back.status, back.attempt, back.lease_owner, back.started_at) == (RunStatus.QUEUED, 0, None, None)
+    assert runs.detail(store, SYSTEM, first.id).attempts == []
+    (again,) = claim(store, worker="w2")  # its concurrency slot was released too
+    assert again.run.id == first.id and again.run.attempt == 1
 
 
 def test_concurrency_key_limits_claims_and_slot_is_released(store: Store) -> None:
@@ -340,7 +346,7 @@ def test_cancel_running_asks_the_worker_and_the_lease_renewal_tells_it(store: St
     run = admit(store, TriggerRequest("job")).run
     claim(store)
     assert runs.cancel(store, SYSTEM, run.id).cancel_requested
-    assert queue.renew_leases(store, "w1", LEASE) == [run.id]
+    assert queue.renew_leases(store, "w1", LEASE, [run.id]) == [run.id]
 
 
 def test_logs_are_numbered_in_order_and_kept_per_attempt(store: Store) -> None:

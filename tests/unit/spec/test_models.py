@@ -65,6 +65,18 @@ def test_python_main_signature_becomes_the_schema() -> None:
     assert schema["additionalProperties"] is False
 
 
+@pytest.mark.parametrize(
+    ("script", "problem"),
+    [("echo \0", "cannot contain NUL"), ("#" * (128 * 1024), "at most 131071 bytes")],
+    ids=["nul", "too-long"],
+)
+def test_a_bash_script_must_fit_in_one_argument(script: str, problem: str) -> None:
+    with pytest.raises(InvalidDefinition) as caught:
+        parse_definition({**HELLO, "run": {"runtime": "bash", "script": script}}, "ops/hello.yaml")
+    assert problem in caught.value.detail and "run" in caught.value.detail
+    parse_definition({**HELLO, "run": {"runtime": "bash", "script": "#" * (128 * 1024 - 1)}})
+
+
 def test_python_without_main_is_a_plain_script() -> None:
     automation = parse_definition({"name": "py", "run": {"runtime": "python", "script": "print(1)"}})
     assert automation.run.entrypoint == "script"

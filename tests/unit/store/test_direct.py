@@ -84,7 +84,7 @@ def test_a_statement_that_needs_python_side_defaults_goes_through_sqlalchemy(sto
     assert run is not None and run.attempt == 0 and run.cancel_requested is False
 
 
-def test_many_rows_in_one_call(store: Store) -> None:
+def test_a_batch_of_rows_is_written_in_one_call_with_their_values_processed(store: Store) -> None:
     rows = [
         {"name": "n", "version": v, "definition": {"v": v}, "digest": f"d{v}", "created_at": AT}
         for v in (1, 2, 3)
