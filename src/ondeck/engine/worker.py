@@ -110,8 +110,8 @@ class Worker:
         self._active: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        # Whether the last claim found a due run: then an attempt that ends claims the next
-        # run for its slot in the same transaction (``_finish_and_claim``).
+        # Whether due runs may be waiting: then an attempt that ends claims the next run for
+        # its slot in the same transaction (``_finish_and_claim``).
         self._backlog = False
         bus.on_cancel(self._cancel)
 
@@ -162,7 +162,8 @@ class Worker:
         except Exception:
             log.exception("claiming runs failed; will retry")
             return False
-        self._backlog = bool(claims)
+        # Every free slot filled, or not every due run seen: more may be waiting.
+        self._backlog = more or (bool(claims) and len(claims) == free)
         self._start(claims)
         return bool(claims) and more  # claiming nothing again at once would spin
 
