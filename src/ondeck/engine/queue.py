@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from ondeck.domain import Run, RunStatus, utcnow
@@ -77,31 +77,60 @@ def claim_in(
         if len(claims) == capacity:
             tx.notify("queue", group)
             break
+        try:
+            automation = definitions.get(tx, run.automation, run.version)
+        except ValueError as problem:  # pydantic's ValidationError: stored under a looser spec
+            _fail_unloadable(tx, run, worker, now, problem)
+            continue
         if run.concurrency_key is not None and not tx.take_slot(
             run.concurrency_key, run.concurrency_limit or 1, run.id
         ):
             continue
-        number = run.attempt + 1
-        started_at = run.started_at or now
-        fields: dict[str, Any] = {
-            "attempt": number,
-            "lease_owner": worker,
-            "lease_expires_at": now + lease,
-            "started_at": started_at,
-        }
-        if not states.move(
-            tx,
-            run,
-            RunStatus.RUNNING,
-            now,
-            f"attempt {number} started on {worker}",
-            **fields,
-        ):
-            continue
-        tx.insert_attempt(run.id, number, worker, now)
-        automation = definitions.get(tx, run.automation, run.version)
-        claims.append(Claim(replace(run, status=RunStatus.RUNNING, **fields), automation, worker))
+        started = _start_attempt(tx, run, worker, now, now + lease)
+        if started is not None:
+            claims.append(Claim(started, automation, worker))
     return claims, len(candidates) == window
+
+
+def _start_attempt(tx: Transaction, run: Run, worker: str, now: datetime, until: datetime) -> Run | None:
+    """Move ``run`` to running under a lease to ``worker`` with a new attempt; None if it
+    was no longer queued (another worker took it)."""
+    number = run.attempt + 1
+    fields: dict[str, Any] = {
+        "attempt": number,
+        "lease_owner": worker,
+        "lease_expires_at": until,
+        "started_at": run.started_at or now,
+    }
+    if not states.move(tx, run, RunStatus.RUNNING, now, f"attempt {number} started on {worker}", **fields):
+        return None
+    tx.insert_attempt(run.id, number, worker, now)
+    return replace(run, status=RunStatus.RUNNING, **fields)
+
+
+def _fail_unloadable(tx: Transaction, run: Run, worker: str, now: datetime, problem: Exception) -> None:
+    """A run whose stored definition no longer loads (a later release checks more) can
+    never start: it fails at once, through an attempt as the state table requires,
+    instead of failing every claim that meets it and so stalling the queue."""
+    started = _start_attempt(tx, run, worker, now, now)
+    if started is None:
+        return
+    reason = f"automation {run.automation!r} version {run.version} no longer loads: " + " ".join(
+        str(problem).split()
+    )
+    states.move(
+        tx,
+        started,
+        RunStatus.FAILED,
+        now,
+        reason,
+        lease=(worker, started.attempt),
+        error=reason,
+        finished_at=now,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+    tx.finish_attempt(run.id, started.attempt, str(RunStatus.FAILED), None, reason, now)
 
 
 def hand_back(store: Store, claims: list[Claim], reason: str) -> None:

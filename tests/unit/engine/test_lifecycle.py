@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from ondeck.auth.principals import SYSTEM
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
@@ -23,6 +24,7 @@ from ondeck.errors import (
 )
 from ondeck.spec.loader import parse_definition
 from ondeck.store.store import Store
+from ondeck.store.tables import automation_versions
 from tests.support import wait_until
 
 LEASE = timedelta(seconds=30)
@@ -150,6 +152,28 @@ def test_claim_takes_a_lease_and_finish_ends_the_run(store: Store) -> None:
     done = runs.get(store, run.id)
     assert done.status == RunStatus.SUCCEEDED and done.outputs == {"ok": True}
     assert done.lease_owner is None and done.finished_at is not None
+
+
+def test_a_run_whose_stored_definition_no_longer_loads_fails_without_stalling_the_queue(
+    store: Store,
+) -> None:
+    define(store)
+    stale = admit(store, TriggerRequest("job")).run
+    define(store, name="other")
+    fine = admit(store, TriggerRequest("other")).run
+    # As if stored by an older release whose spec allowed what this one refuses.
+    broken = {"name": "job", "run": {"runtime": "bash", "script": "#" * (128 * 1024)}}
+    with store.transaction() as tx:
+        tx._c.execute(
+            update(automation_versions)
+            .where(automation_versions.c.name == "job")
+            .values(definition=broken, digest="stored-by-an-older-release")
+        )
+    (claimed,) = claim(store)
+    assert claimed.run.id == fine.id
+    failed = runs.detail(store, SYSTEM, stale.id)
+    assert failed.run.status == RunStatus.FAILED and "no longer loads" in (failed.run.error or "")
+    assert [a.status for a in failed.attempts] == ["failed"] and failed.run.lease_owner is None
 
 
 def test_claim_tells_whether_more_runs_may_be_due(store: Store) -> None:
