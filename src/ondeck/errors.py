@@ -87,6 +87,14 @@ class InvalidDefinition(OndeckError):
     title = "Invalid automation definition"
 
 
+class UnloadableDefinition(Conflict):
+    """A stored version this release's spec refuses: it was applied under a looser
+    check. Runs of it cannot start until a corrected definition is applied."""
+
+    code = "unloadable-definition"
+    title = "Stored automation definition no longer loads"
+
+
 class InvalidParams(OndeckError):
     """Params fail the automation's schema; ``errors`` lists the failing paths."""
 

@@ -116,8 +116,8 @@ def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None 
         # fresh read agrees. Otherwise the run is admitted again under the newer version.
         for _ in range(_CATALOG_TRIES):
             version = catalog.current(store, request.automation)
-            automation = catalog.definition_of(version)
             try:
+                automation = catalog.definition_of(version)
                 found = _admit_version(store, request, policy, automation, version.version)
             except OndeckError:
                 if catalog.still_current(store, version):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
+
+from pydantic import ValidationError
 
 from ondeck.auth.policy import may_view, require
 from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import AutomationVersion, utcnow
-from ondeck.errors import Conflict, Forbidden, NotFound
+from ondeck.errors import Conflict, Forbidden, NotFound, UnloadableDefinition
+from ondeck.spec.loader import summarize
 from ondeck.spec.models import Access, Automation
 from ondeck.store.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,19 +125,42 @@ def apply_as(store: Store, principal: Principal, automation: Automation) -> Appl
 
 
 _parsed: dict[str, Automation] = {}
+_refused: dict[str, str] = {}
 
 
 def definition_of(version: AutomationVersion) -> Automation:
-    """The stored definition as a model, parsed once per digest (versions never change)."""
+    """The stored definition as a model, parsed once per digest (versions never change).
+
+    Raises ``UnloadableDefinition`` for a version this release's spec refuses (it was
+    stored under a looser check): every reader of stored versions must survive that.
+    """
     found = _parsed.get(version.digest)
-    if found is None:
-        found = _parsed[version.digest] = Automation.model_validate(version.definition)
-    return found
+    if found is not None:
+        return found
+    why = _refused.get(version.digest)
+    if why is None:
+        try:
+            found = _parsed[version.digest] = Automation.model_validate(version.definition)
+            return found
+        except ValidationError as exc:
+            why = _refused[version.digest] = summarize(exc)
+            log.warning("automation %r version %d no longer loads: %s", version.name, version.version, why)
+    raise UnloadableDefinition(
+        f"automation {version.name!r} version {version.version} no longer loads: {why}; "
+        "apply a corrected definition"
+    )
 
 
 def definitions(store: Store) -> list[Automation]:
-    """Current definitions as models."""
-    return [definition_of(version) for version in list_current(store)]
+    """Current definitions as models, leaving out (and logging once) any that no longer
+    load, so one bad version does not stop schedules, webhooks or ChatOps for the rest."""
+    loaded = []
+    for version in list_current(store):
+        try:
+            loaded.append(definition_of(version))
+        except UnloadableDefinition:
+            continue
+    return loaded
 
 
 def check_unique_hooks(store: Store, automation: Automation) -> None:

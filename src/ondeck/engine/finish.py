@@ -17,6 +17,7 @@ from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
 from ondeck.durations import format_duration
 from ondeck.engine import catalog, limits, states
 from ondeck.engine.queue import Claim
+from ondeck.errors import UnloadableDefinition
 from ondeck.spec.models import Automation, Retries
 from ondeck.store.store import Store, Transaction
 
@@ -79,19 +80,60 @@ def _still_owned(run: Run | None, claim: Claim) -> bool:
     )
 
 
+def hand_back(store: Store, claims: Sequence[Claim], reason: str) -> None:
+    """Return claimed runs that never started to the queue, as if never claimed: the
+    attempt is not counted, and the runs are due at once for another worker. A run
+    asked to cancel meanwhile is cancelled instead."""
+    now = utcnow()
+    with store.transaction() as tx:
+        for claim in claims:
+            run = tx.get_run(claim.run.id, lock=True)
+            if run is None or not _still_owned(run, claim):
+                continue
+            if run.cancel_requested:
+                outcome = Outcome(RunStatus.CANCELLED, error="cancelled before it started")
+                _end_attempt(tx, run, outcome, claim.automation, now, (claim.worker, run.attempt))
+                continue
+            previous = run.attempt - 1
+            states.move(
+                tx,
+                run,
+                RunStatus.QUEUED,
+                now,
+                reason,
+                attempt=previous,
+                lease_owner=None,
+                lease_expires_at=None,
+                started_at=run.started_at if previous else None,
+            )
+            tx.delete_attempt(run.id, run.attempt)
+            if run.concurrency_key is not None:
+                tx.release_slot(run.id)
+            tx.notify("queue", run.worker_group)
+
+
 def reap_expired_leases(store: Store, limit: int = 100) -> list[tuple[str, int]]:
     """End every attempt whose lease lapsed (its worker died or hung); returns (run id, attempt)."""
     now = utcnow()
     reaped = []
     with store.transaction() as tx:
         for run in tx.expired_leases(now, limit):
-            version = tx.automation_version(run.automation, run.version)
-            automation = catalog.definition_of(version) if version else None
+            automation = _definition(tx, run)
             status = RunStatus.CANCELLED if run.cancel_requested else RunStatus.FAILED
             error = f"worker lost: {run.lease_owner} stopped renewing its lease"
             if _end_attempt(tx, run, Outcome(status, error=error), automation, now):
                 reaped.append((run.id, run.attempt))
     return reaped
+
+
+def _definition(tx: Transaction, run: Run) -> Automation | None:
+    """The run's automation version, or None when it is gone or no longer loads: the
+    attempt still ends, under the default retry policy."""
+    version = tx.automation_version(run.automation, run.version)
+    try:
+        return catalog.definition_of(version) if version else None
+    except UnloadableDefinition:
+        return None
 
 
 def _end_attempt(

@@ -20,11 +20,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import ValidationError
 
 from ondeck import blocking
 from ondeck.domain import Run, utcnow
 from ondeck.errors import InvalidRequest
 from ondeck.ids import new_id
+from ondeck.spec.loader import summarize
 from ondeck.spec.models import Automation, Notify
 from ondeck.store.store import Store, Transaction
 from ondeck.triggers import standard_webhooks
@@ -84,8 +86,16 @@ def enqueue(tx: Transaction, run: Run, now: datetime, definition: Automation | N
 
 
 def _stored_notify(tx: Transaction, run: Run) -> list[Notify]:
+    """The run's notify rules as stored, leaving out (and logging) any this release's spec
+    refuses: a rule that cannot be read must not stop the run from ending."""
     version = tx.automation_version(run.automation, run.version)
-    return [Notify.model_validate(rule) for rule in version.definition.get("notify", [])] if version else []
+    rules = []
+    for number, raw in enumerate(version.definition.get("notify", []) if version else [], 1):
+        try:
+            rules.append(Notify.model_validate(raw))
+        except ValidationError as exc:
+            log.warning("run %s: notify rule %d left out: %s", run.id, number, summarize(exc))
+    return rules
 
 
 def _slack_message(run: Run) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from ondeck.domain import Run, RunStatus, utcnow
 from ondeck.engine import catalog, states
+from ondeck.errors import UnloadableDefinition
 from ondeck.spec.models import Automation
 from ondeck.store.store import Store, Transaction
 
@@ -79,8 +80,8 @@ def claim_in(
             break
         try:
             automation = definitions.get(tx, run.automation, run.version)
-        except ValueError as problem:  # pydantic's ValidationError: stored under a looser spec
-            _fail_unloadable(tx, run, worker, now, problem)
+        except UnloadableDefinition as problem:
+            _fail_unloadable(tx, run, worker, now, problem.detail)
             continue
         if run.concurrency_key is not None and not tx.take_slot(
             run.concurrency_key, run.concurrency_limit or 1, run.id
@@ -108,16 +109,13 @@ def _start_attempt(tx: Transaction, run: Run, worker: str, now: datetime, until:
     return replace(run, status=RunStatus.RUNNING, **fields)
 
 
-def _fail_unloadable(tx: Transaction, run: Run, worker: str, now: datetime, problem: Exception) -> None:
+def _fail_unloadable(tx: Transaction, run: Run, worker: str, now: datetime, reason: str) -> None:
     """A run whose stored definition no longer loads (a later release checks more) can
     never start: it fails at once, through an attempt as the state table requires,
     instead of failing every claim that meets it and so stalling the queue."""
     started = _start_attempt(tx, run, worker, now, now)
     if started is None:
         return
-    reason = f"automation {run.automation!r} version {run.version} no longer loads: " + " ".join(
-        str(problem).split()
-    )
     states.move(
         tx,
         started,
@@ -131,33 +129,7 @@ def _fail_unloadable(tx: Transaction, run: Run, worker: str, now: datetime, prob
         lease_expires_at=None,
     )
     tx.finish_attempt(run.id, started.attempt, str(RunStatus.FAILED), None, reason, now)
-
-
-def hand_back(store: Store, claims: list[Claim], reason: str) -> None:
-    """Return claimed runs that never started to the queue, as if never claimed: the
-    attempt is not counted, and the runs are due at once for another worker."""
-    now = utcnow()
-    with store.transaction() as tx:
-        for claim in claims:
-            run = claim.run
-            previous = run.attempt - 1
-            if not states.move(
-                tx,
-                run,
-                RunStatus.QUEUED,
-                now,
-                reason,
-                lease=(claim.worker, run.attempt),
-                attempt=previous,
-                lease_owner=None,
-                lease_expires_at=None,
-                started_at=run.started_at if previous else None,
-            ):
-                continue
-            tx.delete_attempt(run.id, run.attempt)
-            if run.concurrency_key is not None:
-                tx.release_slot(run.id)
-            tx.notify("queue", run.worker_group)
+    tx.notify("queue", run.worker_group)  # it took a candidate's place: the claim may have missed runs
 
 
 def renew_leases(store: Store, worker: str, lease: timedelta, run_ids: list[str]) -> list[str]:

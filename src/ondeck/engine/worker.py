@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -263,15 +264,7 @@ class Worker:
             outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
         following: list[Claim] = []
         try:
-            rest = await buffer.take_rest()
-            if self._backlog and not self._stopping:
-                following = await blocking.run(self._finish_and_claim, claim, outcome, rest)
-                self._backlog = bool(following)
-            else:
-                await blocking.run(finish.finish, self.store, claim, outcome, rest)
-        except Exception:
-            # The lease will lapse and the reaper will end the attempt: nothing is lost.
-            log.exception("run %s: recording the result failed", run_id)
+            following = await self._record(claim, outcome, await buffer.take_rest())
         finally:
             # A retry of this run may already be claimed here under the same id: leave its entry.
             if self._active.get(run_id) is stop:
@@ -281,6 +274,29 @@ class Worker:
             else:
                 self._start(following)
             self.bus.publish("queue", self.group)
+
+    async def _record(self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]) -> list[Claim]:
+        """Write the attempt's end (see ``_finish_and_claim`` for what it claims), retrying
+        for half a lease while the store fails. If it never lands, the lease lapses and the
+        reaper ends the attempt as lost, and may retry a run that in fact succeeded: so a
+        short outage of the store must not get that far."""
+        deadline = time.monotonic() + self.lease.total_seconds() / 2
+        delay = 0.05
+        while True:
+            try:
+                if self._backlog and not self._stopping:
+                    following = await blocking.run(self._finish_and_claim, claim, outcome, chunks)
+                    self._backlog = bool(following)
+                    return following
+                await blocking.run(finish.finish, self.store, claim, outcome, chunks)
+                return []
+            except Exception:
+                if time.monotonic() + delay > deadline:
+                    log.exception("run %s: recording the result failed; the reaper will end it", claim.run.id)
+                    return []
+                log.warning("run %s: recording the result failed; retrying", claim.run.id, exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     def _finish_and_claim(self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]) -> list[Claim]:
         """``finish.finish``, and claim a due run for the freed slot in the same transaction.
@@ -301,7 +317,8 @@ class Worker:
 
     async def _hand_back(self, claims: list[Claim]) -> None:
         try:
-            await blocking.run(queue.hand_back, self.store, claims, f"handed back: worker {self.id} stopping")
+            reason = f"handed back: worker {self.id} stopping"
+            await blocking.run(finish.hand_back, self.store, claims, reason)
         except Exception:
             # Their leases lapse and the reaper ends or retries them.
             log.exception("handing back runs %s failed", ", ".join(c.run.id for c in claims))

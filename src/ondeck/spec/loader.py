@@ -33,6 +33,12 @@ def errors_from_validation(exc: ValidationError, file: str) -> list[DefinitionEr
     return errors
 
 
+def summarize(exc: ValidationError) -> str:
+    """The errors as ``field: message; ...``, without the input values (they may be secret)."""
+    errors = errors_from_validation(exc, "")
+    return "; ".join(f"{e.field}: {e.message}" if e.field else e.message for e in errors)
+
+
 def parse_definition(data: Any, file: str = "<request>") -> Automation:
     """Validate a definition (already parsed from YAML or JSON)."""
     if not isinstance(data, dict):

@@ -21,6 +21,7 @@ from ondeck.errors import (
     InvalidParams,
     InvalidRequest,
     NotFound,
+    UnloadableDefinition,
 )
 from ondeck.spec.loader import parse_definition
 from ondeck.store.store import Store
@@ -154,6 +155,18 @@ def test_claim_takes_a_lease_and_finish_ends_the_run(store: Store) -> None:
     assert done.lease_owner is None and done.finished_at is not None
 
 
+def store_as_an_older_release_did(store: Store, name: str, **run: Any) -> None:
+    """Rewrite every stored version of ``name`` into one this release's spec refuses (a
+    bash script over the one-argument cap), as an older, looser release might have stored it."""
+    broken = {"name": name, "run": {"runtime": "bash", "script": "#" * (128 * 1024)}, **run}
+    with store.transaction() as tx:
+        tx._c.execute(
+            update(automation_versions)
+            .where(automation_versions.c.name == name)
+            .values(definition=broken, digest=f"stored-by-an-older-release-{name}")
+        )
+
+
 def test_a_run_whose_stored_definition_no_longer_loads_fails_without_stalling_the_queue(
     store: Store,
 ) -> None:
@@ -161,19 +174,53 @@ def test_a_run_whose_stored_definition_no_longer_loads_fails_without_stalling_th
     stale = admit(store, TriggerRequest("job")).run
     define(store, name="other")
     fine = admit(store, TriggerRequest("other")).run
-    # As if stored by an older release whose spec allowed what this one refuses.
-    broken = {"name": "job", "run": {"runtime": "bash", "script": "#" * (128 * 1024)}}
-    with store.transaction() as tx:
-        tx._c.execute(
-            update(automation_versions)
-            .where(automation_versions.c.name == "job")
-            .values(definition=broken, digest="stored-by-an-older-release")
-        )
+    store_as_an_older_release_did(
+        store, "job", notify=[{"url": "https://kept.example/"}, {"url": "https://bad.example/", "on": "x"}]
+    )
     (claimed,) = claim(store)
     assert claimed.run.id == fine.id
     failed = runs.detail(store, SYSTEM, stale.id)
-    assert failed.run.status == RunStatus.FAILED and "no longer loads" in (failed.run.error or "")
+    assert failed.run.status == RunStatus.FAILED
+    assert "version 1 no longer loads: run: a bash script is at most" in (failed.run.error or "")
     assert [a.status for a in failed.attempts] == ["failed"] and failed.run.lease_owner is None
+    # The notify rule that still reads is honoured; the one that does not is left out.
+    assert [d["url"] for d in runs.deliveries(store, SYSTEM, stale.id)] == ["https://kept.example/"]
+
+
+def test_a_claim_that_only_met_unloadable_runs_wakes_workers_for_the_runs_behind_them(store: Store) -> None:
+    """Claiming nothing would otherwise leave a worker waiting for its poll interval."""
+    define(store)
+    for _ in range(3):  # a claim of one looks at three candidates
+        admit(store, TriggerRequest("job"))
+    define(store, name="other")
+    admit(store, TriggerRequest("other"))
+    store_as_an_older_release_did(store, "job")
+    with store.transaction() as tx:
+        claims, more = queue.claim_in(tx, "w1", "default", 1, LEASE, DefinitionCache())
+        assert claims == [] and more and ("queue", "default") in tx.notifications
+    assert [c.run.automation for c in claim(store)] == ["other"]
+
+
+def test_an_expired_lease_of_a_run_whose_definition_no_longer_loads_is_still_reaped(store: Store) -> None:
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    claim(store, lease=timedelta(seconds=-1))
+    store_as_an_older_release_did(store, "job")
+    assert finish.reap_expired_leases(store) == [(run.id, 1)]
+    assert runs.get(store, run.id).status == RunStatus.FAILED
+
+
+def test_a_current_version_that_no_longer_loads_is_refused_clearly_and_spares_the_rest(store: Store) -> None:
+    define(store)
+    define(store, name="other")
+    store_as_an_older_release_did(store, "job")
+    catalog.forget(store, "job")
+    with pytest.raises(UnloadableDefinition, match=r"'job' version 1 no longer loads.*apply a corrected"):
+        admit(store, TriggerRequest("job"))
+    # Schedules, webhooks and ChatOps read the catalog through definitions(): the rest still show.
+    assert [a.name for a in catalog.definitions(store)] == ["other"]
+    define(store)  # re-applying a corrected definition is not blocked, and heals it
+    assert admit(store, TriggerRequest("job")).run.version == 2
 
 
 def test_claim_tells_whether_more_runs_may_be_due(store: Store) -> None:
@@ -286,12 +333,22 @@ def test_runs_handed_back_are_queued_as_if_never_claimed(store: Store) -> None:
     define(store, concurrency={"key": "k", "limit": 1})
     first = admit(store, TriggerRequest("job")).run
     (claimed,) = claim(store)
-    queue.hand_back(store, [claimed], "handed back: worker stopping")
+    finish.hand_back(store, [claimed], "handed back: worker stopping")
     back = runs.get(store, first.id)
     assert (back.status, back.attempt, back.lease_owner, back.started_at) == (RunStatus.QUEUED, 0, None, None)
     assert runs.detail(store, SYSTEM, first.id).attempts == []
     (again,) = claim(store, worker="w2")  # its concurrency slot was released too
     assert again.run.id == first.id and again.run.attempt == 1
+
+
+def test_a_run_asked_to_cancel_before_it_was_handed_back_is_cancelled(store: Store) -> None:
+    define(store, retries={"attempts": 3})
+    run = admit(store, TriggerRequest("job")).run
+    (claimed,) = claim(store)
+    runs.cancel(store, SYSTEM, run.id)
+    finish.hand_back(store, [claimed], "handed back: worker stopping")
+    assert runs.get(store, run.id).status == RunStatus.CANCELLED
+    assert claim(store, worker="w2") == []
 
 
 def test_concurrency_key_limits_claims_and_slot_is_released(store: Store) -> None:

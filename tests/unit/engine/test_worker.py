@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
 
-from ondeck.domain import Outcome, RunStatus
-from ondeck.engine import queue, runs
+from ondeck.auth.principals import SYSTEM
+from ondeck.domain import Outcome, Run, RunStatus
+from ondeck.engine import finish, queue, runs
 from ondeck.engine.admission import TriggerRequest, admit
 from ondeck.engine.wakeup import WakeBus
 from ondeck.engine.worker import Worker
@@ -47,11 +50,61 @@ def test_a_failing_claim_does_not_undo_the_end_of_the_attempt(
     define(store)
     first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
     claimed = _claim_one(store, worker)
+    start_attempt = queue._start_attempt
 
-    def broken(*_args: object) -> None:
-        raise RuntimeError("a stored definition no longer parses")
+    def fails_after_writing(*args: Any) -> Run | None:
+        start_attempt(*args)  # the next run is moved to running and its attempt recorded
+        raise RuntimeError("the claim fails after its writes")
 
-    monkeypatch.setattr(worker._definitions, "get", broken)
+    monkeypatch.setattr(queue, "_start_attempt", fails_after_writing)
     assert worker._finish_and_claim(claimed, DONE, []) == []
     assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
-    assert runs.get(store, second.id).status == RunStatus.QUEUED  # the claim was undone alone
+    undone = runs.detail(store, SYSTEM, second.id)  # the claim's writes were undone alone
+    assert (undone.run.status, undone.run.attempt, undone.attempts) == (RunStatus.QUEUED, 0, [])
+
+
+def test_a_run_claimed_as_the_worker_begins_to_stop_is_handed_back_unstarted(
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    define(store)
+    first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    claimed = _claim_one(store, worker)
+    worker._active[claimed.run.id] = asyncio.Event()  # as ``Worker._start`` leaves it
+    worker._backlog = True  # so the end of the attempt claims the next run
+    finish_and_claim = worker._finish_and_claim
+
+    def stop_meanwhile(*args: Any) -> list[queue.Claim]:
+        following = finish_and_claim(*args)
+        worker._stopping = True
+        return following
+
+    monkeypatch.setattr(worker, "_finish_and_claim", stop_meanwhile)
+    asyncio.run(worker._execute(claimed))
+    assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
+    back = runs.detail(store, SYSTEM, second.id)
+    assert (back.run.status, back.run.attempt, back.attempts) == (RunStatus.QUEUED, 0, [])
+    assert worker._active == {}  # nothing was started
+
+
+def test_an_end_that_fails_to_record_is_written_again_while_the_lease_holds(
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left to the reaper, a run that succeeded would end as lost and might run again."""
+    define(store, retries={"attempts": 3})
+    run = admit(store, TriggerRequest("job")).run
+    claimed = _claim_one(store, worker)
+    worker._active[claimed.run.id] = asyncio.Event()
+    record = finish.finish
+    failures: list[str] = []
+
+    def briefly_unavailable(*args: Any) -> bool:
+        if len(failures) < 2:
+            failures.append("refused")
+            raise RuntimeError("the store is briefly unavailable")
+        return record(*args)
+
+    monkeypatch.setattr(finish, "finish", briefly_unavailable)
+    asyncio.run(worker._execute(claimed))
+    assert len(failures) == 2
+    ended = runs.detail(store, SYSTEM, run.id)
+    assert ended.run.status == RunStatus.SUCCEEDED and [a.status for a in ended.attempts] == ["succeeded"]
