@@ -219,6 +219,43 @@ def test_output_is_capped_and_pipes_are_drained(tmp_path: Path, contained: str) 
     assert len(text) < 10_000 + 200
 
 
+def test_a_consumer_that_falls_behind_blocks_the_program_instead_of_filling_memory(tmp_path: Path) -> None:
+    """Under the cap, output waits for the consumer: reading pauses, so the pipe fills."""
+    script = (
+        "block=$(head -c 65536 /dev/zero | tr '\\0' x); i=0\n"
+        'while :; do printf %s "$block"; i=$((i + 1)); echo $i > "$ONDECK_PARAM_OUT"; done'
+    )
+    written = tmp_path / "written"
+    attempt = make(tmp_path, script, log_budget=1 << 30, params={"out": str(written)})
+
+    async def go() -> tuple[int, Outcome]:
+        cancel = asyncio.Event()
+        events = run_attempt(attempt, cancel)
+        await anext(events)  # Started
+        first = await anext(events)  # output is being read now
+        # Take nothing for a while: the count of 64 KiB blocks written must stop growing.
+        last, steady_since = -1, time.monotonic()
+        deadline = time.monotonic() + 30
+        while time.monotonic() - steady_since < 1.0:
+            assert time.monotonic() < deadline, "the program never blocked on its output"
+            text = written.read_text().strip() if written.exists() else ""
+            count = int(text) if text.isdigit() else 0
+            if count != last:
+                last, steady_since = count, time.monotonic()
+            await asyncio.sleep(0.05)
+        cancel.set()
+        outcome = None
+        async for event in events:
+            if isinstance(event, Finished):
+                outcome = event.outcome
+        assert isinstance(first, Output) and outcome is not None
+        return last, outcome
+
+    blocks, outcome = asyncio.run(go())
+    assert 0 < blocks < 200  # 64 chunks waiting plus the pipe's buffer; unbounded without the pause
+    assert outcome.status == RunStatus.CANCELLED
+
+
 def test_both_streams_are_captured_and_labelled(tmp_path: Path) -> None:
     async def go() -> dict[str, str]:
         streams: dict[str, str] = {}
