@@ -53,7 +53,7 @@ from ondeck.domain import (
     Transition,
 )
 from ondeck.errors import StoreUnavailable
-from ondeck.store import database
+from ondeck.store import database, direct
 from ondeck.store.direct import Direct
 from ondeck.store.tables import (
     approval_decisions,
@@ -210,7 +210,7 @@ class Transaction:
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """If the block raises, undo only what it wrote; the transaction goes on."""
-        with self._c.begin_nested():
+        with direct.savepoint(self._c):
             yield
 
     def send_notifications(self) -> None:

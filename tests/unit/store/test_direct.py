@@ -95,3 +95,17 @@ def test_a_batch_of_rows_is_written_in_one_call_with_their_values_processed(stor
             select(automation_versions.c.definition).order_by(automation_versions.c.version)
         ).scalars()
         assert list(stored) == [{"v": 1}, {"v": 2}, {"v": 3}]
+
+
+def test_a_savepoint_undoes_only_its_own_writes_even_after_a_database_error(store: Store) -> None:
+    with store.transaction() as tx:
+        Direct(insert(runs)).execute(tx._c, _run_row("before"))
+        with pytest.raises(IntegrityError), tx.savepoint():
+            Direct(insert(runs)).execute(tx._c, _run_row("inside"))
+            tx._c.execute(insert(runs), _run_row("before"))  # a duplicate: the database refuses it
+        with tx.savepoint():
+            Direct(insert(runs)).execute(tx._c, _run_row("kept"))
+        Direct(insert(runs)).execute(tx._c, _run_row("after"))  # the transaction goes on
+    with store.read() as tx:
+        stored = {row.id for row in tx._c.execute(select(runs.c.id))}
+    assert stored == {"before", "kept", "after"}
