@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import contextlib
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,13 @@ from ondeck.runner import isolation, processes
 from ondeck.runner.attempt import Attempt, Event, Finished, Output, Started
 from ondeck.runner.workspace import Workspace
 
+log = logging.getLogger(__name__)
+
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENTRY = Path(__file__).with_name("python_entry.py")
 _READ_SIZE = 64 * 1024
 _PENDING_MAX = 64  # chunks not yet taken by the consumer before reading pauses
+_REAP_WAIT_SECONDS = 10
 _OUTPUTS_MAX = 1024 * 1024
 
 
@@ -167,6 +173,21 @@ class _Output:
             data = os.read(fd, _READ_SIZE)
         except BlockingIOError:
             return
+        except OSError:
+            data = b""  # the pipe broke: as good as its end
+        try:
+            self._take(fd, data)
+        except Exception:  # a bug here must not leave a readable fd calling back forever
+            log.exception("reading the program's %s failed", self._streams[fd].name)
+            self._close(fd)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if len(self._chunks) >= _PENDING_MAX and not self._paused:
+            self._paused = True
+            for open_fd in self._streams:
+                self._loop.remove_reader(open_fd)
+
+    def _take(self, fd: int, data: bytes) -> None:
         stream, budget = self._streams[fd], self._budget
         if not data:
             self._close(fd)
@@ -181,12 +202,6 @@ class _Output:
             if budget.truncated:
                 marker = f"\n[ondeck] output truncated at {budget.limit} bytes; the rest was discarded\n"
                 self._put("system", marker)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        if len(self._chunks) >= _PENDING_MAX and not self._paused:
-            self._paused = True
-            for open_fd in self._streams:
-                self._loop.remove_reader(open_fd)
 
     def _put(self, stream: str, text: str) -> None:
         if text:
@@ -200,47 +215,76 @@ class _Output:
 
 class _Child:
     """A started program: its pid and its exit status, which the event loop learns from
-    a pidfd. (asyncio's subprocess transports, with their protocol, stream readers,
-    child watcher and a task per pipe, cost three times the CPU per run.)"""
+    a pidfd (or, where there are none, a thread waiting for it). asyncio's subprocess
+    transports, with their protocol, stream readers, child watcher and a task per pipe,
+    cost three times the CPU per run."""
 
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self.pid = popen.pid
         self._popen = popen
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = self._loop.create_future()
-        self._pidfd = os.pidfd_open(self.pid)
-        self._loop.add_reader(self._pidfd, self._reap)
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # a kernel before 5.3, or a sandbox that refuses it
+            waiter = threading.Thread(target=self._wait_in_thread, name=f"wait-{self.pid}", daemon=True)
+            waiter.start()
+        else:
+            self._loop.add_reader(pidfd, self._reap, pidfd)
 
     @classmethod
     def start(cls, argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[_Child, dict[int, str]]:
         """Start ``argv`` in a session of its own; returns it and its output pipes' read ends."""
-        out_read, out_write = os.pipe()
-        err_read, err_write = os.pipe()
+        fds: list[int] = []
         try:
+            fds.extend(os.pipe())
+            fds.extend(os.pipe())
             popen = subprocess.Popen(
                 argv,
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=out_write,
-                stderr=err_write,
+                stdout=fds[1],
+                stderr=fds[3],
                 start_new_session=True,
             )
         except BaseException:
-            os.close(out_read)
-            os.close(err_read)
+            for fd in fds:
+                os.close(fd)
             raise
-        finally:
-            os.close(out_write)
-            os.close(err_write)
-        return cls(popen), {out_read: "stdout", err_read: "stderr"}
+        os.close(fds[1])
+        os.close(fds[3])
+        try:
+            return cls(popen), {fds[0]: "stdout", fds[2]: "stderr"}
+        except BaseException:  # it runs, but nothing would watch it: it must not outlive this
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            os.close(fds[0])
+            os.close(fds[2])
+            raise
 
-    def _reap(self) -> None:
-        self._loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        _, status = os.waitpid(self.pid, 0)  # it has exited: this does not block
-        code = self._popen.returncode = os.waitstatus_to_exitcode(status)
-        self.exited.set_result(code)
+    def _reap(self, pidfd: int) -> None:
+        self._loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self._exited(self._status())  # it has exited: waiting does not block
+
+    def _wait_in_thread(self) -> None:
+        code = self._status()
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self._loop.call_soon_threadsafe(self._exited, code)
+
+    def _status(self) -> int:
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:  # reaped by someone else (or SIGCHLD ignored): as asyncio does
+            return 255
+        return os.waitstatus_to_exitcode(status)
+
+    def _exited(self, code: int) -> None:
+        self._popen.returncode = code
+        if not self.exited.done():
+            self.exited.set_result(code)
 
 
 def _read_outputs(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -279,36 +323,56 @@ async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncGenerator
     # File work happens off the event loop: it must keep serving while disks are slow.
     workspace, argv = await asyncio.to_thread(_prepare, attempt)
     child: _Child | None = None
+    output: _Output | None = None
+    masker = Masker(attempt.redact)
     try:
         try:
             child, pipes = _Child.start(argv, workspace.work, build_env(attempt, workspace))
         except OSError as exc:
             yield Finished(Outcome(RunStatus.FAILED, None, f"cannot start {argv[0]}: {exc.strerror}"))
             return
+        output = _Output(pipes, _OutputBudget(max(attempt.log_budget, 0)), masker)
         yield Started(child.pid)
-        async for event in _supervise(child, pipes, attempt, cancel, workspace):
+        async for event in _supervise(child, output, masker, attempt, cancel, workspace):
             yield event
     finally:
-        if child is not None:
-            if processes.group_alive(child.pid):
-                await processes.terminate(child.pid, attempt.run_id, attempt.number, 0, spare_leader=False)
-            await child.exited  # reaped by the event loop: no zombie is left behind
-        await asyncio.to_thread(workspace.remove)
+        try:
+            if output is not None:
+                output.close()
+            if child is not None:
+                await _end(child, attempt)
+        finally:
+            await asyncio.to_thread(workspace.remove)
+
+
+async def _end(child: _Child, attempt: Attempt) -> None:
+    """Kill what is left of the attempt and wait (a while) for the program to be reaped."""
+    if processes.group_alive(child.pid):
+        await processes.terminate(child.pid, attempt.run_id, attempt.number, 0, spare_leader=False)
+    if child.exited.done():
+        return
+    try:
+        # Shielded: cancelling this wait must not cancel the exit for its other waiters.
+        await asyncio.wait_for(asyncio.shield(child.exited), _REAP_WAIT_SECONDS)
+    except TimeoutError:  # SIGKILLed but not gone (stuck in the kernel): reaped when it goes
+        log.warning("run %s: the attempt's process %d has not exited yet", attempt.run_id, child.pid)
 
 
 async def _supervise(
-    child: _Child, pipes: dict[int, str], attempt: Attempt, cancel: asyncio.Event, workspace: Workspace
+    child: _Child,
+    output: _Output,
+    masker: Masker,
+    attempt: Attempt,
+    cancel: asyncio.Event,
+    workspace: Workspace,
 ) -> AsyncGenerator[Event, None]:
-    masker = Masker(attempt.redact)
-    output = _Output(pipes, _OutputBudget(max(attempt.log_budget, 0)), masker)
     stopper = asyncio.create_task(_stop_when_due(child.pid, child.exited, attempt, cancel))
     try:
         while (chunk := await output.next()) is not None:
             yield Output(chunk)
         reason = await stopper
-        code = await child.exited
+        code = child.exited.result()  # the stopper returns once it is known
     finally:
-        output.close()
         stopper.cancel()
     if reason == "timeout":
         outcome = Outcome(RunStatus.TIMED_OUT, code, f"timed out after {format_duration(attempt.timeout)}")
@@ -355,5 +419,6 @@ async def _stop_when_due(
         await processes.terminate(
             pid, attempt.run_id, attempt.number, attempt.kill_grace, spare_leader=spare_leader
         )
-    await exited
+    if not exited.done():
+        await asyncio.shield(exited)  # cancelling this wait must not cancel the exit itself
     return reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -254,6 +255,44 @@ def test_a_consumer_that_falls_behind_blocks_the_program_instead_of_filling_memo
     blocks, outcome = asyncio.run(go())
     assert 0 < blocks < 200  # 64 chunks waiting plus the pipe's buffer; unbounded without the pause
     assert outcome.status == RunStatus.CANCELLED
+
+
+def test_without_pidfds_a_thread_learns_of_the_exit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(_pid: int) -> int:
+        raise OSError(38, "Function not implemented")  # ENOSYS: a kernel before 5.3
+
+    monkeypatch.setattr(os, "pidfd_open", refused)
+    outcome, text = execute(make(tmp_path, "echo hi; exit 3"))
+    assert (outcome.status, outcome.exit_code, text) == (RunStatus.FAILED, 3, "hi\n")
+
+
+def test_an_exit_status_taken_by_someone_else_still_ends_the_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waitpid = os.waitpid
+
+    def reaped_elsewhere(pid: int, options: int) -> tuple[int, int]:
+        waitpid(pid, options)
+        raise ChildProcessError(10, "No child processes")
+
+    monkeypatch.setattr(os, "waitpid", reaped_elsewhere)
+    outcome, _ = execute(make(tmp_path, "exit 0"))
+    assert (outcome.status, outcome.exit_code) == (RunStatus.FAILED, 255)  # as asyncio reports it
+
+
+def test_a_consumer_that_leaves_at_the_start_leaves_no_process_and_no_open_pipe(tmp_path: Path) -> None:
+    attempt = make(tmp_path, "sleep 301.234")
+
+    async def go() -> None:
+        events = run_attempt(attempt, asyncio.Event())
+        await anext(events)  # Started
+        await events.aclose()
+
+    before = len(os.listdir("/proc/self/fd"))
+    asyncio.run(go())
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert processes.tagged_processes(attempt.run_id, 1) == []
+    assert list((tmp_path / "ws").iterdir()) == []
 
 
 def test_both_streams_are_captured_and_labelled(tmp_path: Path) -> None:
