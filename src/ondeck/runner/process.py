@@ -10,6 +10,7 @@ import asyncio
 import codecs
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -213,6 +214,12 @@ class _Output:
         del self._streams[fd]
 
 
+@functools.cache
+def _devnull() -> int:
+    """/dev/null for every program's stdin, opened once (``subprocess.DEVNULL`` opens it per start)."""
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
 class _Child:
     """A started program: its pid and its exit status, which the event loop learns from
     a pidfd (or, where there are none, a thread waiting for it). asyncio's subprocess
@@ -243,7 +250,7 @@ class _Child:
                 argv,
                 cwd=cwd,
                 env=env,
-                stdin=subprocess.DEVNULL,
+                stdin=_devnull(),
                 stdout=fds[1],
                 stderr=fds[3],
                 start_new_session=True,

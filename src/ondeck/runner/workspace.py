@@ -7,6 +7,7 @@ import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 
@@ -20,20 +21,20 @@ class Workspace:
 
     root: Path
 
-    @property
+    @cached_property
     def work(self) -> Path:
         """The script's working directory and HOME."""
         return self.root / "work"
 
-    @property
+    @cached_property
     def tmp(self) -> Path:
         return self.root / "tmp"
 
-    @property
+    @cached_property
     def params_file(self) -> Path:
         return self.root / "params.json"
 
-    @property
+    @cached_property
     def outputs_file(self) -> Path:
         return self.root / "outputs.json"
 
