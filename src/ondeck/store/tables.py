@@ -99,11 +99,13 @@ runs = Table(
     Column("environment", String(63)),
     Column("approval", JSONType),
     Column("callback_url", Text),
-    Index("ix_runs_queue", "status", "worker_group", "priority", "id"),
     Index("ix_runs_automation", "automation", "id"),
     Index("ix_runs_concurrency", "concurrency_key", "status"),
     Index("ix_runs_lease", "status", "lease_expires_at"),
 )
+# In claim order (the queue's ORDER BY priority DESC, id): a claim reads only the runs it
+# takes, where an ascending priority made it sort every queued run of its group first.
+Index("ix_runs_queue", runs.c.status, runs.c.worker_group, runs.c.priority.desc(), runs.c.id)
 
 run_transitions = Table(
     "run_transitions",
