@@ -155,6 +155,9 @@ class Worker:
         """Claim and start due runs for the free slots; True if more may be due."""
         free = self.concurrency - len(self._active)
         if free <= 0:
+            # Woken while every slot is busy: a run may be due, so the next attempt to end
+            # claims for its slot (``_finish_and_claim``), and no end needs to wake this loop.
+            self._backlog = True
             return False
         try:
             claims, more = await blocking.run(
@@ -273,7 +276,8 @@ class Worker:
                 await self._hand_back(following)
             else:
                 self._start(following)
-            self.bus.publish("queue", self.group)
+            if self._backlog and not following:  # a run may be due and its end did not claim
+                self.bus.publish("queue", self.group)
 
     async def _record(self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]) -> list[Claim]:
         """Write the attempt's end (see ``_finish_and_claim`` for what it claims), retrying

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,32 @@ def test_an_end_that_fails_to_record_is_written_again_while_the_lease_holds(
     assert len(failures) == 2
     ended = runs.detail(store, SYSTEM, run.id)
     assert ended.run.status == RunStatus.SUCCEEDED and [a.status for a in ended.attempts] == ["succeeded"]
+
+
+def test_a_run_admitted_while_every_slot_is_busy_starts_when_one_frees_not_at_the_next_poll(
+    store: Store, tmp_path: Path
+) -> None:
+    """The end of the busy run claims it: no wake-up is needed, and none is waited for."""
+    settings = Settings(data_dir=tmp_path, worker_concurrency=1, poll_seconds=120)
+    bus = WakeBus()
+    define(store, run={"runtime": "bash", "script": "sleep 0.3"})
+
+    async def scenario() -> None:
+        bus.bind(asyncio.get_running_loop())
+        store.subscribe(bus.from_thread)
+        worker = Worker(store, settings, bus, Vault([Fernet.generate_key()]))
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        first = admit(store, TriggerRequest("job")).run
+        while runs.get(store, first.id).status != RunStatus.RUNNING:
+            await asyncio.sleep(0.01)
+        second = admit(store, TriggerRequest("job")).run  # the only slot is busy
+        started = time.monotonic()
+        while not runs.get(store, second.id).status.terminal:
+            assert time.monotonic() - started < 60, "the second run waited for the queue poll"
+            await asyncio.sleep(0.02)
+        stop.set()
+        await running
+        assert runs.get(store, second.id).status == RunStatus.SUCCEEDED
+
+    asyncio.run(scenario())
