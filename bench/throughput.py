@@ -8,7 +8,7 @@ defines a bash automation whose script is ``true``, and measures:
 
   spawn       the bare cost of starting such a process on this machine (prlimit … --
               bash --noprofile --norc -eo pipefail script.sh, new session, piped output)
-              under stdlib asyncio (what the server uses) and uvloop, and of starting it
+              under stdlib asyncio (the reference) and uvloop, and of starting it
               the way the runner does (ondeck-launch: PID namespace and limits);
   latency     sequential runs: created_at → started_at (server timestamps; started_at
               is stamped at claim, before the spawn) and created_at → finished_at;
@@ -115,7 +115,7 @@ def measure_spawn(count: int) -> dict[str, tuple[list[float], list[float]]]:
 
     Variants: the issue's bare prlimit + bash under uvloop and stdlib asyncio, and bash
     started the way the runner starts it here (PID namespace and limits; see
-    ondeck.runner.isolation) under stdlib asyncio, which the server uses.
+    ondeck.runner.isolation) under stdlib asyncio.
     """
     mode = isolation.best()
     prefix = isolation.command(isolation.GROUP, LIMITS)
@@ -574,7 +574,7 @@ def main() -> None:
             f"exited p50 {ms(statistics.median(totals))} p99 {ms(pct(totals, 99))}",
             flush=True,
         )
-    # What the server pays: `ondeck server` runs on stdlib asyncio (vfork; see cli.server).
+    # The reference: stdlib asyncio spawns with vfork, as the runner does (see runner.process).
     spawns = {"bare spawn": statistics.median(spawn["asyncio"][1])}
     isolated = [name for name in spawn if name not in ("asyncio", "uvloop")]
     if isolated:

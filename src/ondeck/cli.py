@@ -386,9 +386,7 @@ def server(
         port=port or settings.port,
         log_config=None,
         access_log=False,
-        # uvloop: about an eighth less CPU per request. The server starts no runs itself
-        # (its worker children do, on stdlib asyncio, which spawns with vfork where
-        # uvloop forks); it only forks those children, at start and on a restart.
+        # uvloop: about an eighth less CPU per request.
         loop="uvloop",
         # Longer than clients' pools keep idle connections, so a request never lands on a
         # connection the server is closing at that moment.
@@ -413,6 +411,8 @@ def worker_command(
     ``--parent-fd`` is how ``ondeck server`` starts its embedded worker: the worker
     then leaves the reaper and callbacks to the server, and stops when it goes.
     """
+    import uvloop
+
     from ondeck import jsonlog
     from ondeck.node import Node
 
@@ -439,7 +439,10 @@ def worker_command(
         await stop.wait()
         await node.stop()
 
-    asyncio.run(serve())
+    # uvloop: 6-8% less CPU per run. The runner starts programs with subprocess (vfork),
+    # not through the loop, whose own spawning forks.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve())
 
 
 @runs_app.command("approve")
