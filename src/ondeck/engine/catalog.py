@@ -163,12 +163,22 @@ def definitions(store: Store) -> list[Automation]:
     return loaded
 
 
+def webhook_owner(store: Store, hook_id: str) -> AutomationVersion | None:
+    """The current version that declares webhook ``hook_id``, read from what is stored
+    rather than through the spec, so a version that no longer loads keeps its ids."""
+    for version in list_current(store):
+        for trigger in version.definition.get("triggers") or []:
+            hook = trigger.get("webhook") if isinstance(trigger, dict) else None
+            if isinstance(hook, dict) and hook.get("id") == hook_id:
+                return version
+    return None
+
+
 def check_unique_hooks(store: Store, automation: Automation) -> None:
     """Refuse a definition whose webhook id another automation already uses."""
-    mine = {t.webhook.id for t in automation.triggers if t.webhook is not None}
-    for other in definitions(store):
-        if other.name == automation.name:
+    for trigger in automation.triggers:
+        if trigger.webhook is None:
             continue
-        for trigger in other.triggers:
-            if trigger.webhook is not None and trigger.webhook.id in mine:
-                raise Conflict(f"webhook id {trigger.webhook.id!r} is already used by {other.name!r}")
+        owner = webhook_owner(store, trigger.webhook.id)
+        if owner is not None and owner.name != automation.name:
+            raise Conflict(f"webhook id {trigger.webhook.id!r} is already used by {owner.name!r}")

@@ -14,7 +14,7 @@ from ondeck.auth.principals import Principal
 from ondeck.domain import Run
 from ondeck.engine import catalog
 from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit
-from ondeck.errors import NotFound
+from ondeck.errors import NotFound, UnloadableDefinition
 from ondeck.spec.models import Automation
 from ondeck.spec.triggers import Trigger
 from ondeck.store.store import Store
@@ -43,6 +43,10 @@ def webhook(store: Store, hook_id: str) -> Bound:
         assert bound.trigger.webhook is not None
         if bound.trigger.webhook.id == hook_id:
             return bound
+    if catalog.webhook_owner(store, hook_id) is not None:
+        # Declared by a version that no longer loads (logged with the details): say that,
+        # not "no such hook", but tell an unauthenticated caller no more.
+        raise UnloadableDefinition(f"webhook {hook_id!r} cannot be served until its automation is re-applied")
     raise NotFound(f"no webhook {hook_id!r}")
 
 

@@ -25,6 +25,7 @@ from ondeck.runner.process import run_attempt
 from ondeck.runner.workspace import Workspace
 from ondeck.settings import Settings
 from ondeck.spec.expressions import ExpressionError, render
+from ondeck.store.direct import TransactionLost
 from ondeck.store.store import Store
 from ondeck.vault import Vault
 
@@ -114,6 +115,8 @@ class Worker:
         # Whether due runs may be waiting: then an attempt that ends claims the next run for
         # its slot in the same transaction (``_finish_and_claim``).
         self._backlog = False
+        # Wake-ups that came while every slot was busy (see ``_claim`` and ``_record``).
+        self._woken_while_full = 0
         bus.on_cancel(self._cancel)
 
     def _cancel(self, run_id: str) -> None:
@@ -158,6 +161,7 @@ class Worker:
             # Woken while every slot is busy: a run may be due, so the next attempt to end
             # claims for its slot (``_finish_and_claim``), and no end needs to wake this loop.
             self._backlog = True
+            self._woken_while_full += 1
             return False
         try:
             claims, more = await blocking.run(
@@ -289,9 +293,13 @@ class Worker:
         while True:
             try:
                 if self._backlog and not self._stopping:
+                    seen = self._woken_while_full
                     following = await blocking.run(self._finish_and_claim, claim, outcome, chunks)
-                    self._backlog = bool(following)
-                    return following
+                    # A run may still be due if the claim failed, or if a wake-up came while
+                    # every slot was busy during the write: the claim may have read the queue
+                    # before that run was there. Then the end wakes the loop (``_execute``).
+                    self._backlog = following is None or bool(following) or self._woken_while_full != seen
+                    return following or []
                 await blocking.run(finish.finish, self.store, claim, outcome, chunks)
                 return []
             except Exception:
@@ -302,8 +310,9 @@ class Worker:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 2.0)
 
-    def _finish_and_claim(self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]) -> list[Claim]:
-        """``finish.finish``, and claim a due run for the freed slot in the same transaction.
+    def _finish_and_claim(self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]) -> list[Claim] | None:
+        """``finish.finish``, and claim a due run for the freed slot in the same transaction;
+        None if that claim failed (the end is recorded all the same).
 
         Under a backlog this halves the worker's write transactions: each run is claimed
         by the commit that ends the one before it in that slot. The claim cannot undo
@@ -314,9 +323,11 @@ class Worker:
             try:
                 with tx.savepoint():
                     claims, _ = queue.claim_in(tx, self.id, self.group, 1, self.lease, self._definitions)
+            except TransactionLost:
+                raise  # the end went with it: ``_record`` writes it again
             except Exception:
                 log.exception("claiming the next run with run %s's end failed", claim.run.id)
-                claims = []
+                return None
         return claims
 
     async def _hand_back(self, claims: list[Claim]) -> None:

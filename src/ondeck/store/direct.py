@@ -122,19 +122,29 @@ class Direct:
             cursor.close()
 
 
+class TransactionLost(Exception):
+    """The database ended the whole transaction inside a savepoint (SQLite does so on
+    some errors: disk full, I/O error, interrupt, ``RAISE(ROLLBACK)``), so what was
+    written before it is gone too, and committing would silently keep nothing."""
+
+
 @contextmanager
 def savepoint(connection: Connection) -> Iterator[None]:
     """``Connection.begin_nested`` on the driver's cursor, for a twentieth of its cost
     (about 80 µs a use through SQLAlchemy): if the block raises, what it wrote is
-    undone, and the transaction goes on, also after a database error on PostgreSQL."""
+    undone, and the transaction goes on, also after a database error on PostgreSQL;
+    ``TransactionLost`` if the database rolled back the whole transaction instead."""
     _statement(connection, "SAVEPOINT ondeck")
     try:
         yield
-    except BaseException:
-        _statement(connection, "ROLLBACK TO SAVEPOINT ondeck")
-        raise
-    finally:
+    except BaseException as exc:
+        try:
+            _statement(connection, "ROLLBACK TO SAVEPOINT ondeck")
+        except DBAPIError as gone:  # "no such savepoint": the whole transaction went
+            raise TransactionLost(f"the database rolled back the transaction: {exc}") from gone
         _statement(connection, "RELEASE SAVEPOINT ondeck")
+        raise
+    _statement(connection, "RELEASE SAVEPOINT ondeck")
 
 
 def _statement(connection: Connection, sql: str) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from ondeck.auth.principals import SYSTEM
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
-from ondeck.engine import catalog, finish, queue, runs
+from ondeck.engine import catalog, dispatch, finish, queue, runs
 from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit, parse_idempotency_key
 from ondeck.engine.queue import DefinitionCache
 from ondeck.errors import (
@@ -199,6 +199,19 @@ def test_a_claim_that_only_met_unloadable_runs_wakes_workers_for_the_runs_behind
         claims, more = queue.claim_in(tx, "w1", "default", 1, LEASE, DefinitionCache())
         assert claims == [] and more and ("queue", "default") in tx.notifications
     assert [c.run.automation for c in claim(store)] == ["other"]
+
+
+def test_a_webhook_of_a_version_that_no_longer_loads_stays_its_own(store: Store) -> None:
+    hook = {"webhook": {"id": "deploy-hook", "scheme": "token", "secret": "HOOK_TOKEN"}}
+    define(store, triggers=[hook])
+    store_as_an_older_release_did(store, "job", triggers=[hook])
+    other = {"name": "other", "run": {"runtime": "bash", "script": "true"}, "triggers": [hook]}
+    with pytest.raises(Conflict, match="already used by 'job'"):
+        catalog.apply_as(store, SYSTEM, parse_definition(other))
+    with pytest.raises(UnloadableDefinition):  # not "no such webhook"
+        dispatch.webhook(store, "deploy-hook")
+    define(store, triggers=[hook])  # the corrected definition takes its hook back
+    assert dispatch.webhook(store, "deploy-hook").automation.name == "job"
 
 
 def test_an_expired_lease_of_a_run_whose_definition_no_longer_loads_is_still_reaped(store: Store) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def test_a_failing_claim_does_not_undo_the_end_of_the_attempt(
         raise RuntimeError("the claim fails after its writes")
 
     monkeypatch.setattr(queue, "_start_attempt", fails_after_writing)
-    assert worker._finish_and_claim(claimed, DONE, []) == []
+    assert worker._finish_and_claim(claimed, DONE, []) is None  # the claim failed, the end did not
     assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
     undone = runs.detail(store, SYSTEM, second.id)  # the claim's writes were undone alone
     assert (undone.run.status, undone.run.attempt, undone.attempts) == (RunStatus.QUEUED, 0, [])
@@ -138,3 +139,55 @@ def test_a_run_admitted_while_every_slot_is_busy_starts_when_one_frees_not_at_th
         assert runs.get(store, second.id).status == RunStatus.SUCCEEDED
 
     asyncio.run(scenario())
+
+
+def _end_while(store: Store, worker: Worker, meanwhile: Callable[[asyncio.AbstractEventLoop], None]) -> bool:
+    """End an attempt while the worker believes runs may be due, calling ``meanwhile``
+    (with the worker's loop) in the writing thread right after the write; whether the
+    end then woke the claim loop."""
+    define(store)
+    admit(store, TriggerRequest("job"))
+    claimed = _claim_one(store, worker)
+    worker._active[claimed.run.id] = asyncio.Event()
+    worker._backlog = True
+    finish_and_claim = worker._finish_and_claim
+
+    async def scenario() -> bool:
+        loop = asyncio.get_running_loop()
+
+        def end_then(*args: Any) -> list[queue.Claim] | None:
+            following = finish_and_claim(*args)
+            meanwhile(loop)
+            return following
+
+        worker._finish_and_claim = end_then  # type: ignore[method-assign]
+        with worker.bus.watch_queue() as woken:
+            await worker._execute(claimed)
+            return await woken.wait(5.0)
+
+    return asyncio.run(scenario())
+
+
+def test_a_wake_up_that_came_while_the_end_was_written_is_not_lost(store: Store, tmp_path: Path) -> None:
+    """Its claim read the queue before the run came; the run's wake-up found every slot busy."""
+    vault = Vault([Fernet.generate_key()])
+    worker = Worker(store, Settings(data_dir=tmp_path), WakeBus(), vault, concurrency=1)
+
+    def a_run_arrives(loop: asyncio.AbstractEventLoop) -> None:
+        admit(store, TriggerRequest("job"))
+        asyncio.run_coroutine_threadsafe(worker._claim(), loop).result()  # its wake-up, as the loop takes it
+
+    assert _end_while(store, worker, a_run_arrives), "the end did not wake the claim loop"
+
+
+def test_an_end_whose_claim_failed_wakes_the_claim_loop(
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    define(store)
+    admit(store, TriggerRequest("job"))  # claimed below; the run admitted after it stays due
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("the claim failed")
+
+    monkeypatch.setattr(worker._definitions, "get", broken)
+    assert _end_while(store, worker, lambda _loop: None), "the end did not wake the claim loop"
