@@ -159,7 +159,7 @@ class Worker:
         free = self.concurrency - len(self._active)
         if free <= 0:
             # Woken while every slot is busy: a run may be due, so the next attempt to end
-            # claims for its slot (``_finish_and_claim``), and no end needs to wake this loop.
+            # claims for its slot (``_finish_and_claim``).
             self._backlog = True
             self._woken_while_full += 1
             return False
