@@ -56,7 +56,7 @@ class Direct:
         plan = self._plan(connection, values)
         if plan is None:
             return connection.execute(self._statement, dict(values)).rowcount
-        with self._cursor(connection, plan, values) as cursor:
+        with _driver_cursor(connection, plan.compiled.string, values) as cursor:
             cursor.execute(plan.compiled.string, plan.parameters(values))
             return int(cursor.rowcount)
 
@@ -65,7 +65,7 @@ class Direct:
         plan = self._plan(connection, values)
         if plan is None:
             return connection.execute(self._statement, dict(values)).scalar()
-        with self._cursor(connection, plan, values) as cursor:
+        with _driver_cursor(connection, plan.compiled.string, values) as cursor:
             cursor.execute(plan.compiled.string, plan.parameters(values))
             row = cursor.fetchone()
             return None if row is None else row[0]
@@ -76,7 +76,7 @@ class Direct:
         if plan is None:
             connection.execute(self._statement, [dict(row) for row in rows])
             return
-        with self._cursor(connection, plan, rows) as cursor:
+        with _driver_cursor(connection, plan.compiled.string, rows) as cursor:
             cursor.executemany(plan.compiled.string, [plan.parameters(row) for row in rows])
 
     def _plan(self, connection: Connection, values: Mapping[str, Any]) -> _Plan | None:
@@ -107,19 +107,18 @@ class Direct:
         self._plans[key] = plan
         return plan
 
-    @staticmethod
-    @contextmanager
-    def _cursor(connection: Connection, plan: _Plan, values: Any) -> Iterator[Any]:
-        dbapi = connection.dialect.loaded_dbapi
-        cursor = connection.connection.cursor()
-        try:
-            yield cursor
-        except dbapi.Error as exc:
-            raise DBAPIError.instance(
-                plan.compiled.string, values, exc, dbapi.Error, dialect=connection.dialect
-            ) from exc
-        finally:
-            cursor.close()
+
+@contextmanager
+def _driver_cursor(connection: Connection, sql: str, values: Any) -> Iterator[Any]:
+    """The connection's DBAPI cursor; driver errors come back as SQLAlchemy's."""
+    dbapi = connection.dialect.loaded_dbapi
+    cursor = connection.connection.cursor()
+    try:
+        yield cursor
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(sql, values, exc, dbapi.Error, dialect=connection.dialect) from exc
+    finally:
+        cursor.close()
 
 
 class TransactionLost(Exception):
@@ -148,11 +147,5 @@ def savepoint(connection: Connection) -> Iterator[None]:
 
 
 def _statement(connection: Connection, sql: str) -> None:
-    dbapi = connection.dialect.loaded_dbapi
-    cursor = connection.connection.cursor()
-    try:
+    with _driver_cursor(connection, sql, None) as cursor:
         cursor.execute(sql)
-    except dbapi.Error as exc:
-        raise DBAPIError.instance(sql, None, exc, dbapi.Error, dialect=connection.dialect) from exc
-    finally:
-        cursor.close()
