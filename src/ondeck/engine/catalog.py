@@ -163,22 +163,22 @@ def definitions(store: Store) -> list[Automation]:
     return loaded
 
 
-def webhook_owner(store: Store, hook_id: str) -> AutomationVersion | None:
-    """The current version that declares webhook ``hook_id``, read from what is stored
+def webhook_owners(store: Store) -> dict[str, AutomationVersion]:
+    """Webhook ids and the current versions that declare them, read from what is stored
     rather than through the spec, so a version that no longer loads keeps its ids."""
+    owners = {}
     for version in list_current(store):
         for trigger in version.definition.get("triggers") or []:
             hook = trigger.get("webhook") if isinstance(trigger, dict) else None
-            if isinstance(hook, dict) and hook.get("id") == hook_id:
-                return version
-    return None
+            if isinstance(hook, dict) and isinstance(hook.get("id"), str):
+                owners[hook["id"]] = version
+    return owners
 
 
 def check_unique_hooks(store: Store, automation: Automation) -> None:
     """Refuse a definition whose webhook id another automation already uses."""
-    for trigger in automation.triggers:
-        if trigger.webhook is None:
-            continue
-        owner = webhook_owner(store, trigger.webhook.id)
+    owners = webhook_owners(store)
+    for hook_id in (t.webhook.id for t in automation.triggers if t.webhook is not None):
+        owner = owners.get(hook_id)
         if owner is not None and owner.name != automation.name:
-            raise Conflict(f"webhook id {trigger.webhook.id!r} is already used by {owner.name!r}")
+            raise Conflict(f"webhook id {hook_id!r} is already used by {owner.name!r}")

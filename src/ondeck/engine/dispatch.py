@@ -43,7 +43,7 @@ def webhook(store: Store, hook_id: str) -> Bound:
         assert bound.trigger.webhook is not None
         if bound.trigger.webhook.id == hook_id:
             return bound
-    if catalog.webhook_owner(store, hook_id) is not None:
+    if hook_id in catalog.webhook_owners(store):
         # Declared by a version that no longer loads (logged with the details): say that,
         # not "no such hook", but tell an unauthenticated caller no more.
         raise UnloadableDefinition(f"webhook {hook_id!r} cannot be served until its automation is re-applied")
