@@ -146,7 +146,7 @@ class _Output:
         self._paused = False
         for fd in self._streams:
             os.set_blocking(fd, False)
-            self._loop.add_reader(fd, self._read, fd)
+        self._listen()
 
     async def next(self) -> LogChunk | None:
         """The next chunk, or None once both pipes are closed and every chunk was taken."""
@@ -160,9 +160,12 @@ class _Output:
                 self._waiter = None
         if self._paused and len(self._chunks) <= _PENDING_MAX // 2:
             self._paused = False
-            for fd in self._streams:
-                self._loop.add_reader(fd, self._read, fd)
+            self._listen()
         return self._chunks.popleft()
+
+    def _listen(self) -> None:
+        for fd in self._streams:
+            self._loop.add_reader(fd, self._read, fd)
 
     def close(self) -> None:
         """Stop reading and close the pipes still open."""
@@ -176,11 +179,13 @@ class _Output:
             return
         except OSError:
             data = b""  # the pipe broke: as good as its end
+        name = self._streams[fd].name
         try:
             self._take(fd, data)
         except Exception:  # a bug here must not leave a readable fd calling back forever
-            log.exception("reading the program's %s failed", self._streams[fd].name)
-            self._close(fd)
+            log.exception("reading the program's %s failed", name)
+            if fd in self._streams:
+                self._close(fd)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         if len(self._chunks) >= _PENDING_MAX and not self._paused:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ondeck.domain import Outcome, RunStatus
-from ondeck.runner import isolation, processes
+from ondeck.runner import isolation, process, processes
 from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
 from ondeck.runner.process import param_env_name, run_attempt
 from tests.support import wait_until
@@ -293,6 +293,23 @@ def test_a_consumer_that_leaves_at_the_start_leaves_no_process_and_no_open_pipe(
     assert len(os.listdir("/proc/self/fd")) == before
     assert processes.tagged_processes(attempt.run_id, 1) == []
     assert list((tmp_path / "ws").iterdir()) == []
+
+
+def test_a_failure_while_reading_output_closes_that_stream_and_the_attempt_still_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = process._Stream.text
+
+    def fails_at_the_end(self: process._Stream, data: bytes, last: bool) -> str:
+        if last:  # after the stream was closed at its end
+            raise RuntimeError("a bug in the decoder")
+        return text(self, data, last)
+
+    monkeypatch.setattr(process._Stream, "text", fails_at_the_end)
+    outcome, output = execute(make(tmp_path, "echo hi"))
+    assert (outcome.status, output) == (RunStatus.SUCCEEDED, "hi\n")
+    failures = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert sorted(failures) == ["reading the program's stderr failed", "reading the program's stdout failed"]
 
 
 def test_both_streams_are_captured_and_labelled(tmp_path: Path) -> None:
