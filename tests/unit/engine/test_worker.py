@@ -66,22 +66,16 @@ def test_a_failing_claim_does_not_undo_the_end_of_the_attempt(
 
 
 def test_a_run_claimed_as_the_worker_begins_to_stop_is_handed_back_unstarted(
-    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+    store: Store, worker: Worker
 ) -> None:
     define(store)
     first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
-    claimed = _claim_one(store, worker)
-    worker._active[claimed.run.id] = asyncio.Event()  # as ``Worker._start`` leaves it
-    worker._backlog = True  # so the end of the attempt claims the next run
-    finish_and_claim = worker._finish_and_claim
 
-    def stop_meanwhile(*args: Any) -> list[queue.Claim]:
-        following = finish_and_claim(*args)
+    def stop(_loop: asyncio.AbstractEventLoop) -> None:
         worker._stopping = True
-        return following
 
-    monkeypatch.setattr(worker, "_finish_and_claim", stop_meanwhile)
-    asyncio.run(worker._execute(claimed))
+    claimed, _ = _end_while(store, worker, stop)  # its end claims the second run
+    assert claimed.run.id == first.id
     assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
     back = runs.detail(store, SYSTEM, second.id)
     assert (back.run.status, back.run.attempt, back.attempts) == (RunStatus.QUEUED, 0, [])
@@ -141,15 +135,15 @@ def test_a_run_admitted_while_every_slot_is_busy_starts_when_one_frees_not_at_th
     asyncio.run(scenario())
 
 
-def _end_while(store: Store, worker: Worker, meanwhile: Callable[[asyncio.AbstractEventLoop], None]) -> bool:
-    """End an attempt while the worker believes runs may be due, calling ``meanwhile``
-    (with the worker's loop) in the writing thread right after the write; whether the
-    end then woke the claim loop."""
-    define(store)
-    admit(store, TriggerRequest("job"))
+def _end_while(
+    store: Store, worker: Worker, meanwhile: Callable[[asyncio.AbstractEventLoop], None]
+) -> tuple[queue.Claim, bool]:
+    """Claim the first due run and end its attempt while the worker believes runs may be
+    due, calling ``meanwhile`` (with the worker's loop) in the writing thread right after
+    the write; returns the claim and whether the end woke the claim loop."""
     claimed = _claim_one(store, worker)
-    worker._active[claimed.run.id] = asyncio.Event()
-    worker._backlog = True
+    worker._active[claimed.run.id] = asyncio.Event()  # as ``Worker._start`` leaves it
+    worker._backlog = True  # so the end of the attempt claims the next run
     finish_and_claim = worker._finish_and_claim
 
     async def scenario() -> bool:
@@ -163,9 +157,9 @@ def _end_while(store: Store, worker: Worker, meanwhile: Callable[[asyncio.Abstra
         worker._finish_and_claim = end_then  # type: ignore[method-assign]
         with worker.bus.watch_queue() as woken:
             await worker._execute(claimed)
-            return await woken.wait(5.0)
+            return woken._event.is_set()  # the end publishes before it returns, or not at all
 
-    return asyncio.run(scenario())
+    return claimed, asyncio.run(scenario())
 
 
 def test_a_wake_up_that_came_while_the_end_was_written_is_not_lost(store: Store, tmp_path: Path) -> None:
@@ -177,17 +171,22 @@ def test_a_wake_up_that_came_while_the_end_was_written_is_not_lost(store: Store,
         admit(store, TriggerRequest("job"))
         asyncio.run_coroutine_threadsafe(worker._claim(), loop).result()  # its wake-up, as the loop takes it
 
-    assert _end_while(store, worker, a_run_arrives), "the end did not wake the claim loop"
+    define(store)
+    admit(store, TriggerRequest("job"))
+    _, woke = _end_while(store, worker, a_run_arrives)
+    assert woke, "the end did not wake the claim loop"
 
 
 def test_an_end_whose_claim_failed_wakes_the_claim_loop(
     store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     define(store)
-    admit(store, TriggerRequest("job"))  # claimed below; the run admitted after it stays due
+    for _ in range(2):  # the first is claimed; the end's claim meets the second
+        admit(store, TriggerRequest("job"))
 
     def broken(*_args: object) -> None:
         raise RuntimeError("the claim failed")
 
     monkeypatch.setattr(worker._definitions, "get", broken)
-    assert _end_while(store, worker, lambda _loop: None), "the end did not wake the claim loop"
+    _, woke = _end_while(store, worker, lambda _loop: None)
+    assert woke, "the end did not wake the claim loop"
