@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +36,13 @@ def _apply_defaults(schema: dict[str, Any], value: Any) -> None:
             _apply_defaults(prop, value[name])
 
 
+@functools.lru_cache(maxsize=512)
+def _validator(schema: str) -> Draft202012Validator:
+    """One validator per schema text: building one (its reference registry) costs more
+    than validating a typical run's params with it, and a built one is immutable."""
+    return Draft202012Validator(json.loads(schema))
+
+
 def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Return ``params`` with schema defaults filled in, or raise ``InvalidParams``.
 
@@ -45,7 +53,7 @@ def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str,
         raise InvalidParams("params must be a JSON object", errors=[{"path": "", "message": "not an object"}])
     filled = copy.deepcopy(params)
     _apply_defaults(schema, filled)
-    validator = Draft202012Validator(schema)
+    validator = _validator(json.dumps(schema, sort_keys=True))
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         listed = [

@@ -11,6 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, make_url, text
 
+from ondeck.store import direct
+
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # Any fixed number: serialises concurrent `upgrade` calls from many processes on PostgreSQL.
 _MIGRATION_LOCK = 0x0ADECC
@@ -51,7 +53,7 @@ def _sqlite_engine(url: str) -> Engine:
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
         immediate = connection.get_execution_options().get("ondeck_write", False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        direct.statement(connection, "BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 

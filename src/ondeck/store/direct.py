@@ -133,19 +133,20 @@ def savepoint(connection: Connection) -> Iterator[None]:
     (about 80 µs a use through SQLAlchemy): if the block raises, what it wrote is
     undone, and the transaction goes on, also after a database error on PostgreSQL;
     ``TransactionLost`` if the database rolled back the whole transaction instead."""
-    _statement(connection, "SAVEPOINT ondeck")
+    statement(connection, "SAVEPOINT ondeck")
     try:
         yield
     except BaseException as exc:
         try:
-            _statement(connection, "ROLLBACK TO SAVEPOINT ondeck")
+            statement(connection, "ROLLBACK TO SAVEPOINT ondeck")
         except DBAPIError as gone:  # "no such savepoint": the whole transaction went
             raise TransactionLost(f"the database rolled back the transaction: {exc}") from gone
-        _statement(connection, "RELEASE SAVEPOINT ondeck")
+        statement(connection, "RELEASE SAVEPOINT ondeck")
         raise
-    _statement(connection, "RELEASE SAVEPOINT ondeck")
+    statement(connection, "RELEASE SAVEPOINT ondeck")
 
 
-def _statement(connection: Connection, sql: str) -> None:
+def statement(connection: Connection, sql: str) -> None:
+    """One statement without parameters or results, straight on the driver."""
     with _driver_cursor(connection, sql, None) as cursor:
         cursor.execute(sql)

@@ -145,7 +145,7 @@ _COUNT_LOGS = (
 _INSERT_LOGS = insert(log_entries)
 # All of a transaction's notifications in one round trip, in order, just before commit.
 _NOTIFY = text("SELECT pg_notify(c, p) FROM unnest(CAST(:c AS text[]), CAST(:p AS text[])) AS n(c, p)")
-_LAST_AUDIT_HASH = select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1)
+_LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1))
 _INSERT_AUDIT = Direct(insert(audit_entries).returning(audit_entries.c.id))
 _AUDIT_LOCK_SQL = text("SELECT pg_advisory_xact_lock(:k)")
 _COUNT_RATE = {
@@ -600,7 +600,7 @@ class Transaction:
         body = canonical_detail(detail)
         if self.postgres:
             self._c.execute(_AUDIT_LOCK_SQL, {"k": _AUDIT_LOCK})
-        prev_hash = self._c.execute(_LAST_AUDIT_HASH).scalar() or GENESIS
+        prev_hash = _LAST_AUDIT_HASH.scalar(self._c, {}) or GENESIS
         digest = chain_hash(prev_hash, now, actor, action, target, body)
         entry_id: int = _INSERT_AUDIT.scalar(
             self._c,
