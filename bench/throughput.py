@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/throughput.py [--backend sqlite|postgresql|both] [--runs N]
 
-For each backend this starts ``ondeck server`` (embedded worker, concurrency 16)
+For each backend this starts ``ondeck server`` (embedded workers, concurrency 16 each)
 in a temporary data directory (PostgreSQL: a fresh schema, dropped afterwards),
 defines a bash automation whose script is ``true``, and measures:
 
@@ -49,6 +49,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ondeck.runner import isolation
 from ondeck.runner.attempt import ResourceLimits
+from ondeck.settings import default_worker_processes
 from tests.support import TERMINAL, base_env, free_port, pg_schema_url
 
 CLIENTS = 32
@@ -545,9 +546,10 @@ def main() -> None:
     parser.add_argument(
         "--worker-processes",
         type=int,
-        default=1,
+        default=default_worker_processes(),
         metavar="N",
-        help="embedded worker processes (ONDECK_WORKER_PROCESSES; default 1, as ondeck)",
+        help="embedded worker processes (ONDECK_WORKER_PROCESSES; default ondeck's: one per usable "
+        f"core, at most 2, here {default_worker_processes()})",
     )
     parser.add_argument("--skip-admission", action="store_true", help="skip the admission and drain phases")
     parser.add_argument(

@@ -127,6 +127,9 @@ def base_env(
         "ONDECK_ADMIN_TOKEN": ADMIN_TOKEN,
         "ONDECK_TOKEN": ADMIN_TOKEN,
         "ONDECK_RATE_LIMIT": "",
+        # One embedded worker keeps the parallel suite's servers light; tests that need
+        # more (or the default, one per core) say so.
+        "ONDECK_WORKER_PROCESSES": "1",
     }
     env.update(extra)
     return env

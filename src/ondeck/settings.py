@@ -5,6 +5,7 @@ No other module reads ``os.environ``: they receive a ``Settings``.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -13,6 +14,18 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_EXAMPLES = Path(__file__).parent / "examples" / "automations"
+
+
+def default_worker_processes() -> int:
+    """One embedded worker process per core this process may use, at most two.
+
+    A worker process executes runs on one interpreter lock, and at a few hundred runs a
+    second that lock, not the machine, is what runs out: with one process on two cores,
+    runs queued for most of a second under load while a core had time to spare. Past
+    two, SQLite's single writer is the limit; on PostgreSQL, scale out with more
+    ``ondeck worker`` processes instead.
+    """
+    return max(1, min(2, len(os.sched_getaffinity(0))))
 
 
 class Settings(BaseSettings):
@@ -37,7 +50,11 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(1.0, gt=0, description="Fallback queue poll when no wake-up arrives.")
     worker_concurrency: int = Field(8, ge=1, description="Runs one worker process executes at once.")
     worker_processes: int = Field(
-        1, ge=1, le=16, description="Embedded worker processes of `ondeck server` (each with its own GIL)."
+        default_factory=default_worker_processes,
+        ge=1,
+        le=16,
+        description="Embedded worker processes of `ondeck server` (each with its own GIL); "
+        "default one per usable CPU core, at most 2.",
     )
     worker_group: str = "default"
     isolate: bool = Field(True, description="Run each attempt in its own PID namespace when possible.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,25 @@ def test_settings_made_in_code_reach_a_child_through_its_environment(
         monkeypatch.setenv(key, value)
 
     assert Settings().model_dump() == given.model_dump()
+
+
+def test_server_embeds_one_worker_process_per_usable_core_up_to_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONDECK_WORKER_PROCESSES", raising=False)
+    cores = sorted(os.sched_getaffinity(0))
+    assert Settings().worker_processes == min(2, len(cores))
+    pinned = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import os; os.sched_setaffinity(0, {{{cores[0]}}}); "
+            "from ondeck.settings import Settings; print(Settings().worker_processes)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert pinned.stdout.strip() == "1"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert Settings().worker_processes == 2
+    monkeypatch.setenv("ONDECK_WORKER_PROCESSES", "3")
+    assert Settings().worker_processes == 3
