@@ -147,7 +147,7 @@ _INSERT_LOGS = insert(log_entries)
 _NOTIFY = text("SELECT pg_notify(c, p) FROM unnest(CAST(:c AS text[]), CAST(:p AS text[])) AS n(c, p)")
 _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1))
 _INSERT_AUDIT = Direct(insert(audit_entries).returning(audit_entries.c.id))
-_AUDIT_LOCK_SQL = text("SELECT pg_advisory_xact_lock(:k)")
+_LOCK_AUDIT = Direct(select(func.pg_advisory_xact_lock(bindparam("k"))))
 _COUNT_RATE = {
     name: Direct(
         dialect.insert(rate_counters)
@@ -599,7 +599,7 @@ class Transaction:
         """Append to the chain; appends are serialised so the chain never forks."""
         body = canonical_detail(detail)
         if self.postgres:
-            self._c.execute(_AUDIT_LOCK_SQL, {"k": _AUDIT_LOCK})
+            _LOCK_AUDIT.scalar(self._c, {"k": _AUDIT_LOCK})
         prev_hash = _LAST_AUDIT_HASH.scalar(self._c, {}) or GENESIS
         digest = chain_hash(prev_hash, now, actor, action, target, body)
         entry_id: int = _INSERT_AUDIT.scalar(
