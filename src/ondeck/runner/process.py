@@ -332,8 +332,10 @@ async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncGenerator
     Whatever happens — timeout, cancel, the consumer going away — every process
     of the attempt is killed and the workspace removed before this returns.
     """
-    # File work happens off the event loop: it must keep serving while disks are slow.
-    workspace, argv = await asyncio.to_thread(_prepare, attempt)
+    # Making a workspace is a few small writes, and so is removing one that holds no more
+    # than that, as most do: both right here, as a hand-over to a thread would cost more.
+    # A workspace with more in it, of any size, is removed off the event loop.
+    workspace, argv = _prepare(attempt)
     child: _Child | None = None
     output: _Output | None = None
     masker = Masker(attempt.redact)
@@ -354,7 +356,8 @@ async def run_attempt(attempt: Attempt, cancel: asyncio.Event) -> AsyncGenerator
             if child is not None:
                 await _end(child, attempt)
         finally:
-            await asyncio.to_thread(workspace.remove)
+            if not workspace.remove_if_untouched():
+                await asyncio.to_thread(workspace.remove)
 
 
 async def _end(child: _Child, attempt: Attempt) -> None:

@@ -57,6 +57,20 @@ class Workspace:
         for root in parent.glob(f"{run_id}-{attempt}-*"):
             cls(root).remove()
 
+    def remove_if_untouched(self) -> bool:
+        """Remove the workspace if it holds no more than ondeck put there and the script's
+        outputs file: a few system calls, cheap enough for an event loop. False, having
+        removed what it could, if there is more: then ``remove``, off the loop."""
+        try:
+            self.work.rmdir()
+            self.tmp.rmdir()
+            self.params_file.unlink(missing_ok=True)
+            self.outputs_file.unlink(missing_ok=True)
+            self.root.rmdir()
+        except OSError:  # not empty, not a directory, made read-only...
+            return False
+        return True
+
     def remove(self) -> None:
         """Delete everything, including files a script made read-only."""
 

@@ -15,6 +15,7 @@ from ondeck.domain import Outcome, RunStatus
 from ondeck.runner import isolation, process, processes
 from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
 from ondeck.runner.process import param_env_name, run_attempt
+from ondeck.runner.workspace import Workspace
 from tests.support import wait_until
 
 LIMITS = ResourceLimits(memory_bytes=2 << 30, cpu_seconds=60, processes=4096, file_size_bytes=1 << 30)
@@ -106,6 +107,30 @@ def test_tmpdir_is_private_to_the_attempt_and_removed_with_it(tmp_path: Path) ->
     assert Path(tmpdir).is_relative_to(tmp_path / "ws") and Path(made).parent == Path(tmpdir)
     assert mode == "drwx------"
     assert not Path(made).exists() and list((tmp_path / "ws").iterdir()) == []
+
+
+def test_a_workspace_with_more_than_ondeck_put_there_is_not_removed_on_the_loop(tmp_path: Path) -> None:
+    """``remove_if_untouched`` takes only what ondeck makes (and the outputs file); for
+    anything else it leaves the rest, and what points elsewhere alone, to ``remove``."""
+    untouched = Workspace.create(tmp_path, "r1", 1)
+    untouched.params_file.write_text("{}")
+    untouched.outputs_file.write_text("{}")
+    assert untouched.remove_if_untouched() and not untouched.root.exists()
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").touch()
+    for touch in (
+        lambda ws: (ws.work / "file").touch(),
+        lambda ws: (ws.root / "extra").mkdir(),
+        lambda ws: (ws.tmp.rmdir(), ws.tmp.symlink_to(outside)),
+    ):
+        workspace = Workspace.create(tmp_path / "ws", "r2", 1)
+        touch(workspace)
+        assert not workspace.remove_if_untouched() and workspace.root.exists()
+        workspace.remove()
+        assert not workspace.root.exists()
+    assert (outside / "keep").exists()
 
 
 def test_bash_scripts_are_given_inline_and_get_their_args(tmp_path: Path) -> None:
