@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
+from ondeck import blocking
 from ondeck.auth.principals import SYSTEM
 from ondeck.domain import Outcome, Run, RunStatus
 from ondeck.engine import finish, queue, runs
@@ -33,6 +35,18 @@ def worker(store: Store, tmp_path: Path) -> Worker:
 def _claim_one(store: Store, worker: Worker) -> queue.Claim:
     (claimed,) = queue.claim(store, worker.id, "default", 1, LEASE, queue.DefinitionCache())[0]
     return claimed
+
+
+def test_the_worker_writes_to_sqlite_from_its_event_loop_and_to_postgresql_from_threads(
+    store: Store, worker: Worker
+) -> None:
+    """An SQLite write costs less than its hand-over to a thread; a PostgreSQL one waits on the network."""
+
+    async def threads() -> tuple[int, int]:
+        return threading.get_ident(), await worker.call(threading.get_ident)
+
+    loop_thread, call_thread = asyncio.run(threads())
+    assert (call_thread == loop_thread) == (store.dialect == "sqlite")
 
 
 def test_an_ending_attempt_claims_the_next_due_run_for_its_slot(store: Store, worker: Worker) -> None:
@@ -142,6 +156,7 @@ def _end_while(
     due, calling ``meanwhile`` (with the worker's loop) in the writing thread right after
     the write; returns the claim and whether the end woke the claim loop."""
     claimed = _claim_one(store, worker)
+    worker.call = blocking.run  # the write in a thread, as on PostgreSQL, so others can come meanwhile
     worker._active[claimed.run.id] = asyncio.Event()  # as ``Worker._start`` leaves it
     worker._backlog = True  # so the end of the attempt claims the next run
     finish_and_claim = worker._finish_and_claim
