@@ -39,9 +39,15 @@ WaitQuery = Annotated[float | None, Query(ge=0, le=_WAIT_MAX, description=_WAIT_
 IdempotencyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", description=_IDEMPOTENCY_DESCRIPTION)
 ]
-# mypy takes no typing form (a union, Annotated) for a class: hence the ignores.
-_WAIT: TypeAdapter[float] = TypeAdapter(Annotated[float, Field(ge=0, le=_WAIT_MAX)])  # type: ignore[arg-type]
-_BODY: TypeAdapter[TriggerBody | None] = TypeAdapter(TriggerBody | None)  # type: ignore[arg-type]
+
+
+def _adapter(form: Any) -> TypeAdapter[Any]:
+    """A TypeAdapter of a typing form (a union, Annotated), where mypy takes only a class."""
+    return TypeAdapter(form)
+
+
+_WAIT: TypeAdapter[float] = _adapter(Annotated[float, Field(ge=0, le=_WAIT_MAX)])
+_BODY: TypeAdapter[TriggerBody | None] = _adapter(TriggerBody | None)
 _TRIGGER_DOCS: dict[str, Any] = {
     "parameters": [
         {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
