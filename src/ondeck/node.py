@@ -26,7 +26,7 @@ from ondeck.auth import tokens
 from ondeck.auth.principals import SYSTEM
 from ondeck.engine import catalog, environments, limits, outbox, scheduler
 from ondeck.engine.admission import AdmissionPolicy
-from ondeck.engine.wakeup import PostgresListener, Relay, WakeBus
+from ondeck.engine.wakeup import WORKER_CHANNELS, PostgresListener, Relay, WakeBus
 from ondeck.engine.worker import Worker, reap_forever
 from ondeck.errors import InvalidDefinition
 from ondeck.settings import Settings
@@ -103,7 +103,7 @@ class Node:
                     flush=True,
                 )
         if self.store.dialect == "postgresql":
-            self._listener = PostgresListener(self.store.url, self.bus)
+            self._listener = PostgresListener(self.store.url, self.bus, self._channels())
             self._listener.start()
         if self.parent_fd is not None:
             relay = Relay(socket.socket(fileno=self.parent_fd), self.bus, on_closed=self.detached.set)
@@ -140,6 +140,15 @@ class Node:
         # Frozen, they are never walked again; only what is made from now on is.
         gc.collect()
         gc.freeze()
+
+    def _channels(self) -> set[str]:
+        """The wake-ups something here waits on: a worker's, or the API's (a run's changes,
+        for ``?wait=`` and live logs: a worker's process serves no API), and the callback
+        sender's."""
+        channels = set(WORKER_CHANNELS) if self.run_worker else {"run"}
+        if self.run_services:
+            channels.add("delivery")
+        return channels
 
     def _start_services(self) -> None:
         reap_interval = min(5.0, max(0.5, self.settings.lease_seconds / 4))

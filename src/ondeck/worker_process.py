@@ -31,7 +31,7 @@ import socket
 import sys
 import time
 
-from ondeck.engine.wakeup import Relay, WakeBus
+from ondeck.engine.wakeup import WORKER_CHANNELS, Relay, WakeBus
 from ondeck.settings import Settings
 from ondeck.store.store import Store
 
@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 _RESTART_DELAY = (1.0, 30.0)  # first, and most, seconds between restarts
 _HEALTHY_AFTER = 60.0  # a child that lived this long restarts without delay
 _STOP_MARGIN = 20.0  # beyond the kill grace: time for the child to record its results
-# What the child's worker listens for (runs to claim, runs to stop); the rest is the server's.
-_CHILD_CHANNELS = frozenset({"queue", "cancel"})
 
 
 class WorkerProcess:
@@ -60,7 +58,7 @@ class WorkerProcess:
 
     def _forward(self, channel: str, payload: str) -> None:
         relay = self._relay
-        if relay is not None and channel in _CHILD_CHANNELS:
+        if relay is not None and channel in WORKER_CHANNELS:  # the rest is the server's
             relay.send(channel, payload)
 
     async def start(self) -> None:

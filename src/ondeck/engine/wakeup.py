@@ -17,13 +17,14 @@ import logging
 import socket
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import psycopg
 from sqlalchemy import make_url
 
 log = logging.getLogger(__name__)
 CHANNELS = ("queue", "run", "cancel", "delivery")
+WORKER_CHANNELS = frozenset({"queue", "cancel"})  # what a worker waits for: runs to claim, runs to stop
 
 
 class Watch:
@@ -106,12 +107,19 @@ class WakeBus:
 
 
 class PostgresListener:
-    """A thread holding one ``LISTEN`` connection; reconnects if it drops."""
+    """A thread holding one ``LISTEN`` connection to ``channels``; reconnects if it drops.
 
-    def __init__(self, database_url: str, bus: WakeBus) -> None:
+    Only to the channels this process waits on: PostgreSQL delivers each notification
+    to every connection listening to its channel, and each delivery wakes that
+    connection's server process, this thread and the event loop. A worker hearing
+    every change of every run (three per run) spent more on them than on its claims.
+    """
+
+    def __init__(self, database_url: str, bus: WakeBus, channels: Iterable[str]) -> None:
         url = make_url(database_url).set(drivername="postgresql")
         self._conninfo = url.render_as_string(hide_password=False)
         self._bus = bus
+        self._channels = sorted(channels)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ondeck-listen", daemon=True)
 
@@ -126,7 +134,7 @@ class PostgresListener:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True) as connection:
-                    for channel in CHANNELS:
+                    for channel in self._channels:
                         connection.execute(f"LISTEN ondeck_{channel}")
                     # Anything missed while (re)connecting: wake everyone once.
                     self._bus.from_thread("queue", "")

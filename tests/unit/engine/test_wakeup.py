@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import make_url
 
-from ondeck.engine.wakeup import Relay, WakeBus
+from ondeck.engine.wakeup import WORKER_CHANNELS, PostgresListener, Relay, WakeBus
 from ondeck.store.store import Store
 
 
@@ -104,3 +104,37 @@ def test_a_transactions_notifications_reach_postgres_listeners_once_each_in_orde
         store.dispose()
     assert received == [("ondeck_run", a), ("ondeck_queue", group), ("ondeck_run", b)]
     assert local == [("run", a), ("queue", group), ("run", b)]
+
+
+def test_a_postgres_listener_hears_only_the_channels_it_listens_to(pg_url: str) -> None:
+    """A worker's listener takes runs to claim and runs to stop, not every run's changes."""
+    store = Store(pg_url)
+    store.upgrade()
+    run_id, cancelled = f"r-{uuid.uuid4().hex}", f"c-{uuid.uuid4().hex}"
+
+    async def scenario() -> tuple[list[str], bool]:
+        bus = WakeBus()
+        bus.bind(asyncio.get_running_loop())
+        heard: list[str] = []
+        bus.on_cancel(heard.append)
+        listener = PostgresListener(pg_url, bus, WORKER_CHANNELS)
+        try:
+            with bus.watch_queue() as connected, bus.watch_run(run_id) as run_changed:
+                listener.start()
+                assert await connected.wait(10.0), "the listener did not connect"
+                with store.transaction() as tx:
+                    tx.notify("run", run_id)  # sent first: had it been heard, it came before the cancel
+                    tx.notify("cancel", cancelled)
+                deadline = time.monotonic() + 10.0
+                while cancelled not in heard and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                return heard, run_changed._event.is_set()
+        finally:
+            await asyncio.to_thread(listener.stop)
+
+    try:
+        heard, run_heard = asyncio.run(scenario())
+    finally:
+        store.dispose()
+    assert cancelled in heard
+    assert not run_heard
