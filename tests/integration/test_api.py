@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import Server, put_automation, unique, wait_for_run
+from tests.support import Server, base_env, put_automation, unique, wait_for_run
 
 PROBLEM = "application/problem+json"
 
@@ -230,3 +235,31 @@ def test_health_and_openapi(server: Server) -> None:
             "/RunOut"
         )
         assert client.get("/docs").status_code == 200
+
+
+def test_a_trigger_while_another_process_writes_to_sqlite_waits_off_the_event_loop(tmp_path: Path) -> None:
+    """Triggers are admitted on the event loop when SQLite's write lock is free; when another
+    process holds it, the trigger waits for it on a thread, and the API answers meanwhile."""
+    (tmp_path / "automations").mkdir()
+    database_file = tmp_path / "ondeck.db"
+    server = Server(base_env(tmp_path, f"sqlite:///{database_file}"), tmp_path / "server.log").start()
+    other = os.open(f"{database_file}-writer.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        with server.client() as client, ThreadPoolExecutor(1) as pool:
+            name = define(client, "true")
+            assert client.post(f"/automations/{name}/runs").status_code == 202  # the lock is free
+            fcntl.flock(other, fcntl.LOCK_EX)
+            trigger = pool.submit(client.post, f"/automations/{name}/runs")
+            with httpx.Client(base_url=server.url, timeout=5) as probe:
+                for _ in range(5):
+                    started = time.monotonic()
+                    assert probe.get("/healthz").status_code == 200
+                    assert time.monotonic() - started < 1.0, "the API waited for the write lock"
+            assert not trigger.done(), "admitted while another process held the write lock"
+            fcntl.flock(other, fcntl.LOCK_UN)
+            response = trigger.result(timeout=30)
+            assert response.status_code == 202, response.text
+            assert wait_for_run(client, response.json()["id"])["status"] == "succeeded"
+    finally:
+        os.close(other)
+        server.stop()

@@ -11,7 +11,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import Field, TypeAdapter, ValidationError
 
-from ondeck.api.deps import NodeDep, PrincipalDep, ReaderDep, call, get_node, get_principal, wait_finished
+from ondeck.api.deps import (
+    NodeDep,
+    PrincipalDep,
+    ReaderDep,
+    call,
+    call_here_if_free,
+    get_node,
+    get_principal,
+    wait_finished,
+)
 from ondeck.api.schemas import (
     DecisionBody,
     DeliveryOut,
@@ -78,7 +87,7 @@ async def _admit(node: Node, request: TriggerRequest, wait: float | None) -> Res
     """The admitted run, serialised here: answered as a ready ``Response``, it skips
     FastAPI's second validation of the route's return value against ``RunOut``
     (triggering is the API's hot path)."""
-    result = await call(admission.admit, node.store, request, node.admission_policy)
+    result = await call_here_if_free(node.store, admission.admit, node.store, request, node.admission_policy)
     run = result.run
     if wait:
         run = await wait_finished(node, run, wait)

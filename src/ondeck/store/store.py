@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import fields
 from datetime import datetime
 from typing import Any
@@ -835,6 +836,14 @@ class Transaction:
         return found
 
 
+class WouldWait(Exception):
+    """The write lock is held elsewhere, and the caller asked not to wait for it
+    (``Store.without_waiting``): nothing of the transaction was done."""
+
+
+_NO_WAITING: ContextVar[bool] = ContextVar("ondeck_store_no_waiting", default=False)
+
+
 class _SqliteWriters:
     """One writer at a time on an SQLite file: across this process's threads, and across
     processes (a server and its embedded worker) with an ``flock`` beside it.
@@ -853,17 +862,28 @@ class _SqliteWriters:
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        with self._threads:
+        waiting = not _NO_WAITING.get()
+        if not self._threads.acquire(blocking=waiting):
+            raise WouldWait
+        try:
             if self._path is None:
                 yield
                 return
             if self._fd is None:
                 self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._lock(self._fd)
+            if waiting:
+                self._lock(self._fd)
+            else:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise WouldWait from None
             try:
                 yield
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
 
     @staticmethod
     def _lock(fd: int) -> None:
@@ -907,6 +927,19 @@ class Store:
 
     def is_current(self) -> bool:
         return database.is_current(self.engine)
+
+    @contextmanager
+    def without_waiting(self) -> Iterator[None]:
+        """Within this block (in this context: not in threads it hands work to), a write
+        transaction raises ``WouldWait`` instead of waiting when another writer holds
+        SQLite's write lock, before it begins. For writes done on an event loop, which
+        must never wait for another process. PostgreSQL writers never wait for one another
+        to begin, so there it changes nothing."""
+        token = _NO_WAITING.set(True)
+        try:
+            yield
+        finally:
+            _NO_WAITING.reset(token)
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(channel, payload)`` after each commit that notified."""
