@@ -16,7 +16,7 @@ from ondeck.domain import Run
 from ondeck.engine import runs
 from ondeck.errors import InvalidRequest, PayloadTooLarge
 from ondeck.node import Node
-from ondeck.store.store import Store, WouldWait
+from ondeck.store.store import Store
 
 T = TypeVar("T")
 
@@ -32,23 +32,20 @@ async def call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await blocking.run(function, *args, **kwargs)
 
 
-async def call_here_if_free(store: Store, function: Callable[..., T], *args: Any) -> T:
-    """``call`` for a short write such as an admission. On SQLite it is done right here,
-    on the event loop, when the write lock is free at once, as it mostly is: handing it
-    to a thread cost more than the write itself (the interpreter lock passes between
-    the threads at every statement), half the API's CPU per trigger. The loop never
-    waits for another process's write, though: then it goes to a thread, as ``call``.
+_TURN_PATIENCE = 0.1  # seconds: many writes' worth
 
-    So ``function`` may be started over on the thread after ``WouldWait``, which comes
-    before one of its write transactions begins: it must write at most once, or be
-    safe to repeat after any of its writes.
+
+async def write_here(store: Store, function: Callable[..., T], *args: Any) -> T:
+    """``call`` for a short write such as an admission. On SQLite it is done right here,
+    on the event loop, once it has the write lock, which it waits for on the loop:
+    handing the write to a thread cost more than the write itself (the interpreter lock
+    passes between the threads at every statement), half the API's CPU per trigger.
+    If another process keeps the lock for long, the write goes to a thread, as ``call``,
+    where it waits as long as SQLite would.
     """
-    if store.dialect == "sqlite":
-        try:
-            with store.without_waiting():
-                return function(*args)
-        except WouldWait:
-            pass
+    async with store.write_turn(_TURN_PATIENCE) as mine:
+        if mine:
+            return function(*args)
     return await call(function, *args)
 
 

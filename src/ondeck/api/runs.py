@@ -16,10 +16,10 @@ from ondeck.api.deps import (
     PrincipalDep,
     ReaderDep,
     call,
-    call_here_if_free,
     get_node,
     get_principal,
     wait_finished,
+    write_here,
 )
 from ondeck.api.schemas import (
     DecisionBody,
@@ -87,7 +87,7 @@ async def _admit(node: Node, request: TriggerRequest, wait: float | None) -> Res
     """The admitted run, serialised here: answered as a ready ``Response``, it skips
     FastAPI's second validation of the route's return value against ``RunOut``
     (triggering is the API's hot path)."""
-    result = await call_here_if_free(node.store, admission.admit, node.store, request, node.admission_policy)
+    result = await write_here(node.store, admission.admit, node.store, request, node.admission_policy)
     run = result.run
     if wait:
         run = await wait_finished(node, run, wait)

@@ -10,14 +10,16 @@ notifications go out with ``pg_notify`` at commit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import fields
 from datetime import datetime
@@ -836,12 +838,7 @@ class Transaction:
         return found
 
 
-class WouldWait(Exception):
-    """The write lock is held elsewhere, and the caller asked not to wait for it
-    (``Store.without_waiting``): nothing of the transaction was done."""
-
-
-_NO_WAITING: ContextVar[bool] = ContextVar("ondeck_store_no_waiting", default=False)
+_TURN_TAKEN: ContextVar[bool] = ContextVar("ondeck_store_turn_taken", default=False)
 
 
 class _SqliteWriters:
@@ -859,31 +856,70 @@ class _SqliteWriters:
         self._threads = threading.Lock()
         self._path = f"{database_file}-writer.lock" if database_file else None
         self._fd: int | None = None
+        # The tasks of each event loop wait for a turn one at a time (see ``turn``).
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        waiting = not _NO_WAITING.get()
-        if not self._threads.acquire(blocking=waiting):
-            raise WouldWait
-        try:
+        if _TURN_TAKEN.get():  # this context holds the lock already (``turn``)
+            yield
+            return
+        with self._threads:
             if self._path is None:
                 yield
                 return
-            if self._fd is None:
-                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            if waiting:
-                self._lock(self._fd)
-            else:
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise WouldWait from None
+            fd = self._file()
+            self._lock(fd)
             try:
                 yield
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @asynccontextmanager
+    async def turn(self, patience: float) -> AsyncIterator[bool]:
+        """See ``Store.write_turn``."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.setdefault(loop, asyncio.Lock())
+        deadline = time.monotonic() + patience
+        pause = 0.0005
+        async with queue:
+            while not (taken := self._take_if_free()) and time.monotonic() + pause < deadline:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.002)
+        if not taken:
+            yield False
+            return
+        token = _TURN_TAKEN.set(True)
+        try:
+            yield True
         finally:
+            _TURN_TAKEN.reset(token)
+            if self._path is not None:
+                fcntl.flock(self._file(), fcntl.LOCK_UN)
             self._threads.release()
+
+    def _take_if_free(self) -> bool:
+        if not self._threads.acquire(blocking=False):
+            return False
+        if self._path is None:
+            return True
+        try:
+            fcntl.flock(self._file(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process writes
+            self._threads.release()
+            return False
+        except BaseException:
+            self._threads.release()
+            raise
+        return True
+
+    def _file(self) -> int:
+        assert self._path is not None
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._fd
 
     @staticmethod
     def _lock(fd: int) -> None:
@@ -928,18 +964,21 @@ class Store:
     def is_current(self) -> bool:
         return database.is_current(self.engine)
 
-    @contextmanager
-    def without_waiting(self) -> Iterator[None]:
-        """Within this block (in this context: not in threads it hands work to), a write
-        transaction raises ``WouldWait`` instead of waiting when another writer holds
-        SQLite's write lock, before it begins. For writes done on an event loop, which
-        must never wait for another process. PostgreSQL writers never wait for one another
-        to begin, so there it changes nothing."""
-        token = _NO_WAITING.set(True)
-        try:
-            yield
-        finally:
-            _NO_WAITING.reset(token)
+    @asynccontextmanager
+    async def write_turn(self, patience: float) -> AsyncIterator[bool]:
+        """On SQLite, wait for the write lock on the event loop, without blocking it, for
+        up to ``patience`` seconds; if had, hold it for the block (True), whose write
+        transactions then need not wait for it. For writes done on the event loop, which
+        must never wait for another process. False if the lock was not had, or on
+        PostgreSQL, whose writers never wait for one another to begin: then write as usual.
+
+        The block must run straight through: no ``await``, and no tasks or threads started
+        in it (they would inherit the turn's context and write without the lock)."""
+        if self._writers is None:
+            yield False
+            return
+        async with self._writers.turn(patience) as taken:
+            yield taken
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(channel, payload)`` after each commit that notified."""

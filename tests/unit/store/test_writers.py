@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import threading
@@ -11,7 +12,7 @@ import pytest
 
 from ondeck.errors import StoreUnavailable
 from ondeck.store import database
-from ondeck.store.store import Store, WouldWait
+from ondeck.store.store import Store
 
 
 def test_a_writer_waits_while_another_process_writes_then_goes(tmp_path: Path) -> None:
@@ -61,44 +62,60 @@ def test_a_writer_gives_up_like_sqlite_when_another_process_never_finishes(
         store.dispose()
 
 
-def test_a_writer_that_may_not_wait_is_refused_at_once_and_nothing_is_written(tmp_path: Path) -> None:
+def test_a_write_turn_waits_for_the_lock_on_the_event_loop_and_holds_it_for_its_block(
+    tmp_path: Path,
+) -> None:
     database_file = tmp_path / "ondeck.db"
     store = Store(f"sqlite:///{database_file}")
     store.upgrade()
     heard: list[tuple[str, str]] = []
     store.subscribe(lambda channel, payload: heard.append((channel, payload)))
     other = os.open(f"{database_file}-writer.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(other, fcntl.LOCK_EX)
-    in_this_process = threading.Event()
-    done = threading.Event()
 
-    def hold_in_a_thread() -> None:
-        with store.transaction():
-            in_this_process.set()
-            done.wait(10)
+    def other_can_lock() -> bool:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(other, fcntl.LOCK_UN)
+        return True
+
+    async def scenario() -> tuple[bool, bool, int, bool]:
+        loop = asyncio.get_running_loop()
+        async with store.write_turn(5.0) as free:
+            with store.transaction() as tx:
+                tx.notify("queue", "free")
+            held = not other_can_lock()
+        fcntl.flock(other, fcntl.LOCK_EX)  # another process writes for a while
+        loop.call_later(0.3, fcntl.flock, other, fcntl.LOCK_UN)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        async with store.write_turn(5.0) as waited:
+            ticks_meanwhile = ticks
+            with store.transaction() as tx:
+                tx.notify("queue", "waited")
+        ticker.cancel()
+        fcntl.flock(other, fcntl.LOCK_EX)
+        async with store.write_turn(0.1) as impatient:
+            pass
+        fcntl.flock(other, fcntl.LOCK_UN)
+        return free and held, waited, ticks_meanwhile, impatient
 
     try:
-        with store.without_waiting(), pytest.raises(WouldWait), store.transaction() as tx:
-            tx.notify("queue", "another process")
-        fcntl.flock(other, fcntl.LOCK_UN)
-        holder = threading.Thread(target=hold_in_a_thread)
-        holder.start()
-        assert in_this_process.wait(10)
-        with store.without_waiting(), pytest.raises(WouldWait), store.transaction() as tx:
-            tx.notify("queue", "another thread")
-        done.set()
-        holder.join(10)
-        with store.without_waiting(), store.transaction() as tx:  # free: it writes
-            tx.notify("queue", "free")
-        with pytest.raises(WouldWait), store.without_waiting():
-            fcntl.flock(other, fcntl.LOCK_EX)
-            with store.transaction():
-                pass
-        fcntl.flock(other, fcntl.LOCK_UN)
-        with store.transaction() as tx:  # outside the block, writers wait as before
+        had_it, waited, ticks, impatient = asyncio.run(scenario())
+        with store.transaction() as tx:  # the turns gave the lock back
             tx.notify("queue", "after")
     finally:
-        done.set()
         os.close(other)
         store.dispose()
-    assert heard == [("queue", "free"), ("queue", "after")]
+    assert had_it, "the turn did not hold the lock for its block"
+    assert waited and ticks >= 10, "the loop was blocked while the turn waited"
+    assert not impatient
+    assert heard == [("queue", "free"), ("queue", "waited"), ("queue", "after")]
