@@ -76,7 +76,8 @@ def claim_in(
     candidates = tx.queued_candidates(group, now, window)
     for run in candidates:
         if len(claims) == capacity:
-            tx.notify("queue", group)
+            if tx.postgres:  # SQLite has no such locks: nobody to wake, here or elsewhere
+                tx.notify("queue", group)
             break
         try:
             automation = definitions.get(tx, run.automation, run.version)

@@ -517,3 +517,15 @@ def _admitted(store: Store) -> Run | None:
         return admit(store, TriggerRequest("job")).run
     except CircuitOpen:
         return None
+
+
+def test_a_claim_that_leaves_due_runs_locked_wakes_other_workers_on_postgresql_only(store: Store) -> None:
+    """On PostgreSQL the candidates a claim locked but left are hidden from other workers'
+    claims until it commits; on SQLite nothing is hidden, so nobody is woken for nothing."""
+    define(store)
+    for _ in range(3):
+        admit(store, TriggerRequest("job"))
+    heard: list[tuple[str, str]] = []
+    store.subscribe(lambda channel, payload: heard.append((channel, payload)))
+    assert len(claim(store, capacity=1)) == 1
+    assert (("queue", "default") in heard) == (store.dialect == "postgresql")
