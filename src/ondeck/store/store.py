@@ -838,7 +838,7 @@ class Transaction:
         return found
 
 
-_TURN_TAKEN: ContextVar[bool] = ContextVar("ondeck_store_turn_taken", default=False)
+_TURN_TAKEN: ContextVar[_SqliteWriters | None] = ContextVar("ondeck_store_turn_taken", default=None)
 
 
 class _SqliteWriters:
@@ -863,7 +863,7 @@ class _SqliteWriters:
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        if _TURN_TAKEN.get():  # this context holds the lock already (``turn``)
+        if _TURN_TAKEN.get() is self:  # this context holds the lock already (``turn``)
             yield
             return
         with self._threads:
@@ -891,7 +891,7 @@ class _SqliteWriters:
         if not taken:
             yield False
             return
-        token = _TURN_TAKEN.set(True)
+        token = _TURN_TAKEN.set(self)
         try:
             yield True
         finally:

@@ -119,3 +119,25 @@ def test_a_write_turn_waits_for_the_lock_on_the_event_loop_and_holds_it_for_its_
     assert waited and ticks >= 10, "the loop was blocked while the turn waited"
     assert not impatient
     assert heard == [("queue", "free"), ("queue", "waited"), ("queue", "after")]
+
+
+def test_a_write_turn_is_for_its_own_store_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = (Store(f"sqlite:///{tmp_path / name}") for name in ("a.db", "b.db"))
+    for store in (first, second):
+        store.upgrade()
+    monkeypatch.setattr(database, "BUSY_TIMEOUT_SECONDS", 0.3)
+    other = os.open(f"{tmp_path / 'b.db'}-writer.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another process writes to the second store
+
+    async def scenario() -> None:
+        async with first.write_turn(5.0) as mine:
+            assert mine
+            with pytest.raises(StoreUnavailable, match="busy"), second.transaction():
+                pass
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.close(other)
+        first.dispose()
+        second.dispose()
