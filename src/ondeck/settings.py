@@ -25,7 +25,9 @@ def default_worker_processes() -> int:
     two, SQLite's single writer is the limit; on PostgreSQL, scale out with more
     ``ondeck worker`` processes instead.
     """
-    return max(1, min(2, len(os.sched_getaffinity(0))))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only: not on macOS or Windows
+    usable = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, min(2, usable))
 
 
 class Settings(BaseSettings):

@@ -55,3 +55,13 @@ def test_server_embeds_one_worker_process_per_usable_core_up_to_two(monkeypatch:
     assert Settings().worker_processes == 2
     monkeypatch.setenv("ONDECK_WORKER_PROCESSES", "3")
     assert Settings().worker_processes == 3
+
+
+def test_default_worker_processes_without_sched_getaffinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS and Windows have no sched_getaffinity: Settings (and so every CLI command) must still load."""
+    monkeypatch.delenv("ONDECK_WORKER_PROCESSES", raising=False)
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert Settings().worker_processes == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert Settings().worker_processes == 1
