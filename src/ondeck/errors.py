@@ -73,6 +73,12 @@ class PayloadTooLarge(OndeckError):
     title = "Payload too large"
 
 
+class UnsupportedMediaType(OndeckError):
+    code = "unsupported-media-type"
+    status = 415
+    title = "Unsupported media type"
+
+
 class Conflict(OndeckError):
     code = "conflict"
     status = 409

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Server, base_env, put_automation, unique, wait_for_run
+from tests.support import ADMIN_TOKEN, Server, base_env, put_automation, unique, wait_for_run, wait_until
 
 PROBLEM = "application/problem+json"
 
@@ -136,6 +137,31 @@ def test_trigger_input_errors_name_the_field(client: httpx.Client) -> None:
     assert client.post(url, content=b"null").status_code == 202
     assert client.post(url, params={"wait": 30}).json()["status"] == "succeeded"
     assert client.get(url).status_code == 405
+
+
+def test_trigger_refuses_non_json_bodies_and_survives_a_client_going_away(
+    server: Server, client: httpx.Client
+) -> None:
+    """As when FastAPI parsed the body: a form or text body is refused, not parsed as JSON;
+    a UTF-8 BOM is ignored; a client that hangs up mid-body is no server error."""
+    name = define(client)
+    url = f"/automations/{name}/runs"
+    assert_problem(client.post(url, data={"params": "x"}), 415, "Content-Type")
+    text = {"Content-Type": "text/plain"}
+    assert_problem(client.post(url, content=b'{"params": {}}', headers=text), 415, "Content-Type")
+    assert client.get("/runs", params={"automation": name}).json()["items"] == []
+    json_ = {"Content-Type": "application/json"}
+    assert client.post(url, content=b"\xef\xbb\xbf{}", headers=json_).status_code == 202
+    vendor = {"Content-Type": "application/vnd.ondeck+json; charset=utf-8"}
+    assert client.post(url, content=b"{}", headers=vendor).status_code == 202
+    before = server.log()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            f"POST /api/v1{url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+        )
+    wait_until(lambda: "closed the connection before its body" in server.log()[len(before) :], timeout=30)
+    assert "unhandled error" not in server.log()[len(before) :]
 
 
 def test_definition_errors_name_the_field(client: httpx.Client) -> None:

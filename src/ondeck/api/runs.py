@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import Field, TypeAdapter, ValidationError
+from starlette.requests import ClientDisconnect
 
 from ondeck.api.deps import (
     NodeDep,
@@ -33,9 +35,11 @@ from ondeck.api.schemas import (
 )
 from ondeck.engine import admission, approvals, runs, scheduler
 from ondeck.engine.admission import TriggerRequest
+from ondeck.errors import InvalidRequest, UnsupportedMediaType
 from ondeck.node import Node
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["runs"])
 TRIGGER_PATH = "/automations/{name}/runs"
 _WAIT_DESCRIPTION = "Seconds to wait for the run to finish before answering."
@@ -80,6 +84,14 @@ _TRIGGER_DOCS: dict[str, Any] = {
         },
     ],
     "requestBody": {"content": {"application/json": {"schema": TriggerBody.model_json_schema()}}},
+    "responses": {
+        status: {"description": description, "content": {"application/problem+json": {}}}
+        for status, description in (
+            ("400", "The body is not valid JSON, or a header is malformed"),
+            ("415", "The body is not declared as JSON"),
+            ("422", "The params do not match the automation's schema, or the input is invalid"),
+        )
+    },
 }
 
 
@@ -102,7 +114,13 @@ async def _admit(node: Node, request: TriggerRequest, wait: float | None) -> Res
     )
 
 
-@router.post(TRIGGER_PATH, response_model=RunOut, status_code=202, openapi_extra=_TRIGGER_DOCS)
+@router.post(
+    TRIGGER_PATH,
+    response_model=RunOut,
+    status_code=202,
+    openapi_extra=_TRIGGER_DOCS,
+    description="Queue a run. 202 with the run; 200 with the finished run when `wait` sufficed.",
+)
 async def trigger_run(request: Request) -> Response:
     """Queue a run. 202 with the run; 200 with the finished run when `wait` sufficed.
 
@@ -113,7 +131,7 @@ async def trigger_run(request: Request) -> Response:
     """
     node = await get_node(request)
     principal = await get_principal(node, request.headers.get("authorization"))
-    raw = await request.body()
+    raw = await _json_body(request)
     body = (_valid(_BODY.validate_json, raw, "body") if raw else None) or TriggerBody()
     wait_text = request.query_params.get("wait")
     wait = None if wait_text is None else _valid(_WAIT.validate_python, wait_text, "query", "wait")
@@ -129,6 +147,26 @@ async def trigger_run(request: Request) -> Response:
         callback_url=body.callback_url,
     )
     return await _admit(node, trigger, wait)
+
+
+async def _json_body(request: Request) -> bytes:
+    """The raw body. One declared as something other than JSON is refused (415), as
+    FastAPI refused it (422) before this route read its own input; a client that goes
+    away mid-body gets a 400 (to no one), not an unhandled error."""
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        log.info("%s: the client closed the connection before its body arrived", request.url.path)
+        raise InvalidRequest("the client closed the connection before the body arrived") from None
+    content_type = request.headers.get("content-type")
+    if raw and content_type:
+        media = content_type.partition(";")[0].strip().lower()
+        json_like = media.startswith("application/") and media.endswith("+json")
+        if media != "application/json" and not json_like:
+            raise UnsupportedMediaType(
+                f"the body must be JSON (Content-Type: application/json), not {media!r}"
+            )
+    return raw.removeprefix(b"\xef\xbb\xbf")  # json.loads, used before, ignored a UTF-8 BOM
 
 
 def _valid(validate: Callable[[Any], T], value: Any, *loc: str) -> T:
