@@ -77,7 +77,9 @@ class Settings(BaseSettings):
     slack_signing_secret: str | None = Field(None, description="Slack app signing secret.")
     slack_users: str | None = Field(None, description="Slack user id to token name: U123=alice,U456=bob")
     callback_retry_seconds: float = Field(5.0, gt=0, description="First callback retry delay; doubles.")
-    max_body_bytes: int = Field(1024 * 1024, description="Largest webhook body accepted.")
+    max_body_bytes: int = Field(
+        1024 * 1024, description="Largest request body accepted: triggers, webhooks, ChatOps."
+    )
 
     limit_memory: str = Field("4GiB", description="RLIMIT_AS default for scripts.")
     limit_cpu: str = Field("1h", description="RLIMIT_CPU default for scripts.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import time
@@ -151,6 +152,12 @@ def test_trigger_refuses_non_json_bodies_and_survives_a_client_going_away(
     assert_problem(client.post(url, content=b'{"params": {}}', headers=text), 415, "Content-Type")
     assert client.get("/runs", params={"automation": name}).json()["items"] == []
     json_ = {"Content-Type": "application/json"}
+    huge = b'{"params": {"name": "' + b"x" * (1 << 21) + b'"}}'  # over ONDECK_MAX_BODY_BYTES
+    body = assert_problem(client.post(url, content=huge, headers=json_), 413, "limit")
+    assert len(json.dumps(body)) < 1000  # refused, not echoed
+    chunked = client.post(url, content=iter([huge[:1000], huge[1000:]]), headers=json_)  # no length given
+    assert_problem(chunked, 413, "limit")
+    assert client.get("/runs", params={"automation": name}).json()["items"] == []
     assert client.post(url, content=b"\xef\xbb\xbf{}", headers=json_).status_code == 202
     vendor = {"Content-Type": "application/vnd.ondeck+json; charset=utf-8"}
     assert client.post(url, content=b"{}", headers=vendor).status_code == 202

@@ -20,6 +20,7 @@ from ondeck.api.deps import (
     call,
     get_node,
     get_principal,
+    read_body,
     wait_finished,
     write_here,
 )
@@ -131,7 +132,7 @@ async def trigger_run(request: Request) -> Response:
     """
     node = await get_node(request)
     principal = await get_principal(node, request.headers.get("authorization"))
-    raw = await _json_body(request)
+    raw = await _json_body(node, request)
     body = (_valid(_BODY.validate_json, raw, "body") if raw else None) or TriggerBody()
     wait_text = request.query_params.get("wait")
     wait = None if wait_text is None else _valid(_WAIT.validate_python, wait_text, "query", "wait")
@@ -149,12 +150,13 @@ async def trigger_run(request: Request) -> Response:
     return await _admit(node, trigger, wait)
 
 
-async def _json_body(request: Request) -> bytes:
-    """The raw body. One declared as something other than JSON is refused (415), as
-    FastAPI refused it (422) before this route read its own input; a client that goes
-    away mid-body gets a 400 (to no one), not an unhandled error."""
+async def _json_body(node: Node, request: Request) -> bytes:
+    """The raw body, up to ``max_body_bytes`` (413: before, params of any size were read,
+    and echoed back twice in a refusal). One declared as something other than JSON is
+    refused (415), as FastAPI refused it (422) before this route read its own input; a
+    client that goes away mid-body gets a 400 (to no one), not an unhandled error."""
     try:
-        raw = await request.body()
+        raw = await read_body(request, node.settings.max_body_bytes)
     except ClientDisconnect:
         log.info("%s: the client closed the connection before its body arrived", request.url.path)
         raise InvalidRequest("the client closed the connection before the body arrived") from None
