@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, Request
+from starlette.requests import ClientDisconnect
 
 from ondeck import blocking
 from ondeck.auth import tokens
@@ -19,6 +21,7 @@ from ondeck.node import Node
 from ondeck.store.store import Store
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 async def get_node(request: Request) -> Node:
@@ -85,7 +88,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The raw body (signatures are over the exact bytes), refused past ``limit`` bytes.
 
     Checked against Content-Length first and then against what actually arrives,
-    so a chunked or lying upload is cut off too.
+    so a chunked or lying upload is cut off too. A client that goes away mid-body gets
+    a 400 (to no one), not an unhandled error.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -94,10 +98,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
     body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    except ClientDisconnect:
+        log.info("%s: the client closed the connection before its body arrived", request.url.path)
+        raise InvalidRequest("the client closed the connection before the body arrived") from None
     return bytes(body)
 
 

@@ -23,7 +23,6 @@ import psycopg
 from sqlalchemy import make_url
 
 log = logging.getLogger(__name__)
-CHANNELS = ("queue", "run", "cancel", "delivery")
 WORKER_CHANNELS = frozenset({"queue", "cancel"})  # what a worker waits for: runs to claim, runs to stop
 
 
