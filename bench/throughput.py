@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -94,6 +95,58 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     tick = os.sysconf("SC_CLK_TCK")
     utime, stime, cutime, cstime = (int(fields[i]) for i in (11, 12, 13, 14))
     return (utime + stime) / tick, (cutime + cstime) / tick
+
+
+def _stat_seconds(path: Path, first: int, last: int) -> float:
+    fields = path.read_text().rsplit(")", 1)[1].split()
+    return sum(int(fields[i]) for i in range(first, last + 1)) / os.sysconf("SC_CLK_TCK")
+
+
+def database_cpu_seconds() -> float:
+    """CPU seconds of the PostgreSQL server on this machine, if it runs here (else 0): its
+    processes' own, and the postmaster's reaped children's (backends that exited)."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            if not proc.name.isdigit() or (proc / "comm").read_text().strip() != "postgres":
+                continue
+            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            postmaster = Path(f"/proc/{parent}/comm").read_text().strip() != "postgres"
+            total += _stat_seconds(proc / "stat", 11, 14 if postmaster else 12)
+    return total
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds all cores spent on anything (all but idle and I/O wait), from /proc/stat."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cpu:
+    """CPU seconds so far: the server and its embedded workers, their scripts, the
+    database server (PostgreSQL on this machine), and the whole machine."""
+
+    own: float
+    scripts: float
+    database: float
+    machine: float
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        pairs = zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)
+        return Cpu(*(a - b for a, b in pairs))
+
+    def per(self, count: int) -> str:
+        count = max(1, count)
+        return (
+            f"{ms(self.own / count)} / {ms(self.scripts / count)} / {ms(self.database / count)}"
+            f" / {ms(self.machine / count)}"
+        )
+
+
+CPU_COLUMNS = "(server / scripts / database / machine)"
 
 
 class Figures:
@@ -230,13 +283,12 @@ class BenchServer:
             time.sleep(0.1)
         raise RuntimeError(f"not {count} embedded worker processes:\n{self.log()}")
 
-    def cpu(self) -> tuple[float, float]:
-        """CPU seconds of the server and its embedded workers: their own, and their scripts'."""
+    def cpu(self) -> Cpu:
         own, scripts = cpu_seconds(self.pid)
         for pid in self.worker_pids:
             more = cpu_seconds(pid)
             own, scripts = own + more[0], scripts + more[1]
-        return own, scripts
+        return Cpu(own, scripts, database_cpu_seconds(), machine_cpu_seconds())
 
     @staticmethod
     def _children(pid: int) -> list[int]:
@@ -442,7 +494,7 @@ def throughput(srv: BenchServer, token: str, count: int, out: Figures) -> None:
     with api(srv, token) as client:
         name = define(client)
         wait_terminal(client, trigger(client, name))  # warm up the worker path
-        cpu_before, scripts_before = srv.cpu()
+        cpu_before = srv.cpu()
         own_before = time.process_time()
         start, end, ids, failures = asyncio.run(_trigger_all(srv.url, token, name, count))
         failed = f"  ({failures} failed)" if failures else ""
@@ -451,7 +503,7 @@ def throughput(srv: BenchServer, token: str, count: int, out: Figures) -> None:
         )
         while client.get("/runs", params={"automation": name, "status": ACTIVE, "limit": 1}).json()["items"]:
             time.sleep(0.2)
-        cpu_after, scripts_after = srv.cpu()
+        used = srv.cpu() - cpu_before
         bench_cpu = time.process_time() - own_before
         mine = set(ids)
         runs = [r for r in all_runs(client, name) if r["id"] in mine]
@@ -463,9 +515,7 @@ def throughput(srv: BenchServer, token: str, count: int, out: Figures) -> None:
     out.add("[throughput] runs/s, first trigger → last finished_at", f"{len(runs) / (last - start):.1f} /s")
     out.add("[throughput] statuses", ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
     out.add("[throughput] created→started p50/p99", p50_p99(waited))
-    server_cpu = ms((cpu_after - cpu_before) / len(runs))
-    script_cpu = ms((scripts_after - scripts_before) / len(runs))
-    out.add("[throughput] server CPU per run (own / scripts)", f"{server_cpu} / {script_cpu}")
+    out.add(f"[throughput] CPU per run {CPU_COLUMNS}", used.per(len(runs)))
     out.add("[throughput] bench client CPU per run", ms(bench_cpu / len(runs)))
 
 
@@ -475,18 +525,18 @@ def admission_then_drain(env: dict[str, str], args: argparse.Namespace, token: s
         with api(srv, token) as client:
             name = define(client)
             trigger(client, name)  # warm-up; drained below with the rest
-        cpu_before, _ = srv.cpu()
+        cpu_before = srv.cpu()
         start, end, ids, failures = asyncio.run(_trigger_all(srv.url, token, name, args.runs))
-        cpu_after, _ = srv.cpu()
+        used = srv.cpu() - cpu_before
     failed = f"  ({failures} failed)" if failures else ""
     out.add("[admission, --no-worker] trigger requests/s", f"{len(ids) / (end - start):.1f} /s{failed}")
-    out.add("[admission] server CPU per trigger", ms((cpu_after - cpu_before) / max(1, len(ids))))
+    out.add(f"[admission] CPU per trigger {CPU_COLUMNS}", used.per(len(ids)))
     profile = f"{args.profile}-{env['ONDECK_BACKEND_NAME']}-drain.txt" if args.profile else None
     with server(env, args, profile=profile) as srv, api(srv, token) as client:
-        cpu_before, scripts_before = srv.cpu()
+        cpu_before = srv.cpu()
         while client.get("/runs", params={"automation": name, "status": ACTIVE, "limit": 1}).json()["items"]:
             time.sleep(0.2)
-        cpu_after, scripts_after = srv.cpu()
+        used = srv.cpu() - cpu_before
         runs = all_runs(client, name)
     first = min(ts(r["started_at"]) for r in runs)
     last = max(ts(r["finished_at"]) for r in runs)
@@ -494,9 +544,7 @@ def admission_then_drain(env: dict[str, str], args: argparse.Namespace, token: s
         f"[drain, {len(runs)} queued] runs/s, first start → last finish",
         f"{len(runs) / (last - first):.1f} /s",
     )
-    server_cpu = ms((cpu_after - cpu_before) / len(runs))
-    script_cpu = ms((scripts_after - scripts_before) / len(runs))
-    out.add("[drain] server CPU per run (own / scripts)", f"{server_cpu} / {script_cpu}")
+    out.add(f"[drain] CPU per run {CPU_COLUMNS}", used.per(len(runs)))
 
 
 def bench_backend(args: argparse.Namespace, backend: str, spawns: dict[str, float]) -> Figures:

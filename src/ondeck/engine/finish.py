@@ -19,7 +19,7 @@ from ondeck.engine import catalog, limits, states
 from ondeck.engine.queue import Claim
 from ondeck.errors import UnloadableDefinition
 from ondeck.spec.models import Automation, Retries
-from ondeck.store.store import Store, Transaction
+from ondeck.store.store import AttemptEnd, Store, Transaction
 
 RETRYABLE = frozenset({RunStatus.FAILED, RunStatus.TIMED_OUT})
 
@@ -144,12 +144,13 @@ def _end_attempt(
     now: datetime,
     lease: tuple[str, int] | None = None,
 ) -> bool:
-    """Move the run on (retry or end it) and record the attempt; False, with nothing
+    """Move the run on (retry or end it) and record the attempt's end; False, with nothing
     written, if the run was no longer running (under ``lease``, when given)."""
     retries = automation.retries if automation is not None else Retries()
     released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
     result: dict[str, Any] = {"exit_code": outcome.exit_code, "error": outcome.error}
     retry = _may_retry(run, outcome) and not run.cancel_requested
+    ended = AttemptEnd(run.attempt, outcome.status, outcome.exit_code, outcome.error)
     if retry:
         delay = backoff(retries, run.attempt)
         reason = (
@@ -164,6 +165,7 @@ def _end_attempt(
             now,
             reason,
             lease=lease,
+            with_attempt=ended,
             not_before=now + timedelta(seconds=delay),
             **released,
             **result,
@@ -177,6 +179,7 @@ def _end_attempt(
             outcome.error or str(outcome.status),
             definition=automation,
             lease=lease,
+            with_attempt=ended,
             outputs=outcome.outputs,
             finished_at=now,
             **released,
@@ -184,7 +187,6 @@ def _end_attempt(
         )
     if not moved:
         return False
-    tx.finish_attempt(run.id, run.attempt, outcome.status, outcome.exit_code, outcome.error, now)
     if run.concurrency_key is not None:  # only such runs take a slot (queue.claim)
         tx.release_slot(run.id)
     if retry or run.concurrency_key is not None:

@@ -10,7 +10,7 @@ from ondeck.domain import Run, RunStatus, utcnow
 from ondeck.engine import catalog, states
 from ondeck.errors import UnloadableDefinition
 from ondeck.spec.models import Automation
-from ondeck.store.store import Store, Transaction
+from ondeck.store.store import AttemptEnd, AttemptStart, Store, Transaction
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,11 @@ def _start_attempt(tx: Transaction, run: Run, worker: str, now: datetime, until:
         "lease_expires_at": until,
         "started_at": run.started_at or now,
     }
-    if not states.move(tx, run, RunStatus.RUNNING, now, f"attempt {number} started on {worker}", **fields):
+    reason = f"attempt {number} started on {worker}"
+    if not states.move(
+        tx, run, RunStatus.RUNNING, now, reason, with_attempt=AttemptStart(number, worker), **fields
+    ):
         return None
-    tx.insert_attempt(run.id, number, worker, now)
     return replace(run, status=RunStatus.RUNNING, **fields)
 
 
@@ -124,12 +126,12 @@ def _fail_unloadable(tx: Transaction, run: Run, worker: str, now: datetime, reas
         now,
         reason,
         lease=(worker, started.attempt),
+        with_attempt=AttemptEnd(started.attempt, RunStatus.FAILED, None, reason),
         error=reason,
         finished_at=now,
         lease_owner=None,
         lease_expires_at=None,
     )
-    tx.finish_attempt(run.id, started.attempt, str(RunStatus.FAILED), None, reason, now)
     tx.notify("queue", run.worker_group)  # it took a candidate's place: the claim may have missed runs
 
 

@@ -10,7 +10,7 @@ from ondeck.domain import Run, RunStatus
 from ondeck.engine import outbox
 from ondeck.errors import IllegalTransition
 from ondeck.spec.models import Automation
-from ondeck.store.store import Transaction
+from ondeck.store.store import AttemptEnd, AttemptStart, Transaction
 
 S = RunStatus
 
@@ -38,18 +38,20 @@ def move(
     *,
     definition: Automation | None = None,
     lease: tuple[str, int] | None = None,
+    with_attempt: AttemptStart | AttemptEnd | None = None,
     **values: Any,
 ) -> bool:
     """The one way a run changes state: checked against the table, recorded with its reason.
 
     False when the run is no longer in ``run.status`` (or, with ``lease``, no longer
-    leased to that worker for that attempt): then nothing was written.
+    leased to that worker for that attempt): then nothing was written. The start or
+    end of an attempt that goes with the move (``with_attempt``) is written with it.
     A move into a terminal state also queues the run's callback and notifications
     in the same transaction, so they are sent even if this process dies next
     (``definition``, the run's parsed automation, spares reading its notify rules).
     """
     check(run.status, to_status)
-    if not tx.move_run(run.id, run.status, to_status, now, reason, lease, **values):
+    if not tx.move_run(run.id, run.status, to_status, now, reason, lease, with_attempt, **values):
         return False
     if to_status.terminal:
         outbox.enqueue(tx, replace(run, status=to_status, **values), now, definition)

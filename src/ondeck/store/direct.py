@@ -45,10 +45,17 @@ class _Plan:
 
 
 class Direct:
-    """One statement, run on the connection's DBAPI cursor."""
+    """One statement, run on the connection's DBAPI cursor.
 
-    def __init__(self, statement: UpdateBase | Select[Any]) -> None:
+    An INSERT or UPDATE without a VALUES or SET clause gets one made from the names of
+    the values it is run with (``Connection.execute`` does the same); one that ``spells
+    out`` its values is compiled as it is, which a statement whose CTEs write to other
+    tables needs (the names would add SET clauses to them too).
+    """
+
+    def __init__(self, statement: UpdateBase | Select[Any], *, spells_out: bool = False) -> None:
         self._statement = statement
+        self._spells_out = spells_out
         self._plans: dict[tuple[str, str, tuple[str, ...]], _Plan | None] = {}
 
     def execute(self, connection: Connection, values: Mapping[str, Any]) -> int:
@@ -86,7 +93,8 @@ class Direct:
             return self._plans[key]
         except KeyError:
             pass
-        compiled: Any = self._statement.compile(dialect=dialect, column_keys=list(key[2]))
+        column_keys = None if self._spells_out else list(key[2])
+        compiled: Any = self._statement.compile(dialect=dialect, column_keys=column_keys)
         simple = not (
             compiled.insert_prefetch
             or compiled.update_prefetch
@@ -146,7 +154,8 @@ def savepoint(connection: Connection) -> Iterator[None]:
     statement(connection, "RELEASE SAVEPOINT ondeck")
 
 
-def statement(connection: Connection, sql: str) -> None:
-    """One statement without parameters or results, straight on the driver."""
-    with _driver_cursor(connection, sql, None) as cursor:
-        cursor.execute(sql)
+def statement(connection: Connection, sql: str, parameters: Any = None) -> None:
+    """One statement without results, straight on the driver, in the driver's own
+    parameter style (``parameters`` as the driver takes them)."""
+    with _driver_cursor(connection, sql, parameters) as cursor:
+        cursor.execute(sql) if parameters is None else cursor.execute(sql, parameters)

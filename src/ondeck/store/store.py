@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import threading
@@ -21,18 +22,22 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     Connection,
     Engine,
+    Integer,
+    String,
+    Text,
     and_,
     bindparam,
     delete,
     func,
     insert,
+    literal,
     make_url,
     or_,
     select,
@@ -59,6 +64,7 @@ from ondeck.errors import StoreUnavailable
 from ondeck.store import database, direct
 from ondeck.store.direct import Direct
 from ondeck.store.tables import (
+    UTCDateTime,
     approval_decisions,
     attempts,
     audit_entries,
@@ -134,9 +140,15 @@ _MOVES = {False: Direct(_MOVE_RUN), True: Direct(_MOVE_LEASED_RUN)}
 _INSERT_TRANSITION = Direct(insert(run_transitions).inline())  # no RETURNING of the generated id
 _INSERT_ATTEMPT = Direct(insert(attempts))
 _FINISH_ATTEMPT = Direct(
-    update(attempts).where(
-        attempts.c.run_id == bindparam("_run_id"), attempts.c.number == bindparam("_number")
-    )
+    update(attempts)
+    .where(attempts.c.run_id == bindparam("_run_id"), attempts.c.number == bindparam("_number"))
+    .values(
+        status=bindparam("_attempt_status"),
+        exit_code=bindparam("_exit_code"),
+        error=bindparam("_error"),
+        finished_at=bindparam("_at", type_=UTCDateTime),
+    ),
+    spells_out=True,
 )
 _RELEASE_SLOT = delete(concurrency_slots).where(concurrency_slots.c.run_id == bindparam("run_id"))
 _COUNT_LOGS = (
@@ -146,8 +158,9 @@ _COUNT_LOGS = (
     .returning(runs.c.log_seq)
 )
 _INSERT_LOGS = insert(log_entries)
-# All of a transaction's notifications in one round trip, in order, just before commit.
-_NOTIFY = text("SELECT pg_notify(c, p) FROM unnest(CAST(:c AS text[]), CAST(:p AS text[])) AS n(c, p)")
+# All of a transaction's notifications in one round trip, in order, just before commit
+# (in psycopg's parameter style: it runs on the driver).
+_NOTIFY = "SELECT pg_notify(c, p) FROM unnest(%(c)s::text[], %(p)s::text[]) AS n(c, p)"
 _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1))
 _INSERT_AUDIT = Direct(insert(audit_entries).returning(audit_entries.c.id))
 _LOCK_AUDIT = Direct(select(func.pg_advisory_xact_lock(bindparam("k"))))
@@ -160,6 +173,108 @@ _COUNT_RATE = {
     )
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
+
+
+@dataclass(frozen=True)
+class AttemptStart:
+    """Written with a run's move to running: the attempt that move starts."""
+
+    number: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """Written with a run's move out of running: how its attempt ``number`` ended."""
+
+    number: int
+    status: str
+    exit_code: int | None
+    error: str | None
+
+
+# On PostgreSQL a run's move is one statement: the compare-and-set UPDATE of the run in a
+# CTE, and the rows that go with it (its transition; the attempt it starts or ends) written
+# from that CTE's result, so only when the run moved. SQLite, which has no writing CTEs,
+# makes them one statement each; its statements cost a fraction of a round trip.
+
+
+@functools.cache
+def _pg_move(names: frozenset[str], leased: bool, attempt: str | None) -> Direct:
+    """The statement moving a run on PostgreSQL, setting the run's columns ``names``, and
+    starting or ending an attempt (``attempt``: "start", "end" or None); its row count is
+    1 if the run moved, else 0."""
+    guard = [runs.c.id == bindparam("_run_id"), runs.c.status == bindparam("_from")]
+    if leased:
+        guard += [runs.c.lease_owner == bindparam("_owner"), runs.c.attempt == bindparam("_attempt")]
+    set_ = {name: bindparam(name, type_=runs.c[name].type) for name in sorted(names)}
+    moved = update(runs).where(*guard).values(set_).returning(runs.c.id).cte("moved")
+    at = bindparam("_at", type_=UTCDateTime)
+    transition = insert(run_transitions).from_select(
+        ["run_id", "from_status", "to_status", "at", "reason"],
+        select(
+            moved.c.id,
+            bindparam("_from", type_=String),
+            bindparam("status", type_=String),
+            at,
+            bindparam("_reason", type_=Text),
+        ),
+    )
+    number = bindparam("_number", type_=Integer)
+    if attempt == "start":
+        transition = transition.add_cte(
+            insert(attempts)
+            .from_select(
+                ["run_id", "number", "worker", "status", "started_at"],
+                select(moved.c.id, number, bindparam("_worker", type_=String), literal("running"), at),
+            )
+            .cte("attempt")
+        )
+    elif attempt == "end":
+        transition = transition.add_cte(
+            update(attempts)
+            .where(attempts.c.run_id == moved.c.id, attempts.c.number == number)
+            .values(
+                status=bindparam("_attempt_status", type_=String),
+                exit_code=bindparam("_exit_code", type_=Integer),
+                error=bindparam("_error", type_=Text),
+                finished_at=at,
+            )
+            .cte("attempt")
+        )
+    return Direct(transition, spells_out=True)
+
+
+@functools.cache
+def _pg_insert_run(transitions: int) -> Direct:
+    """The statement writing a new run with ``transitions`` transitions on PostgreSQL."""
+    history = [
+        {
+            "run_id": bindparam("id", type_=String),
+            "from_status": bindparam(f"_from{i}", type_=String),
+            "to_status": bindparam(f"_to{i}", type_=String),
+            "at": bindparam("created_at", type_=UTCDateTime),
+            "reason": bindparam(f"_reason{i}", type_=Text),
+        }
+        for i in range(transitions)
+    ]
+    columns = {name: bindparam(name, type_=runs.c[name].type) for name in _RUN_FIELDS}
+    statement = insert(runs).values(columns).add_cte(insert(run_transitions).values(history).cte("history"))
+    return Direct(statement, spells_out=True)
+
+
+def _attempt_values(attempt: AttemptStart | AttemptEnd | None) -> dict[str, Any]:
+    """The bound values of ``_pg_move`` and ``_FINISH_ATTEMPT`` for ``attempt``."""
+    if isinstance(attempt, AttemptStart):
+        return {"_number": attempt.number, "_worker": attempt.worker}
+    if isinstance(attempt, AttemptEnd):
+        return {
+            "_number": attempt.number,
+            "_attempt_status": str(attempt.status),
+            "_exit_code": attempt.exit_code,
+            "_error": attempt.error,
+        }
+    return {}
 
 
 def _transition_row(
@@ -220,7 +335,8 @@ class Transaction:
         """On PostgreSQL, queue the notifications to go out with the commit."""
         if self.postgres and self.notifications:
             channels = [f"ondeck_{channel}" for channel, _ in self.notifications]
-            self._c.execute(_NOTIFY, {"c": channels, "p": [payload for _, payload in self.notifications]})
+            payloads = [payload for _, payload in self.notifications]
+            direct.statement(self._c, _NOTIFY, {"c": channels, "p": payloads})
 
     def ping(self) -> None:
         self._c.execute(text("SELECT 1"))
@@ -274,12 +390,17 @@ class Transaction:
         """Write a new run with the transitions that brought it to its status, all at its creation."""
         values = {name: getattr(run, name) for name in _RUN_FIELDS}
         values["status"] = str(run.status)
-        _INSERT_RUN.execute(self._c, values)
-        transitions = [
-            _transition_row(run.id, from_status, to_status, run.created_at, reason)
-            for from_status, to_status, reason in history
-        ]
-        _INSERT_TRANSITION.executemany(self._c, transitions)
+        if self.postgres:
+            for i, (from_status, to_status, reason) in enumerate(history):
+                values |= {f"_from{i}": from_status, f"_to{i}": str(to_status), f"_reason{i}": reason}
+            _pg_insert_run(len(history)).execute(self._c, values)
+        else:
+            _INSERT_RUN.execute(self._c, values)
+            transitions = [
+                _transition_row(run.id, from_status, to_status, run.created_at, reason)
+                for from_status, to_status, reason in history
+            ]
+            _INSERT_TRANSITION.executemany(self._c, transitions)
         self.notify("run", run.id)
 
     def get_run(self, run_id: str, *, lock: bool = False) -> Run | None:
@@ -314,9 +435,11 @@ class Transaction:
         now: datetime,
         reason: str,
         lease: tuple[str, int] | None = None,
+        with_attempt: AttemptStart | AttemptEnd | None = None,
         **values: Any,
     ) -> bool:
-        """Set a run's status if it is still ``from_status``; record the transition.
+        """Set a run's status if it is still ``from_status``; record the transition, and
+        the start or end of an attempt that goes with it (``with_attempt``).
 
         The status guard in the WHERE clause makes every move a compare-and-set,
         so two processes can never both move the same run. With ``lease`` (worker,
@@ -325,19 +448,28 @@ class Transaction:
         guard: dict[str, Any] = {"_run_id": run_id, "_from": str(from_status)}
         if lease is not None:
             guard["_owner"], guard["_attempt"] = lease
-        if _MOVES[lease is not None].execute(self._c, {**guard, "status": str(to_status), **values}) != 1:
-            return False
-        self._transition(run_id, from_status, to_status, now, reason)
+        values["status"] = str(to_status)
+        if self.postgres:
+            kind = {AttemptStart: "start", AttemptEnd: "end"}.get(type(with_attempt))
+            extra = {"_at": now, "_reason": reason, **_attempt_values(with_attempt)}
+            statement = _pg_move(frozenset(values), lease is not None, kind)
+            if statement.execute(self._c, {**guard, **values, **extra}) != 1:
+                return False
+        else:
+            if _MOVES[lease is not None].execute(self._c, {**guard, **values}) != 1:
+                return False
+            _INSERT_TRANSITION.execute(self._c, _transition_row(run_id, from_status, to_status, now, reason))
+            if isinstance(with_attempt, AttemptStart):
+                started = {"run_id": run_id, "number": with_attempt.number, "worker": with_attempt.worker}
+                _INSERT_ATTEMPT.execute(self._c, {**started, "status": "running", "started_at": now})
+            elif isinstance(with_attempt, AttemptEnd):
+                ended = {**_attempt_values(with_attempt), "_run_id": run_id, "_at": now}
+                _FINISH_ATTEMPT.execute(self._c, ended)
         self.notify("run", run_id)
         return True
 
     def update_run(self, run_id: str, **values: Any) -> None:
         self._c.execute(update(runs).where(runs.c.id == run_id).values(**values))
-
-    def _transition(
-        self, run_id: str, from_status: str | None, to_status: str, now: datetime, reason: str
-    ) -> None:
-        _INSERT_TRANSITION.execute(self._c, _transition_row(run_id, from_status, to_status, now, reason))
 
     def transitions(self, run_id: str) -> list[Transition]:
         rows = self._c.execute(
@@ -414,35 +546,8 @@ class Transaction:
         )
         return [_run(row) for row in rows]
 
-    def insert_attempt(self, run_id: str, number: int, worker: str, now: datetime) -> None:
-        _INSERT_ATTEMPT.execute(
-            self._c,
-            {"run_id": run_id, "number": number, "worker": worker, "status": "running", "started_at": now},
-        )
-
     def delete_attempt(self, run_id: str, number: int) -> None:
         self._c.execute(delete(attempts).where(attempts.c.run_id == run_id, attempts.c.number == number))
-
-    def finish_attempt(
-        self,
-        run_id: str,
-        number: int,
-        status: str,
-        exit_code: int | None,
-        error: str | None,
-        now: datetime,
-    ) -> None:
-        _FINISH_ATTEMPT.execute(
-            self._c,
-            {
-                "_run_id": run_id,
-                "_number": number,
-                "status": status,
-                "exit_code": exit_code,
-                "error": error,
-                "finished_at": now,
-            },
-        )
 
     def attempts(self, run_id: str) -> list[AttemptRecord]:
         rows = self._c.execute(

@@ -155,6 +155,33 @@ def test_claim_takes_a_lease_and_finish_ends_the_run(store: Store) -> None:
     assert done.lease_owner is None and done.finished_at is not None
 
 
+def test_a_move_records_its_transition_and_attempt_and_a_refused_one_records_nothing(store: Store) -> None:
+    """Each move writes the run, its transition and the attempt it starts or ends together
+    (on PostgreSQL in one statement), and only when the run moved."""
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    (claimed,) = claim(store)
+    assert finish.finish(store, claimed, Outcome(RunStatus.FAILED, 3, "exit code 3"))
+    done = runs.detail(store, SYSTEM, run.id)
+    assert [(t.from_status, t.to_status, t.reason) for t in done.transitions[2:]] == [
+        ("queued", "running", "attempt 1 started on w1"),
+        ("running", "failed", "exit code 3"),
+    ]
+    (attempt,) = done.attempts
+    assert (attempt.number, attempt.worker, attempt.status, attempt.exit_code, attempt.error) == (
+        1,
+        "w1",
+        "failed",
+        3,
+        "exit code 3",
+    )
+    assert (attempt.started_at, attempt.finished_at) == (done.run.started_at, done.run.finished_at)
+    assert not finish.finish(store, claimed, Outcome(RunStatus.SUCCEEDED, 0))  # ended already
+    assert claim(store) == []
+    again = runs.detail(store, SYSTEM, run.id)
+    assert (again.run, again.transitions, again.attempts) == (done.run, done.transitions, done.attempts)
+
+
 def store_as_an_older_release_did(store: Store, name: str, **run: Any) -> None:
     """Rewrite every stored version of ``name`` into one this release's spec refuses (a
     bash script over the one-argument cap), as an older, looser release might have stored it."""
