@@ -58,6 +58,8 @@ def claim_in(
     capacity: int,
     lease: timedelta,
     definitions: DefinitionCache,
+    *,
+    spare: int = 2,
 ) -> tuple[list[Claim], bool]:
     """Lease up to ``capacity`` due runs of ``group`` in ``tx``, highest priority first.
 
@@ -67,12 +69,14 @@ def claim_in(
     whether to claim again at once or to wait for a wake-up. On PostgreSQL the
     candidates this claim locked but left are hidden from other workers' claims
     (SKIP LOCKED) until it commits, so it wakes them then.
+
+    It reads ``spare`` candidates beyond the capacity: room to skip runs whose key
+    this batch just filled, and to tell whether more are due. Each is parsed and,
+    on PostgreSQL, locked (a write), so a claim that needs neither reads none.
     """
     now = utcnow()
     claims: list[Claim] = []
-    # A little beyond the capacity: room to skip runs whose key this batch just filled, and
-    # to tell whether more are due. Each candidate is parsed and, on PostgreSQL, locked.
-    window = capacity + 2
+    window = capacity + spare
     candidates = tx.queued_candidates(group, now, window)
     for run in candidates:
         if len(claims) == capacity:

@@ -301,12 +301,14 @@ class Worker:
             try:
                 if self._backlog and not self._stopping:
                     seen = self._woken_while_full
-                    following = await self.call(self._finish_and_claim, claim, outcome, chunks)
-                    # A run may still be due if the claim failed, or if a wake-up came while
-                    # every slot was busy during the write: the claim may have read the queue
-                    # before that run was there. Then the end wakes the loop (``_execute``).
-                    self._backlog = following is None or bool(following) or self._woken_while_full != seen
-                    return following or []
+                    claimed = await self.call(self._finish_and_claim, claim, outcome, chunks)
+                    following, more = claimed if claimed is not None else ([], True)
+                    # A run may still be due if the claim failed or met a run it left, or
+                    # if a wake-up came while every slot was busy during the write: the
+                    # claim may have read the queue before that run was there. Then the
+                    # end wakes the loop (``_execute``).
+                    self._backlog = more or self._woken_while_full != seen
+                    return following
                 await self.call(finish.finish, self.store, claim, outcome, chunks)
                 return []
             except Exception:
@@ -317,25 +319,32 @@ class Worker:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 2.0)
 
-    def _finish_and_claim(self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]) -> list[Claim] | None:
-        """``finish.finish``, and claim a due run for the freed slot in the same transaction;
-        None if that claim failed (the end is recorded all the same).
+    def _finish_and_claim(
+        self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]
+    ) -> tuple[list[Claim], bool] | None:
+        """``finish.finish``, and claim a due run for the freed slot in the same transaction:
+        the claim, and whether a due run was seen (claimed or not); None if that claim
+        failed (the end is recorded all the same).
 
         Under a backlog this halves the worker's write transactions: each run is claimed
-        by the commit that ends the one before it in that slot. The claim cannot undo
-        the finish: it runs in a savepoint, and if it fails the main loop claims instead.
+        by the commit that ends the one before it in that slot. The claim reads just the
+        run it takes; if it cannot take it, the main loop claims with a wider look. It
+        cannot undo the finish: it runs in a savepoint, and if it fails the main loop
+        claims instead.
         """
         with self.store.transaction() as tx:
             finish.finish_in(tx, claim, outcome, chunks)
             try:
                 with tx.savepoint():
-                    claims, _ = queue.claim_in(tx, self.id, self.group, 1, self.lease, self._definitions)
+                    claimed = queue.claim_in(
+                        tx, self.id, self.group, 1, self.lease, self._definitions, spare=0
+                    )
             except TransactionLost:
                 raise  # the end went with it: ``_record`` writes it again
             except Exception:
                 log.exception("claiming the next run with run %s's end failed", claim.run.id)
                 return None
-        return claims
+        return claimed
 
     async def _hand_back(self, claims: list[Claim]) -> None:
         try:

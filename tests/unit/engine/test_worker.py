@@ -20,7 +20,7 @@ from ondeck.engine.admission import TriggerRequest, admit
 from ondeck.engine.wakeup import WakeBus
 from ondeck.engine.worker import Worker
 from ondeck.settings import Settings
-from ondeck.store.store import Store
+from ondeck.store.store import Store, Transaction
 from ondeck.vault import Vault
 from tests.unit.engine.test_lifecycle import LEASE, define
 
@@ -52,11 +52,11 @@ def test_the_worker_writes_to_sqlite_from_its_event_loop_and_to_postgresql_from_
 def test_an_ending_attempt_claims_the_next_due_run_for_its_slot(store: Store, worker: Worker) -> None:
     define(store)
     first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
-    (following,) = worker._finish_and_claim(_claim_one(store, worker), DONE, [])
-    assert following.run.id == second.id
+    (following,), more = worker._finish_and_claim(_claim_one(store, worker), DONE, []) or ([], False)
+    assert following.run.id == second.id and more
     assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
     assert runs.get(store, second.id).lease_owner == worker.id
-    assert worker._finish_and_claim(following, DONE, []) == []  # nothing left: it only finishes
+    assert worker._finish_and_claim(following, DONE, []) == ([], False)  # nothing left: it only finishes
     assert runs.get(store, second.id).status == RunStatus.SUCCEEDED
 
 
@@ -164,7 +164,7 @@ def _end_while(
     async def scenario() -> bool:
         loop = asyncio.get_running_loop()
 
-        def end_then(*args: Any) -> list[queue.Claim] | None:
+        def end_then(*args: Any) -> tuple[list[queue.Claim], bool] | None:
             following = finish_and_claim(*args)
             meanwhile(loop)
             return following
@@ -203,5 +203,26 @@ def test_an_end_whose_claim_failed_wakes_the_claim_loop(
         raise RuntimeError("the claim failed")
 
     monkeypatch.setattr(worker._definitions, "get", broken)
+    _, woke = _end_while(store, worker, lambda _loop: None)
+    assert woke, "the end did not wake the claim loop"
+
+
+def test_an_end_whose_claim_met_a_run_it_could_not_take_wakes_the_claim_loop(
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It reads one run only; the loop's own claim looks past it."""
+    define(
+        store,
+        concurrency={"key": "${{ params.k }}", "limit": 1},
+        params={"type": "object", "properties": {"k": {"type": "string"}}},
+    )
+    for key in ("a", "b"):  # the first is claimed; the end's claim meets the second
+        admit(store, TriggerRequest("job", {"k": key}))
+    take_slot = Transaction.take_slot
+
+    def taken_meanwhile(tx: Transaction, key: str, limit: int, run_id: str) -> bool:
+        return key == "job:a" and take_slot(tx, key, limit, run_id)  # as if a concurrent claim took b's
+
+    monkeypatch.setattr(Transaction, "take_slot", taken_meanwhile)
     _, woke = _end_while(store, worker, lambda _loop: None)
     assert woke, "the end did not wake the claim loop"
