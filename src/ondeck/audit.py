@@ -27,8 +27,15 @@ def canonical_detail(detail: dict[str, Any]) -> str:
     return json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def chain_content(at: datetime, actor: str, action: str, target: str, detail: str) -> str:
+    """What an entry's hash covers besides the previous hash (``detail`` canonical)."""
+    return "\n".join([at.isoformat(timespec="microseconds"), actor, action, target, detail])
+
+
 def chain_hash(prev_hash: str, at: datetime, actor: str, action: str, target: str, detail: str) -> str:
-    material = "\n".join([prev_hash, at.isoformat(timespec="microseconds"), actor, action, target, detail])
+    """SHA-256, in hex, of the previous hash, a newline and the entry's content (on
+    PostgreSQL the store computes the same in SQL: see migration 0005)."""
+    material = prev_hash + "\n" + chain_content(at, actor, action, target, detail)
     return hashlib.sha256(material.encode()).hexdigest()
 
 

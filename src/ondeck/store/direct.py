@@ -154,6 +154,14 @@ def savepoint(connection: Connection) -> Iterator[None]:
     statement(connection, "RELEASE SAVEPOINT ondeck")
 
 
+def first_row(connection: Connection, sql: str, parameters: Any) -> Any:
+    """The first row of one statement (None without rows), straight on the driver, in the
+    driver's own parameter style; values as the driver reads them."""
+    with _driver_cursor(connection, sql, parameters) as cursor:
+        cursor.execute(sql, parameters)
+        return cursor.fetchone()
+
+
 def statement(connection: Connection, sql: str, parameters: Any = None) -> None:
     """One statement without results, straight on the driver, in the driver's own
     parameter style (``parameters`` as the driver takes them)."""

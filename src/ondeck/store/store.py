@@ -47,7 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from ondeck.audit import GENESIS, AuditEntry, canonical_detail, chain_hash
+from ondeck.audit import GENESIS, AuditEntry, canonical_detail, chain_content, chain_hash
 from ondeck.domain import (
     AttemptRecord,
     AutomationVersion,
@@ -163,7 +163,11 @@ _INSERT_LOGS = insert(log_entries)
 _NOTIFY = "SELECT pg_notify(c, p) FROM unnest(%(c)s::text[], %(p)s::text[]) AS n(c, p)"
 _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1))
 _INSERT_AUDIT = Direct(insert(audit_entries).returning(audit_entries.c.id))
-_LOCK_AUDIT = Direct(select(func.pg_advisory_xact_lock(bindparam("k"))))
+# In psycopg's parameter style: it runs on the driver (the function: migration 0005).
+_APPEND_AUDIT = (
+    "SELECT entry_id, entry_prev_hash, entry_hash FROM ondeck_append_audit("
+    "%(lock)s, %(at)s, %(actor)s, %(action)s, %(target)s, %(detail)s, %(content)s)"
+)
 _COUNT_RATE = {
     name: Direct(
         dialect.insert(rate_counters)
@@ -704,25 +708,19 @@ class Transaction:
     def append_audit(
         self, actor: str, action: str, target: str, detail: dict[str, Any], now: datetime
     ) -> AuditEntry:
-        """Append to the chain; appends are serialised so the chain never forks."""
+        """Append to the chain; appends are serialised so the chain never forks (on
+        PostgreSQL by a lock held until commit, in the one statement that appends)."""
         body = canonical_detail(detail)
+        values = {"at": now, "actor": actor, "action": action, "target": target, "detail": body}
         if self.postgres:
-            _LOCK_AUDIT.scalar(self._c, {"k": _AUDIT_LOCK})
-        prev_hash = _LAST_AUDIT_HASH.scalar(self._c, {}) or GENESIS
-        digest = chain_hash(prev_hash, now, actor, action, target, body)
-        entry_id: int = _INSERT_AUDIT.scalar(
-            self._c,
-            {
-                "at": now,
-                "actor": actor,
-                "action": action,
-                "target": target,
-                "detail": body,
-                "prev_hash": prev_hash,
-                "hash": digest,
-            },
-        )
-        return AuditEntry(entry_id, now, actor, action, target, detail, prev_hash, digest)
+            content = chain_content(now, actor, action, target, body)
+            appended = {**values, "lock": _AUDIT_LOCK, "content": content}
+            entry_id, prev_hash, digest = direct.first_row(self._c, _APPEND_AUDIT, appended)
+        else:  # SQLite's writers take turns already
+            prev_hash = _LAST_AUDIT_HASH.scalar(self._c, {}) or GENESIS
+            digest = chain_hash(prev_hash, now, actor, action, target, body)
+            entry_id = _INSERT_AUDIT.scalar(self._c, {**values, "prev_hash": prev_hash, "hash": digest})
+        return AuditEntry(int(entry_id), now, actor, action, target, detail, prev_hash, digest)
 
     def audit_entries(
         self,

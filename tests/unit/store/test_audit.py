@@ -1,0 +1,34 @@
+"""The audit chain under concurrent appends (on PostgreSQL, appended by a function in SQL)."""
+
+from __future__ import annotations
+
+import threading
+
+from ondeck.audit import first_broken
+from ondeck.domain import utcnow
+from ondeck.store.store import Store
+
+
+def test_concurrent_appends_make_one_unbroken_chain(store: Store) -> None:
+    """Each append hashes onto the entry committed before it, whoever wrote that one and
+    however long it waited for the chain; Python checks the hashes the store computed."""
+    threads, each = 6, 15
+    start = threading.Barrier(threads)
+
+    def append(writer: int) -> None:
+        start.wait()
+        for n in range(each):
+            with store.transaction() as tx:
+                tx.append_audit(
+                    f"writer-{writer}", "test.append", f"n:{n}", {"text": "ünï\ncode", "n": n}, utcnow()
+                )
+
+    workers = [threading.Thread(target=append, args=(w,)) for w in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    with store.read() as tx:
+        chain = tx.audit_chain()
+    assert len(chain) == threads * each
+    assert first_broken(chain) is None
