@@ -129,31 +129,6 @@ def _driver_cursor(connection: Connection, sql: str, values: Any) -> Iterator[An
         cursor.close()
 
 
-class TransactionLost(Exception):
-    """The database ended the whole transaction inside a savepoint (SQLite does so on
-    some errors: disk full, I/O error, interrupt, ``RAISE(ROLLBACK)``), so what was
-    written before it is gone too, and committing would silently keep nothing."""
-
-
-@contextmanager
-def savepoint(connection: Connection) -> Iterator[None]:
-    """``Connection.begin_nested`` on the driver's cursor, for a twentieth of its cost
-    (about 80 µs a use through SQLAlchemy): if the block raises, what it wrote is
-    undone, and the transaction goes on, also after a database error on PostgreSQL;
-    ``TransactionLost`` if the database rolled back the whole transaction instead."""
-    statement(connection, "SAVEPOINT ondeck")
-    try:
-        yield
-    except BaseException as exc:
-        try:
-            statement(connection, "ROLLBACK TO SAVEPOINT ondeck")
-        except DBAPIError as gone:  # "no such savepoint": the whole transaction went
-            raise TransactionLost(f"the database rolled back the transaction: {exc}") from gone
-        statement(connection, "RELEASE SAVEPOINT ondeck")
-        raise
-    statement(connection, "RELEASE SAVEPOINT ondeck")
-
-
 def first_row(connection: Connection, sql: str, parameters: Any) -> Any:
     """The first row of one statement (None without rows), straight on the driver, in the
     driver's own parameter style; values as the driver reads them."""

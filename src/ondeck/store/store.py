@@ -329,12 +329,6 @@ class Transaction:
         if (channel, payload) not in self.notifications:
             self.notifications.append((channel, payload))
 
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """If the block raises, undo only what it wrote; the transaction goes on."""
-        with direct.savepoint(self._c):
-            yield
-
     def send_notifications(self) -> None:
         """On PostgreSQL, queue the notifications to go out with the commit."""
         if self.postgres and self.notifications:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, insert, select, update
 
-from ondeck.store.direct import Direct, TransactionLost
+from ondeck.store.direct import Direct
 from ondeck.store.store import IntegrityError, Store
 from ondeck.store.tables import audit_entries, automation_versions, runs
 
@@ -96,36 +95,3 @@ def test_a_batch_of_rows_is_written_in_one_call_with_their_values_processed(stor
             select(automation_versions.c.definition).order_by(automation_versions.c.version)
         ).scalars()
         assert list(stored) == [{"v": 1}, {"v": 2}, {"v": 3}]
-
-
-def test_a_savepoint_undoes_only_its_own_writes_even_after_a_database_error(store: Store) -> None:
-    with store.transaction() as tx:
-        Direct(insert(runs)).execute(tx._c, _run_row("before"))
-        with pytest.raises(IntegrityError), tx.savepoint():
-            Direct(insert(runs)).execute(tx._c, _run_row("inside"))
-            tx._c.execute(insert(runs), _run_row("before"))  # a duplicate: the database refuses it
-        with tx.savepoint():
-            Direct(insert(runs)).execute(tx._c, _run_row("kept"))
-        Direct(insert(runs)).execute(tx._c, _run_row("after"))  # the transaction goes on
-    with store.read() as tx:
-        stored = {row.id for row in tx._c.execute(select(runs.c.id))}
-    assert stored == {"before", "kept", "after"}
-
-
-def test_a_savepoint_whose_whole_transaction_the_database_ended_says_so(tmp_path: Path) -> None:
-    """SQLite ends the whole transaction on some errors (here RAISE(ROLLBACK)): committing
-    then would keep nothing, silently, so the savepoint must not pretend it undid only itself."""
-    store = Store(f"sqlite:///{tmp_path / 'ondeck.db'}")
-    store.upgrade()
-    with store.transaction() as tx:
-        tx._c.exec_driver_sql(
-            "CREATE TRIGGER refuse BEFORE INSERT ON audit_entries "
-            "BEGIN SELECT RAISE(ROLLBACK, 'refused'); END"
-        )
-    entry = {"at": AT, "actor": "me", "action": "x", "target": "t", "detail": "{}"}
-    with pytest.raises(TransactionLost), store.transaction() as tx:
-        Direct(insert(runs)).execute(tx._c, _run_row("before"))
-        with tx.savepoint():
-            Direct(insert(audit_entries)).execute(tx._c, {**entry, "prev_hash": "p", "hash": "h"})
-    with store.read() as tx:
-        assert tx.get_run("before") is None
