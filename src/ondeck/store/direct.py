@@ -7,8 +7,9 @@ once per dialect and set of parameter names; its values go through the bind proc
 SQLAlchemy would apply, so the rows stored are the same; driver errors come back as
 SQLAlchemy's (``IntegrityError``, ``OperationalError``…), so callers see no difference.
 A statement whose compiled form needs more than that (Python-side column defaults,
-expanding parameters) runs through SQLAlchemy as before. Values read back are the
-driver's own, not processed: only integers and text are read this way.
+expanding parameters) runs through SQLAlchemy as before. Rows read back (``rows``) go
+through the result processors SQLAlchemy would apply; single values (``scalar``) are the
+driver's own, not processed: only integers and text are read that way.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class _Plan:
     positions: tuple[str, ...] | None  # for drivers with positional parameters (sqlite3)
     processors: Mapping[str, Callable[[Any], Any]]
     escaped: Mapping[str, str]
+    results: tuple[Callable[[Any], Any] | None, ...]  # per column of the rows it returns
 
     def parameters(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         """What ``Connection.execute`` would hand the driver for ``values``."""
@@ -58,6 +60,10 @@ class Direct:
         self._spells_out = spells_out
         self._plans: dict[tuple[str, str, tuple[str, ...]], _Plan | None] = {}
 
+    @property
+    def statement(self) -> UpdateBase | Select[Any]:
+        return self._statement
+
     def execute(self, connection: Connection, values: Mapping[str, Any]) -> int:
         """Run once; the number of rows it matched."""
         plan = self._plan(connection, values)
@@ -76,6 +82,19 @@ class Direct:
             cursor.execute(plan.compiled.string, plan.parameters(values))
             row = cursor.fetchone()
             return None if row is None else row[0]
+
+    def rows(self, connection: Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run once; the rows it returned, their values as SQLAlchemy would read them."""
+        plan = self._plan(connection, values)
+        if plan is None:
+            return [tuple(row) for row in connection.execute(self._statement, dict(values))]
+        with _driver_cursor(connection, plan.compiled.string, values) as cursor:
+            cursor.execute(plan.compiled.string, plan.parameters(values))
+            fetched = cursor.fetchall()
+        results = plan.results
+        if not any(results):
+            return [tuple(row) for row in fetched]
+        return [tuple(v if f is None else f(v) for f, v in zip(results, row, strict=True)) for row in fetched]
 
     def executemany(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run once per row (every row with the same names)."""
@@ -108,6 +127,10 @@ class Direct:
                 tuple(compiled.positiontup) if compiled.positional else None,
                 compiled._bind_processors,
                 compiled.escaped_bind_names or {},
+                tuple(
+                    column.type.dialect_impl(dialect).result_processor(dialect, None)
+                    for column in compiled._result_columns
+                ),
             )
             if simple
             else None

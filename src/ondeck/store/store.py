@@ -117,7 +117,7 @@ _SLOTS_USED = (
     .where(concurrency_slots.c.key == runs.c.concurrency_key)
     .scalar_subquery()
 )
-_QUEUED_CANDIDATES = (
+_QUEUED_CANDIDATES = Direct(
     select(runs)
     .where(
         runs.c.status == RunStatus.QUEUED.value,
@@ -130,7 +130,7 @@ _QUEUED_CANDIDATES = (
     .with_for_update(skip_locked=True, of=runs)
 )
 _GET_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
-_GET_RUN_LOCKED = _GET_RUN.with_for_update()
+_GET_RUNS = {False: Direct(_GET_RUN), True: Direct(_GET_RUN.with_for_update())}
 # No SET clause: it is made from the column values passed with the bound parameters.
 _MOVE_RUN = update(runs).where(runs.c.id == bindparam("_run_id"), runs.c.status == bindparam("_from"))
 _MOVE_LEASED_RUN = _MOVE_RUN.where(
@@ -299,6 +299,16 @@ def _run(row: Any) -> Run:
     return Run(**values)
 
 
+_RUN_POSITIONS = [[column.key for column in runs.columns].index(name) for name in _RUN_FIELDS]
+
+
+def _run_of_values(row: tuple[Any, ...]) -> Run:
+    """The run of a row of ``select(runs)`` read by ``Direct.rows``."""
+    values = {name: row[position] for name, position in zip(_RUN_FIELDS, _RUN_POSITIONS, strict=True)}
+    values["status"] = RunStatus(values["status"])
+    return Run(**values)
+
+
 def _token(row: Any) -> TokenRecord:
     return TokenRecord(
         row.id,
@@ -402,8 +412,8 @@ class Transaction:
         self.notify("run", run.id)
 
     def get_run(self, run_id: str, *, lock: bool = False) -> Run | None:
-        row = self._c.execute(_GET_RUN_LOCKED if lock else _GET_RUN, {"run_id": run_id}).first()
-        return _run(row) if row else None
+        rows = _GET_RUNS[lock].rows(self._c, {"run_id": run_id})
+        return _run_of_values(rows[0]) if rows else None
 
     def list_runs(
         self,
@@ -480,7 +490,7 @@ class Transaction:
     def queued_candidates(self, worker_group: str, now: datetime, limit: int) -> list[Run]:
         """Queued runs that are due and whose concurrency key has a free slot."""
         values = {"worker_group": worker_group, "now": now, "limit": limit}
-        return [_run(row) for row in self._c.execute(_QUEUED_CANDIDATES, values)]
+        return [_run_of_values(row) for row in _QUEUED_CANDIDATES.rows(self._c, values)]
 
     def take_slot(self, key: str, limit: int, run_id: str) -> bool:
         """Occupy one of ``limit`` slots of ``key``; False when all are taken.

@@ -48,6 +48,20 @@ def test_rows_written_directly_read_back_as_written_through_sqlalchemy(store: St
     assert direct == core.__class__(**{**core.__dict__, "id": "direct"})
 
 
+def test_rows_read_directly_are_the_values_sqlalchemy_reads(store: Store) -> None:
+    """Timestamps timezone-aware in UTC, JSON decoded, booleans as booleans, on both drivers."""
+    query = select(runs).where(runs.c.id == bindparam("run_id"))
+    with store.transaction() as tx:
+        Direct(insert(runs)).execute(tx._c, _run_row("r", cancel_requested=True, outputs={"a": [1.5]}))
+        (core,) = (tuple(row) for row in tx._c.execute(query, {"run_id": "r"}))
+        (direct,) = Direct(query).rows(tx._c, {"run_id": "r"})
+    assert direct == core
+    values = dict(zip([c.key for c in runs.columns], direct, strict=True))
+    assert values["created_at"] == AT and values["created_at"].tzinfo is not None
+    assert values["params"] == {"text": "ünïcode", "n": [1, None, True]} and values["outputs"] == {"a": [1.5]}
+    assert values["cancel_requested"] is True
+
+
 def test_update_returns_the_rows_it_matched_and_returning_gives_the_value(store: Store) -> None:
     move = Direct(update(runs).where(runs.c.id == bindparam("_id"), runs.c.status == bindparam("_from")))
     append = Direct(insert(audit_entries).returning(audit_entries.c.id))

@@ -13,7 +13,7 @@ def test_a_claim_reads_the_queue_in_its_order_instead_of_sorting_it(store: Store
     """With the index in claim order, a claim stops after the few runs it takes; any sort
     step would read every queued run of the group first (it did: claims cost grew with
     the queue, 1 ms a run at 2,000 queued)."""
-    compiled = _QUEUED_CANDIDATES.compile(dialect=store.engine.dialect)
+    compiled = _QUEUED_CANDIDATES.statement.compile(dialect=store.engine.dialect)
     now = datetime.now(UTC).isoformat()  # its type does not matter to the plan
     bound = compiled.construct_params({"worker_group": "default", "now": now, "limit": 3})
     with store.transaction() as tx:
