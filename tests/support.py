@@ -177,7 +177,7 @@ def pg_schema_url(prefix: str = "t") -> Iterator[str]:
         conn.execute(f"CREATE SCHEMA {schema}")
     base = PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1)
     try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
+        yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
