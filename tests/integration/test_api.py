@@ -76,6 +76,25 @@ def test_invalid_params_are_422_with_paths_and_no_run_is_written(client: httpx.C
     assert client.get("/runs", params={"automation": name}).json()["items"] == []
 
 
+def test_nan_and_infinity_are_refused_in_params_and_fail_a_run_that_outputs_them(
+    client: httpx.Client,
+) -> None:
+    """Python's JSON parsers take them; JSON has no form for them and PostgreSQL refuses
+    them: params with them were a 500, and such outputs left the run running until reaped."""
+    name = define(client, params={"type": "object", "properties": {"x": {}, "y": {}}})
+    body = b'{"params": {"x": NaN, "y": [1, -Infinity]}}'
+    response = client.post(
+        f"/automations/{name}/runs", content=body, headers={"content-type": "application/json"}
+    )
+    problem = assert_problem(response, 422, "/x", "/y/1", "NaN")
+    assert [error["path"] for error in problem["errors"]] == ["/x", "/y/1"]
+    assert client.get("/runs", params={"automation": name}).json()["items"] == []
+    outputs = define(client, 'echo \'{"ratio": NaN}\' > "$ONDECK_OUTPUTS"')
+    run = client.post(f"/automations/{outputs}/runs", params={"wait": 30}).json()
+    assert (run["status"], run["outputs"]) == ("failed", None), run
+    assert "NaN is not a JSON number" in run["error"]
+
+
 def test_idempotency_key_over_http(client: httpx.Client) -> None:
     name = define(client, params={"type": "object", "properties": {"n": {"type": "integer"}}})
     headers = {"Idempotency-Key": '"order-17"'}

@@ -299,6 +299,13 @@ class _Child:
             self.exited.set_result(code)
 
 
+def _refuse_constant(name: str) -> Any:
+    """For ``json.loads``, which would take ``NaN`` and ``Infinity`` as numbers: JSON has
+    no form for them, and the store (PostgreSQL) refuses them, so the run's end could not
+    be recorded at all."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _read_outputs(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     try:
         size = path.stat().st_size
@@ -309,7 +316,7 @@ def _read_outputs(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if size > _OUTPUTS_MAX:
         return None, f"outputs file is larger than {_OUTPUTS_MAX} bytes"
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         return None, f"outputs file is not valid JSON: {exc}"
     if not isinstance(value, dict):

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from ondeck.errors import InvalidDefinition
 from ondeck.spec.models import Automation
+from ondeck.spec.params import NOT_A_JSON_NUMBER, non_finite_paths
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ def parse_definition(data: Any, file: str = "<request>") -> Automation:
             f"{file}: an automation must be a mapping",
             errors=[{"file": file, "field": "", "message": "not a mapping"}],
         )
+    non_finite = [
+        DefinitionError(file, path[1:].replace("/", "."), NOT_A_JSON_NUMBER)
+        for path in non_finite_paths(data)
+    ]
+    if non_finite:  # the models would keep them as null
+        raise InvalidDefinition("; ".join(map(str, non_finite)), errors=[e.__dict__ for e in non_finite])
     try:
         return Automation.model_validate(data)
     except ValidationError as exc:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -43,6 +44,23 @@ def _validator(schema: str) -> Draft202012Validator:
     return Draft202012Validator(json.loads(schema))
 
 
+NOT_A_JSON_NUMBER = "NaN and Infinity are not JSON numbers"
+
+
+def non_finite_paths(value: Any, path: str = "") -> Iterator[str]:
+    """The JSON pointer paths of NaN and infinite numbers in ``value``, which Python's
+    parsers accept (``NaN``, ``Infinity``) but JSON has no form for: PostgreSQL refuses
+    them, and elsewhere they would come back as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from non_finite_paths(item, f"{path}/{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from non_finite_paths(item, f"{path}/{index}")
+
+
 def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Return ``params`` with schema defaults filled in, or raise ``InvalidParams``.
 
@@ -51,6 +69,10 @@ def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str,
     """
     if not isinstance(params, dict):
         raise InvalidParams("params must be a JSON object", errors=[{"path": "", "message": "not an object"}])
+    non_finite = [{"path": path, "message": NOT_A_JSON_NUMBER} for path in non_finite_paths(params)]
+    if non_finite:
+        paths = ", ".join(item["path"] for item in non_finite)
+        raise InvalidParams(f"params are not JSON: {paths}: {NOT_A_JSON_NUMBER}", errors=non_finite)
     filled = copy.deepcopy(params)
     _apply_defaults(schema, filled)
     validator = _validator(json.dumps(schema, sort_keys=True))

@@ -152,6 +152,13 @@ def test_outputs_that_are_not_an_object_fail_the_run(tmp_path: Path) -> None:
     assert outcome.status == RunStatus.FAILED and "JSON object" in (outcome.error or "")
 
 
+def test_outputs_with_nan_or_infinity_fail_the_run(tmp_path: Path) -> None:
+    """JSON has no form for them: stored, they could not be (PostgreSQL) or came back null."""
+    outcome, _ = execute(make(tmp_path, 'echo \'{"a": [Infinity]}\' > "$ONDECK_OUTPUTS"'))
+    assert outcome.status == RunStatus.FAILED and outcome.outputs is None
+    assert outcome.error == "outputs file is not valid JSON: Infinity is not a JSON number"
+
+
 def test_exit_code_is_recorded(tmp_path: Path, contained: str) -> None:
     outcome, _ = execute(make(tmp_path, "exit 7", isolation=contained))
     assert (outcome.status, outcome.exit_code, outcome.error) == (RunStatus.FAILED, 7, "exit code 7")

@@ -33,6 +33,10 @@ def test_durations_are_parsed() -> None:
         ({"concurrency": {"key": "${{ params.[ }}"}}, "concurrency.key"),
         ({"params": {"type": "string"}}, "params"),
         ({"unknown_field": 1}, "unknown_field"),
+        (
+            {"params": {"type": "object", "properties": {"x": {"default": float("nan")}}}},
+            "params.properties.x.default",
+        ),
     ],
 )
 def test_errors_name_the_field(change: dict[str, object], field: str) -> None:
@@ -41,6 +45,16 @@ def test_errors_name_the_field(change: dict[str, object], field: str) -> None:
     fields = [e["field"] for e in caught.value.extensions["errors"]]
     assert field in fields
     assert "ops/hello.yaml" in caught.value.detail
+
+
+def test_a_yaml_nan_is_refused_not_kept_as_null(tmp_path: Path) -> None:
+    path = tmp_path / "ratio.yaml"
+    path.write_text(
+        "name: ratio\nrun: {runtime: bash, script: 'true'}\nparams:\n  type: object\n"
+        "  properties: {r: {type: number, maximum: .inf}}\n"
+    )
+    with pytest.raises(InvalidDefinition, match=r"params\.properties\.r\.maximum: NaN and Infinity"):
+        load_file(path)
 
 
 def test_same_definition_has_same_digest_and_changes_alter_it() -> None:

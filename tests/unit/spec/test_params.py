@@ -49,3 +49,11 @@ def test_schema_must_describe_an_object() -> None:
         check_schema({"type": "string"})
     with pytest.raises(ValueError, match="not a valid JSON Schema"):
         check_schema({"type": "object", "properties": {"x": {"type": 5}}})
+
+
+def test_nan_and_infinity_anywhere_are_refused_with_their_paths() -> None:
+    params = {"service": "api", "options": {"ratio": float("nan"), "range": [0, float("-inf")]}}
+    with pytest.raises(InvalidParams, match="not JSON numbers") as caught:
+        validate_params({"type": "object"}, params)
+    paths = [e["path"] for e in caught.value.extensions["errors"]]
+    assert paths == ["/options/ratio", "/options/range/1"]
