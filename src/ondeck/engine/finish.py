@@ -16,7 +16,7 @@ from typing import Any
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
 from ondeck.durations import format_duration
 from ondeck.engine import catalog, limits, states
-from ondeck.engine.queue import Claim
+from ondeck.engine.queue import Claim, held
 from ondeck.errors import UnloadableDefinition
 from ondeck.spec.models import Automation, Retries
 from ondeck.store.store import AttemptEnd, Store, Transaction
@@ -34,7 +34,7 @@ def append_logs(store: Store, claim: Claim, chunks: Sequence[LogChunk]) -> bool:
     """Write a batch of output; False if the lease was lost (the attempt is void)."""
     with store.transaction() as tx:
         run = tx.get_run(claim.run.id, lock=True)
-        if not _still_owned(run, claim):
+        if not held(run, claim):
             return False
         tx.append_logs(claim.run.id, claim.run.attempt, chunks)
         return True
@@ -58,7 +58,7 @@ def finish_in(tx: Transaction, claim: Claim, outcome: Outcome, chunks: Sequence[
     run = claim.run
     if _may_retry(run, outcome):
         current = tx.get_run(run.id, lock=True)
-        if current is None or not _still_owned(current, claim):
+        if current is None or not held(current, claim):
             return False
         run = current
     if not _end_attempt(tx, run, outcome, claim.automation, now, (claim.worker, claim.run.attempt)):
@@ -71,15 +71,6 @@ def _may_retry(run: Run, outcome: Outcome) -> bool:
     return outcome.status in RETRYABLE and run.attempt < run.max_attempts
 
 
-def _still_owned(run: Run | None, claim: Claim) -> bool:
-    return (
-        run is not None
-        and run.status == RunStatus.RUNNING
-        and run.lease_owner == claim.worker
-        and run.attempt == claim.run.attempt
-    )
-
-
 def hand_back(store: Store, claims: Sequence[Claim], reason: str) -> None:
     """Return claimed runs that never started to the queue, as if never claimed: the
     attempt is not counted, and the runs are due at once for another worker. A run
@@ -88,7 +79,7 @@ def hand_back(store: Store, claims: Sequence[Claim], reason: str) -> None:
     with store.transaction() as tx:
         for claim in claims:
             run = tx.get_run(claim.run.id, lock=True)
-            if run is None or not _still_owned(run, claim):
+            if run is None or not held(run, claim):
                 continue
             if run.cancel_requested:
                 outcome = Outcome(RunStatus.CANCELLED, error="cancelled before it started")

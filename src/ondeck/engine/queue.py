@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -11,6 +12,8 @@ from ondeck.engine import catalog, states
 from ondeck.errors import UnloadableDefinition
 from ondeck.spec.models import Automation
 from ondeck.store.store import AttemptEnd, AttemptStart, Store, Transaction
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,39 @@ def claim(
     lease: timedelta,
     definitions: DefinitionCache,
 ) -> tuple[list[Claim], bool]:
-    """Lease up to ``capacity`` due runs of ``group``, highest priority first (see ``claim_in``)."""
-    with store.transaction() as tx:
-        return claim_in(tx, worker, group, capacity, lease, definitions)
+    """Lease up to ``capacity`` due runs of ``group``, highest priority first (see ``claim_in``).
+
+    If the commit fails, it may have happened all the same, its answer lost: the runs
+    whose lease it took are then this worker's to run (``still_held``), or their leases
+    would lapse and each be ended as lost without having run.
+    """
+    claimed: tuple[list[Claim], bool] | None = None
+    try:
+        with store.transaction() as tx:
+            claimed = claim_in(tx, worker, group, capacity, lease, definitions)
+        return claimed
+    except Exception:
+        if claimed is None:
+            raise
+        log.warning("the commit of a claim failed; keeping the runs it leased if it happened", exc_info=True)
+        return still_held(store, claimed[0]), True
+
+
+def held(run: Run | None, claim: Claim) -> bool:
+    """Whether ``run`` is still running the attempt ``claim`` leased."""
+    return (
+        run is not None
+        and run.status == RunStatus.RUNNING
+        and run.lease_owner == claim.worker
+        and run.attempt == claim.run.attempt
+    )
+
+
+def still_held(store: Store, claims: list[Claim]) -> list[Claim]:
+    """Those of ``claims`` whose runs still run the attempts they leased (the claims
+    committed, and no one took the runs since)."""
+    with store.read() as tx:
+        return [claim for claim in claims if held(tx.get_run(claim.run.id), claim)]
 
 
 def claim_in(

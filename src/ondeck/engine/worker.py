@@ -330,16 +330,24 @@ class Worker:
         run it takes; if it cannot take it, the main loop claims with a wider look. It
         cannot undo the finish: if the transaction fails, the end is written again alone
         (a savepoint around the claim would cost two round trips a run on PostgreSQL,
-        to spare a second transaction when a claim fails, which it should not).
+        to spare a second transaction when a claim fails, which it should not). If the
+        end turns out to be written already, the transaction may have committed and only
+        its answer been lost: then the runs it claimed that are still leased to this
+        worker are its to run (else their leases would lapse, and each be ended as lost
+        without having run).
         """
+        claimed: tuple[list[Claim], bool] | None = None
         try:
             with self.store.transaction() as tx:
                 finish.finish_in(tx, claim, outcome, chunks)
-                return queue.claim_in(tx, self.id, self.group, 1, self.lease, self._definitions, spare=0)
+                claimed = queue.claim_in(tx, self.id, self.group, 1, self.lease, self._definitions, spare=0)
+            return claimed
         except Exception:
             log.exception("ending run %s and claiming the next run failed; ending it alone", claim.run.id)
-        finish.finish(self.store, claim, outcome, chunks)  # if this fails too, ``_record`` retries
-        return None
+        # If this fails too, ``_record`` retries.
+        if finish.finish(self.store, claim, outcome, chunks) or claimed is None:
+            return None
+        return queue.still_held(self.store, claimed[0]), True
 
     async def _hand_back(self, claims: list[Claim]) -> None:
         try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ondeck.engine import finish, queue, runs
 from ondeck.engine.admission import TriggerRequest, admit
 from ondeck.engine.wakeup import WakeBus
 from ondeck.engine.worker import Worker
+from ondeck.errors import StoreUnavailable
 from ondeck.settings import Settings
 from ondeck.store.store import Store, Transaction
 from ondeck.vault import Vault
@@ -147,6 +149,55 @@ def test_a_run_admitted_while_every_slot_is_busy_starts_when_one_frees_not_at_th
         assert runs.get(store, second.id).status == RunStatus.SUCCEEDED
 
     asyncio.run(scenario())
+
+
+def test_a_run_claimed_by_a_commit_whose_answer_was_lost_is_still_run(
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end is found written, so the commit happened: the run it claimed is this
+    worker's, and is not left leased to it unrun until the reaper ends it as lost."""
+    define(store)
+    first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    claimed = _claim_one(store, worker)
+    _lose_the_next_commits_answer(store, monkeypatch)
+    (following,), more = worker._finish_and_claim(claimed, DONE, []) or ([], False)
+    assert (following.run.id, following.run.attempt, more) == (second.id, 1, True)
+    assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
+    assert runs.get(store, second.id).lease_owner == worker.id
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_claim_whose_commit_failed_keeps_its_runs_if_it_happened(
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    _lose_the_next_commits_answer(store, monkeypatch, committed=committed)
+    claims, _ = queue.claim(store, worker.id, "default", 1, LEASE, queue.DefinitionCache())
+    assert [c.run.id for c in claims] == ([run.id] if committed else [])
+    stored = runs.get(store, run.id)
+    assert (stored.status, stored.lease_owner) == (
+        (RunStatus.RUNNING, worker.id) if committed else (RunStatus.QUEUED, None)
+    )
+
+
+def _lose_the_next_commits_answer(
+    store: Store, monkeypatch: pytest.MonkeyPatch, *, committed: bool = True
+) -> None:
+    """The next transaction fails as if the connection dropped at its commit: before the
+    commit's answer came (``committed``), or before the commit."""
+    commit = store.transaction
+
+    @contextlib.contextmanager
+    def answer_lost() -> Iterator[Transaction]:
+        monkeypatch.setattr(store, "transaction", commit)  # once
+        with commit() as tx:
+            yield tx
+            if not committed:
+                raise StoreUnavailable("the connection dropped before the commit")
+        raise StoreUnavailable("the connection dropped before the commit's answer came")
+
+    monkeypatch.setattr(store, "transaction", answer_lost)
 
 
 def _end_while(
