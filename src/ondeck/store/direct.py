@@ -50,9 +50,10 @@ class Direct:
     """One statement, run on the connection's DBAPI cursor.
 
     An INSERT or UPDATE without a VALUES or SET clause gets one made from the names of
-    the values it is run with (``Connection.execute`` does the same); one that ``spells
-    out`` its values is compiled as it is, which a statement whose CTEs write to other
-    tables needs (the names would add SET clauses to them too).
+    the values it is run with (``Connection.execute`` does the same). With
+    ``spells_out``, the statement names every value it binds and is compiled as it is:
+    one whose CTEs write to other tables must be (the names would add SET clauses to
+    those writes too).
     """
 
     def __init__(self, statement: UpdateBase | Select[Any], *, spells_out: bool = False) -> None:
