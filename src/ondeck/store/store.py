@@ -395,7 +395,10 @@ class Transaction:
     # --- runs --------------------------------------------------------------
 
     def insert_run(self, run: Run, history: Sequence[tuple[RunStatus | None, RunStatus, str]]) -> None:
-        """Write a new run with the transitions that brought it to its status, all at its creation."""
+        """Write a new run with the transitions that brought it to its status, all at its creation.
+
+        Unlike a run's changes, its creation notifies no one: nobody can be watching a run
+        before it exists, and on PostgreSQL each notification wakes every API process."""
         values = {name: getattr(run, name) for name in _RUN_FIELDS}
         values["status"] = str(run.status)
         if self.postgres:
@@ -409,7 +412,6 @@ class Transaction:
                 for from_status, to_status, reason in history
             ]
             _INSERT_TRANSITION.executemany(self._c, transitions)
-        self.notify("run", run.id)
 
     def get_run(self, run_id: str, *, lock: bool = False) -> Run | None:
         rows = _GET_RUNS[lock].rows(self._c, {"run_id": run_id})

@@ -556,3 +556,16 @@ def test_a_claim_that_leaves_due_runs_locked_wakes_other_workers_on_postgresql_o
     store.subscribe(lambda channel, payload: heard.append((channel, payload)))
     assert len(claim(store, capacity=1)) == 1
     assert (("queue", "default") in heard) == (store.dialect == "postgresql")
+
+
+def test_admitting_a_run_wakes_workers_and_nobody_else(store: Store) -> None:
+    """Nobody can be watching a run before it exists; on PostgreSQL each notification
+    of a run wakes every API process."""
+    define(store)
+    heard: list[tuple[str, str]] = []
+    store.subscribe(lambda channel, payload: heard.append((channel, payload)))
+    run = admit(store, TriggerRequest("job")).run
+    assert heard == [("queue", "default")]
+    (claimed,) = claim(store)
+    assert finish.finish(store, claimed, Outcome(RunStatus.SUCCEEDED, 0))
+    assert heard[1:] == [("run", run.id), ("run", run.id)]  # its start and its end
