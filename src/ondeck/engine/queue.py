@@ -53,18 +53,32 @@ def claim(
 
     If the commit fails, it may have happened all the same, its answer lost: the runs
     whose lease it took are then this worker's to run (``still_held``), or their leases
-    would lapse and each be ended as lost without having run.
+    would lapse and each be ended as lost without having run. If that cannot be told
+    either, ``ClaimsUnsure`` says which claims to ask about later.
     """
     claimed: tuple[list[Claim], bool] | None = None
     try:
         with store.transaction() as tx:
             claimed = claim_in(tx, worker, group, capacity, lease, definitions)
         return claimed
-    except Exception:
+    except Exception as exc:
         if claimed is None:
             raise
         log.warning("the commit of a claim failed; keeping the runs it leased if it happened", exc_info=True)
-        return still_held(store, claimed[0]), True
+        try:
+            return still_held(store, claimed[0], lease), True
+        except Exception:
+            raise ClaimsUnsure(claimed[0]) from exc
+
+
+class ClaimsUnsure(Exception):
+    """A claim (or an attempt's end with one) failed at its commit, and whether it
+    happened could not be told: ``claims`` are to be asked about with ``still_held``
+    once the store answers again, while their leases last."""
+
+    def __init__(self, claims: list[Claim]) -> None:
+        super().__init__(f"{len(claims)} claims whose commit is in doubt")
+        self.claims = claims
 
 
 def held(run: Run | None, claim: Claim) -> bool:
@@ -77,11 +91,23 @@ def held(run: Run | None, claim: Claim) -> bool:
     )
 
 
-def still_held(store: Store, claims: list[Claim]) -> list[Claim]:
-    """Those of ``claims`` whose runs still run the attempts they leased (the claims
-    committed, and no one took the runs since)."""
+def still_held(store: Store, claims: list[Claim], lease: timedelta) -> list[Claim]:
+    """Those of ``claims`` that committed and are still theirs, with more than half the
+    lease left to start them in (a heartbeat then renews it): the run still runs that
+    attempt under the lease that claim set, which no other claim, even of another of
+    this worker's slots, can have set, and which only a heartbeat of a started attempt
+    renews."""
+    until = utcnow() + lease / 2
     with store.read() as tx:
-        return [claim for claim in claims if held(tx.get_run(claim.run.id), claim)]
+        return [
+            claim
+            for claim in claims
+            if held(run := tx.get_run(claim.run.id), claim)
+            and run is not None
+            and run.lease_expires_at == claim.run.lease_expires_at
+            and run.lease_expires_at is not None
+            and run.lease_expires_at > until
+        ]
 
 
 def claim_in(

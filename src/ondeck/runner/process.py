@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -299,11 +300,19 @@ class _Child:
             self.exited.set_result(code)
 
 
-def _refuse_constant(name: str) -> Any:
+def _refuse(name: str) -> Any:
     """For ``json.loads``, which would take ``NaN`` and ``Infinity`` as numbers: JSON has
     no form for them, and the store (PostgreSQL) refuses them, so the run's end could not
     be recorded at all."""
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    """For ``json.loads``: a number too large for a float (``1e400``) would be infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
 
 
 def _read_outputs(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -316,7 +325,7 @@ def _read_outputs(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if size > _OUTPUTS_MAX:
         return None, f"outputs file is larger than {_OUTPUTS_MAX} bytes"
     try:
-        value = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+        value = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse, parse_float=_finite)
     except (ValueError, UnicodeDecodeError) as exc:
         return None, f"outputs file is not valid JSON: {exc}"
     if not isinstance(value, dict):

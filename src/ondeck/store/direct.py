@@ -85,7 +85,8 @@ class Direct:
             return None if row is None else row[0]
 
     def rows(self, connection: Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        """Run once; the rows it returned, their values as SQLAlchemy would read them."""
+        """Run once; the rows it returned, their values as SQLAlchemy would read them (for
+        column types whose result processing needs no driver type code, as this store's)."""
         plan = self._plan(connection, values)
         if plan is None:
             return [tuple(row) for row in connection.execute(self._statement, dict(values))]
@@ -165,4 +166,7 @@ def statement(connection: Connection, sql: str, parameters: Any = None) -> None:
     """One statement without results, straight on the driver, in the driver's own
     parameter style (``parameters`` as the driver takes them)."""
     with _driver_cursor(connection, sql, parameters) as cursor:
-        cursor.execute(sql) if parameters is None else cursor.execute(sql, parameters)
+        if parameters is None:
+            cursor.execute(sql)
+        else:
+            cursor.execute(sql, parameters)

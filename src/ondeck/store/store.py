@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -716,6 +716,8 @@ class Transaction:
     ) -> AuditEntry:
         """Append to the chain; appends are serialised so the chain never forks (on
         PostgreSQL by a lock held until commit, in the one statement that appends)."""
+        if now.utcoffset() != timedelta(0):  # the hash covers its text, which must read back the same
+            raise ValueError("an audit entry's time must be timezone-aware UTC")
         body = canonical_detail(detail)
         values = {"at": now, "actor": actor, "action": action, "target": target, "detail": body}
         if self.postgres:

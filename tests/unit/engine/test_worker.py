@@ -181,6 +181,48 @@ def test_a_claim_whose_commit_failed_keeps_its_runs_if_it_happened(
     )
 
 
+def test_a_run_another_slot_claimed_since_a_claim_failed_is_not_taken_for_it(
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed claim's run went back to the queue and this worker's other slot took
+    it, for the same attempt number: that claim's lease, not the worker's name, tells."""
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    still_held = queue.still_held
+    taken: list[queue.Claim] = []
+
+    def another_slot_claims_first(*args: Any) -> list[queue.Claim]:
+        taken.append(_claim_one(store, worker))
+        return still_held(*args)
+
+    monkeypatch.setattr(queue, "still_held", another_slot_claims_first)
+    _lose_the_next_commits_answer(store, monkeypatch, committed=False)
+    claims, _ = queue.claim(store, worker.id, "default", 1, LEASE, queue.DefinitionCache())
+    assert claims == [] and [c.run.id for c in taken] == [run.id]
+
+
+def test_claims_in_doubt_are_settled_once_the_store_answers(
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end's commit happened but its answer was lost, and the store failed again when
+    asked: the run the end claimed is kept in doubt, and run once the store can tell."""
+    define(store)
+    _, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    claimed = _claim_one(store, worker)
+    _lose_the_next_commits_answer(store, monkeypatch)
+
+    def unreachable(*_args: Any) -> bool:
+        raise StoreUnavailable("still unreachable")
+
+    monkeypatch.setattr(finish, "finish", unreachable)
+    with pytest.raises(queue.ClaimsUnsure) as doubt:
+        worker._finish_and_claim(claimed, DONE, [])
+    monkeypatch.undo()
+    worker._unsure += doubt.value.claims  # as ``_record`` keeps them
+    (settled,) = asyncio.run(worker._settle_unsure())
+    assert (settled.run.id, worker._unsure) == (second.id, [])
+
+
 def _lose_the_next_commits_answer(
     store: Store, monkeypatch: pytest.MonkeyPatch, *, committed: bool = True
 ) -> None:

@@ -157,6 +157,9 @@ def test_outputs_with_nan_or_infinity_fail_the_run(tmp_path: Path) -> None:
     outcome, _ = execute(make(tmp_path, 'echo \'{"a": [Infinity]}\' > "$ONDECK_OUTPUTS"'))
     assert outcome.status == RunStatus.FAILED and outcome.outputs is None
     assert outcome.error == "outputs file is not valid JSON: Infinity is not a JSON number"
+    outcome, _ = execute(make(tmp_path, 'echo \'{"a": 1e400}\' > "$ONDECK_OUTPUTS"'))  # parsed, infinite
+    assert outcome.status == RunStatus.FAILED and outcome.outputs is None
+    assert outcome.error == "outputs file is not valid JSON: 1e400 is too large a number"
 
 
 def test_exit_code_is_recorded(tmp_path: Path, contained: str) -> None:

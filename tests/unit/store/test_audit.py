@@ -19,9 +19,8 @@ def test_concurrent_appends_make_one_unbroken_chain(store: Store) -> None:
         start.wait()
         for n in range(each):
             with store.transaction() as tx:
-                tx.append_audit(
-                    f"writer-{writer}", "test.append", f"n:{n}", {"text": "ünï\ncode", "n": n}, utcnow()
-                )
+                target = f"ünï\ncode\u2028{n} 🚀"  # hashed as UTF-8 in SQL on PostgreSQL, newline and all
+                tx.append_audit(f"writer-{writer}", "test.append", target, {"n": n}, utcnow())
 
     workers = [threading.Thread(target=append, args=(w,)) for w in range(threads)]
     for worker in workers:

@@ -37,7 +37,7 @@ def upgrade() -> None:
         BEGIN
             PERFORM pg_advisory_xact_lock(chain_lock);
             SELECT a.hash INTO previous FROM audit_entries AS a ORDER BY a.id DESC LIMIT 1;
-            previous := coalesce(previous, repeat('0', 64));
+            previous := coalesce(previous, repeat('0', 64));  -- ondeck.audit.GENESIS
             RETURN QUERY
                 INSERT INTO audit_entries AS a (at, actor, action, target, detail, prev_hash, hash)
                 VALUES (
