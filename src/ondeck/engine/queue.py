@@ -53,8 +53,9 @@ def claim(
 
     If the commit fails, it may have happened all the same, its answer lost: the runs
     whose lease it took are then this worker's to run (``still_held``), or their leases
-    would lapse and each be ended as lost without having run. If that cannot be told
-    either, ``ClaimsUnsure`` says which claims to ask about later.
+    would lapse and each be ended as lost without having run. If even that cannot be
+    told (the store is still failing), the commit's error is raised: the reaper ends any
+    such run when its lease lapses.
     """
     claimed: tuple[list[Claim], bool] | None = None
     try:
@@ -68,17 +69,7 @@ def claim(
         try:
             return still_held(store, claimed[0], lease), True
         except Exception:
-            raise ClaimsUnsure(claimed[0]) from exc
-
-
-class ClaimsUnsure(Exception):
-    """A claim (or an attempt's end with one) failed at its commit, and whether it
-    happened could not be told: ``claims`` are to be asked about with ``still_held``
-    once the store answers again, while their leases last."""
-
-    def __init__(self, claims: list[Claim]) -> None:
-        super().__init__(f"{len(claims)} claims whose commit is in doubt")
-        self.claims = claims
+            raise exc from None
 
 
 def held(run: Run | None, claim: Claim) -> bool:
@@ -94,19 +85,19 @@ def held(run: Run | None, claim: Claim) -> bool:
 def still_held(store: Store, claims: list[Claim], lease: timedelta) -> list[Claim]:
     """Those of ``claims`` that committed and are still theirs, with more than half the
     lease left to start them in (a heartbeat then renews it): the run still runs that
-    attempt under the lease that claim set, which no other claim, even of another of
-    this worker's slots, can have set, and which only a heartbeat of a started attempt
-    renews."""
+    attempt under the lease that claim set, which no other claim, even by another of
+    this worker's slots, can have set. Each run is read locked, so a commit still under
+    way (its answer lost) is waited for rather than missed."""
     until = utcnow() + lease / 2
-    with store.read() as tx:
+    with store.transaction() as tx:
         return [
             claim
             for claim in claims
-            if held(run := tx.get_run(claim.run.id), claim)
-            and run is not None
+            if held(run := tx.get_run(claim.run.id, lock=True), claim)
+            and run is not None  # (held says so; for the type checker)
             and run.lease_expires_at == claim.run.lease_expires_at
-            and run.lease_expires_at is not None
-            and run.lease_expires_at > until
+            and claim.run.lease_expires_at is not None
+            and claim.run.lease_expires_at > until
         ]
 
 

@@ -123,8 +123,6 @@ class Worker:
         self._backlog = False
         # Wake-ups that came while every slot was busy (see ``_claim`` and ``_record``).
         self._woken_while_full = 0
-        # Claims whose commit failed and may have happened (``queue.ClaimsUnsure``).
-        self._unsure: list[Claim] = []
         bus.on_cancel(self._cancel)
 
     def _cancel(self, run_id: str) -> None:
@@ -164,7 +162,6 @@ class Worker:
 
     async def _claim(self) -> bool:
         """Claim and start due runs for the free slots; True if more may be due."""
-        self._start(await self._settle_unsure())
         free = self.concurrency - len(self._active)
         if free <= 0:
             # Woken while every slot is busy: a run may be due, so the next attempt to end
@@ -176,10 +173,8 @@ class Worker:
             claims, more = await self.call(
                 queue.claim, self.store, self.id, self.group, free, self.lease, self._definitions
             )
-        except Exception as exc:
+        except Exception:
             log.exception("claiming runs failed; will retry")
-            if isinstance(exc, queue.ClaimsUnsure):
-                self._unsure += exc.claims
             return False
         # Every free slot filled, or not every due run seen: more may be waiting.
         self._backlog = more or (bool(claims) and len(claims) == free)
@@ -192,20 +187,6 @@ class Worker:
             task = asyncio.create_task(self._execute(claim))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    async def _settle_unsure(self) -> list[Claim]:
-        """Those claims whose commit was in doubt that happened and are still this
-        worker's, to start now; the rest are forgotten (their runs are someone else's, or
-        queued, or the reaper's). Kept for later if the store cannot tell yet."""
-        if not self._unsure:
-            return []
-        unsure, self._unsure = self._unsure, []
-        try:
-            return await self.call(queue.still_held, self.store, unsure, self.lease)
-        except Exception:
-            log.warning("runs whose claim is in doubt: still cannot tell; will ask again", exc_info=True)
-            self._unsure += unsure
-            return []
 
     async def _heartbeat(self) -> None:
         while True:
@@ -326,12 +307,10 @@ class Worker:
                     # claim may have read the queue before that run was there. Then the
                     # end wakes the loop (``_execute``).
                     self._backlog = more or self._woken_while_full != seen
-                    return following + await self._settle_unsure()
+                    return following
                 await self.call(finish.finish, self.store, claim, outcome, chunks)
-                return await self._settle_unsure()
-            except Exception as exc:
-                if isinstance(exc, queue.ClaimsUnsure):
-                    self._unsure += exc.claims
+                return []
+            except Exception:
                 if time.monotonic() + delay > deadline:
                     log.exception("run %s: recording the result failed; the reaper will end it", claim.run.id)
                     return []
@@ -355,8 +334,7 @@ class Worker:
         end turns out to be written already, the transaction may have committed and only
         its answer been lost: then the runs it claimed that are still leased to this
         worker are its to run (else their leases would lapse, and each be ended as lost
-        without having run). If that cannot be told yet, ``queue.ClaimsUnsure`` says
-        which claims to ask about once the store answers (``_record`` keeps them).
+        without having run).
         """
         claimed: tuple[list[Claim], bool] | None = None
         try:
@@ -366,14 +344,11 @@ class Worker:
             return claimed
         except Exception:
             log.exception("ending run %s and claiming the next run failed; ending it alone", claim.run.id)
-        try:
-            if finish.finish(self.store, claim, outcome, chunks) or claimed is None:
-                return None
-            return queue.still_held(self.store, claimed[0], self.lease), True
-        except Exception as exc:  # ``_record`` retries the end
-            if claimed is None:
-                raise
-            raise queue.ClaimsUnsure(claimed[0]) from exc
+        # If this fails too, ``_record`` writes the end again (and any run claimed with it
+        # that did commit is the reaper's once its lease lapses).
+        if finish.finish(self.store, claim, outcome, chunks) or claimed is None:
+            return None
+        return queue.still_held(self.store, claimed[0], self.lease), True
 
     async def _hand_back(self, claims: list[Claim]) -> None:
         try:

@@ -201,26 +201,13 @@ def test_a_run_another_slot_claimed_since_a_claim_failed_is_not_taken_for_it(
     assert claims == [] and [c.run.id for c in taken] == [run.id]
 
 
-def test_claims_in_doubt_are_settled_once_the_store_answers(
-    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The end's commit happened but its answer was lost, and the store failed again when
-    asked: the run the end claimed is kept in doubt, and run once the store can tell."""
+def test_a_claim_is_only_kept_with_half_its_lease_left(store: Store, worker: Worker) -> None:
+    """Less, and its first heartbeat might come too late: the reaper's, then."""
     define(store)
-    _, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    admit(store, TriggerRequest("job"))
     claimed = _claim_one(store, worker)
-    _lose_the_next_commits_answer(store, monkeypatch)
-
-    def unreachable(*_args: Any) -> bool:
-        raise StoreUnavailable("still unreachable")
-
-    monkeypatch.setattr(finish, "finish", unreachable)
-    with pytest.raises(queue.ClaimsUnsure) as doubt:
-        worker._finish_and_claim(claimed, DONE, [])
-    monkeypatch.undo()
-    worker._unsure += doubt.value.claims  # as ``_record`` keeps them
-    (settled,) = asyncio.run(worker._settle_unsure())
-    assert (settled.run.id, worker._unsure) == (second.id, [])
+    assert queue.still_held(store, [claimed], LEASE) == [claimed]
+    assert queue.still_held(store, [claimed], LEASE * 3) == []  # as if most of the lease had gone
 
 
 def _lose_the_next_commits_answer(
