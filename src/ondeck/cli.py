@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -20,6 +20,9 @@ from ondeck import __version__
 from ondeck.auth.tokens import TOKEN_FILE
 from ondeck.settings import Settings
 from ondeck.spec.params import coerce_text
+
+if TYPE_CHECKING:
+    from ondeck.store.store import Store
 
 app = typer.Typer(help="ondeck: run automations on demand, safely.", no_args_is_help=True)
 runs_app = typer.Typer(help="Inspect and control runs.", no_args_is_help=True)
@@ -103,6 +106,32 @@ class Api:
 def _fail(message: str, code: int = EXIT_API) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _existing_store(settings: Settings) -> Store:
+    """The database of an installation, for the commands that read it directly: a clear
+    error, and nothing created, where there is none (say, ONDECK_DATA_DIR not set as the
+    server's) or it cannot be reached."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from ondeck.store.store import Store
+
+    url = make_url(settings.resolved_database_url)
+    where = url.render_as_string(hide_password=True)
+    hint = "set ONDECK_DATA_DIR or ONDECK_DATABASE_URL as the server has them"
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        _fail(f"no ondeck database at {where}: {hint}")
+    store = Store(settings.resolved_database_url)
+    try:
+        current = store.is_current()
+    except DBAPIError as exc:
+        store.dispose()
+        _fail(f"cannot reach the database at {where}: {exc.orig}")
+    if not current:
+        store.dispose()
+        _fail(f"the database at {where} is not an ondeck database of this version: {hint}, or upgrade it")
+    return store
 
 
 def _fail_problem(response: httpx.Response) -> NoReturn:
@@ -530,11 +559,10 @@ def secrets_delete(name: str, scope: str = "global") -> None:
 def secrets_rotate_key() -> None:
     """Re-encrypt every secret under a new master key (run where the database is reachable)."""
     from ondeck.engine import secret_store
-    from ondeck.store.store import Store
     from ondeck.vault import Vault
 
     settings = Settings()
-    store = Store(settings.resolved_database_url)
+    store = _existing_store(settings)
     vault = Vault.open(settings.data_dir, settings.master_key)
     new, count = secret_store.rotate_key(store, vault, settings.data_dir)
     store.dispose()
@@ -550,9 +578,8 @@ def secrets_rotate_key() -> None:
 def audit_verify() -> None:
     """Recompute the audit chain from the database; exit 1 naming the first broken entry."""
     from ondeck.engine import audit_log
-    from ondeck.store.store import Store
 
-    store = Store(Settings().resolved_database_url)
+    store = _existing_store(Settings())
     result = audit_log.verify(store)
     store.dispose()
     if not result.intact:

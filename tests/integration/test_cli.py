@@ -128,3 +128,29 @@ def test_db_upgrade(tmp_path: Path) -> None:
         [sys.executable, "-m", "ondeck", "db", "upgrade"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and (tmp_path / "d" / "ondeck.db").exists()
+
+
+def test_commands_that_read_the_database_say_clearly_when_there_is_none(tmp_path: Path) -> None:
+    """Without the server's ONDECK_DATA_DIR, they met an empty database they had just made."""
+    env = {"PATH": "/usr/bin:/bin", "ONDECK_DATA_DIR": str(tmp_path / "d"), "HOME": str(tmp_path)}
+    for command in (["audit", "verify"], ["secrets", "rotate-key"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ondeck", *command], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 3, result.stderr
+        assert (
+            result.stderr.startswith("error: no ondeck database at sqlite:///")
+            and "ONDECK_DATA_DIR" in result.stderr
+        )
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "d").exists()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ondeck.db").touch()  # a database, but not ondeck's
+    result = subprocess.run(
+        [sys.executable, "-m", "ondeck", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3 and "not an ondeck database" in result.stderr, result.stderr
