@@ -293,17 +293,11 @@ def _transition_row(
     }
 
 
-def _run(row: Any) -> Run:
-    values = {name: getattr(row, name) for name in _RUN_FIELDS}
-    values["status"] = RunStatus(values["status"])
-    return Run(**values)
-
-
 _RUN_POSITIONS = [[column.key for column in runs.columns].index(name) for name in _RUN_FIELDS]
 
 
-def _run_of_values(row: tuple[Any, ...]) -> Run:
-    """The run of a row of ``select(runs)`` read by ``Direct.rows``."""
+def _run(row: Sequence[Any]) -> Run:
+    """The run of a row of ``select(runs)``, read through SQLAlchemy or ``Direct.rows``."""
     values = {name: row[position] for name, position in zip(_RUN_FIELDS, _RUN_POSITIONS, strict=True)}
     values["status"] = RunStatus(values["status"])
     return Run(**values)
@@ -415,7 +409,7 @@ class Transaction:
 
     def get_run(self, run_id: str, *, lock: bool = False) -> Run | None:
         rows = _GET_RUNS[lock].rows(self._c, {"run_id": run_id})
-        return _run_of_values(rows[0]) if rows else None
+        return _run(rows[0]) if rows else None
 
     def list_runs(
         self,
@@ -492,7 +486,7 @@ class Transaction:
     def queued_candidates(self, worker_group: str, now: datetime, limit: int) -> list[Run]:
         """Queued runs that are due and whose concurrency key has a free slot."""
         values = {"worker_group": worker_group, "now": now, "limit": limit}
-        return [_run_of_values(row) for row in _QUEUED_CANDIDATES.rows(self._c, values)]
+        return [_run(row) for row in _QUEUED_CANDIDATES.rows(self._c, values)]
 
     def take_slot(self, key: str, limit: int, run_id: str) -> bool:
         """Occupy one of ``limit`` slots of ``key``; False when all are taken.
