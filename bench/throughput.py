@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import secrets
 import shutil
@@ -97,11 +98,6 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return (utime + stime) / tick, (cutime + cstime) / tick
 
 
-def _stat_seconds(path: Path, first: int, last: int) -> float:
-    fields = path.read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in range(first, last + 1)) / os.sysconf("SC_CLK_TCK")
-
-
 def database_cpu_seconds() -> float:
     """CPU seconds of the PostgreSQL server on this machine, if it runs here (else 0): its
     processes' own, and the postmaster's reaped children's (backends that exited)."""
@@ -112,7 +108,9 @@ def database_cpu_seconds() -> float:
                 continue
             parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
             postmaster = Path(f"/proc/{parent}/comm").read_text().strip() != "postgres"
-            total += _stat_seconds(proc / "stat", 11, 14 if postmaster else 12)
+            own, reaped = cpu_seconds(int(proc.name))
+            if not math.isnan(own):  # it exited meanwhile
+                total += own + (reaped if postmaster else 0.0)
     return total
 
 
