@@ -21,19 +21,23 @@ BUSY_TIMEOUT_SECONDS = 30.0
 
 
 def create_db_engine(url: str) -> Engine:
+    """An engine whose errors never show the statement's values (``hide_parameters``): they
+    are logged, and values are params, outputs and logs, which may be sensitive."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
     # More pooled connections than threads that use them (ondeck.blocking, anyio); recycled
     # hourly rather than pinged on every checkout.
-    return create_engine(url, pool_size=16, max_overflow=16, pool_recycle=3600, pool_timeout=60)
+    return create_engine(
+        url, pool_size=16, max_overflow=16, pool_recycle=3600, pool_timeout=60, hide_parameters=True
+    )
 
 
 def _sqlite_engine(url: str) -> Engine:
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=60)
+    engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=60, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:

@@ -149,7 +149,8 @@ def _driver_cursor(connection: Connection, sql: str, values: Any) -> Iterator[An
     try:
         yield cursor
     except dbapi.Error as exc:
-        raise DBAPIError.instance(sql, values, exc, dbapi.Error, dialect=connection.dialect) from exc
+        hide = connection.engine.hide_parameters
+        raise DBAPIError.instance(sql, values, exc, dbapi.Error, hide, dialect=connection.dialect) from exc
     finally:
         cursor.close()
 

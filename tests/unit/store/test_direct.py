@@ -80,9 +80,14 @@ def test_update_returns_the_rows_it_matched_and_returning_gives_the_value(store:
 
 def test_driver_errors_come_back_as_sqlalchemy_errors(store: Store) -> None:
     statement = Direct(insert(runs))
-    with pytest.raises(IntegrityError), store.transaction() as tx:
-        statement.execute(tx._c, _run_row("twice"))
-        statement.execute(tx._c, _run_row("twice"))
+    with pytest.raises(IntegrityError) as caught, store.transaction() as tx:
+        statement.execute(tx._c, _run_row("twice", params={"password": "hunter2"}))
+        statement.execute(tx._c, _run_row("twice", params={"password": "hunter2"}))
+    assert "hunter2" not in str(caught.value)  # errors are logged: values stay out of them
+    with pytest.raises(IntegrityError) as caught, store.transaction() as tx:  # through SQLAlchemy
+        tx._c.execute(insert(runs), _run_row("again", params={"password": "hunter2"}))
+        tx._c.execute(insert(runs), _run_row("again", params={"password": "hunter2"}))
+    assert "hunter2" not in str(caught.value)
     with store.read() as tx:
         assert tx.get_run("twice") is None  # the transaction rolled back as a whole
 
