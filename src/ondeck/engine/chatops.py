@@ -197,7 +197,9 @@ def _entry(slash: str, name: str, automation: Automation) -> str:
 def _explain(error: OndeckError) -> str:
     text = f"Sorry, that did not work. {error.title}: {escape(error.detail)}"
     if isinstance(error, InvalidParams) and error.extensions.get("errors"):
-        problems = [f"• `{escape(e['path'])}`: {escape(e['message'])}" for e in error.extensions["errors"]]
+        problems = [
+            f"• `{escape(e['path'] or 'params')}`: {escape(e['message'])}" for e in error.extensions["errors"]
+        ]
         text = "Sorry, those parameters do not fit:\n" + "\n".join(problems)
     if isinstance(error, RateLimited | CircuitOpen):
         text += f" Try again in {error.extensions.get('retry_after', 60)} s."

@@ -48,8 +48,7 @@ def parse_definition(data: Any, file: str = "<request>") -> Automation:
             errors=[{"file": file, "field": "", "message": "not a mapping"}],
         )
     non_finite = [
-        DefinitionError(file, path[1:].replace("/", "."), NOT_A_JSON_NUMBER)
-        for path in non_finite_paths(data)
+        DefinitionError(file, ".".join(map(str, path)), NOT_A_JSON_NUMBER) for path in non_finite_paths(data)
     ]
     if non_finite:  # the models would keep them as null
         raise InvalidDefinition("; ".join(map(str, non_finite)), errors=[e.__dict__ for e in non_finite])

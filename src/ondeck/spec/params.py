@@ -6,7 +6,7 @@ import copy
 import functools
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -47,18 +47,24 @@ def _validator(schema: str) -> Draft202012Validator:
 NOT_A_JSON_NUMBER = "NaN and Infinity are not JSON numbers"
 
 
-def non_finite_paths(value: Any, path: str = "") -> Iterator[str]:
-    """The JSON pointer paths of NaN and infinite numbers in ``value``, which Python's
+def json_pointer(parts: Iterable[str | int]) -> str:
+    """The RFC 6901 pointer to ``parts`` (keys and indexes): ``""`` is the whole document,
+    and ``~`` and ``/`` in keys are written ``~0`` and ``~1``."""
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
+
+
+def non_finite_paths(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[str | int, ...]]:
+    """The paths (keys and indexes) of NaN and infinite numbers in ``value``, which Python's
     parsers accept (``NaN``, ``Infinity``) but JSON has no form for: PostgreSQL refuses
     them, and elsewhere they would come back as null."""
     if isinstance(value, float) and not math.isfinite(value):
         yield path
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from non_finite_paths(item, f"{path}/{key}")
+            yield from non_finite_paths(item, (*path, key))
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            yield from non_finite_paths(item, f"{path}/{index}")
+            yield from non_finite_paths(item, (*path, index))
 
 
 def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +75,9 @@ def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str,
     """
     if not isinstance(params, dict):
         raise InvalidParams("params must be a JSON object", errors=[{"path": "", "message": "not an object"}])
-    non_finite = [{"path": path, "message": NOT_A_JSON_NUMBER} for path in non_finite_paths(params)]
+    non_finite = [
+        {"path": json_pointer(path), "message": NOT_A_JSON_NUMBER} for path in non_finite_paths(params)
+    ]
     if non_finite:
         paths = ", ".join(item["path"] for item in non_finite)
         raise InvalidParams(f"params are not JSON: {paths}: {NOT_A_JSON_NUMBER}", errors=non_finite)
@@ -78,11 +86,8 @@ def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str,
     validator = _validator(json.dumps(schema, sort_keys=True))
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        listed = [
-            {"path": "/" + "/".join(str(p) for p in error.absolute_path), "message": error.message}
-            for error in errors
-        ]
-        summary = "; ".join(f"{item['path']}: {item['message']}" for item in listed)
+        listed = [{"path": json_pointer(error.absolute_path), "message": error.message} for error in errors]
+        summary = "; ".join(f"{item['path'] or 'params'}: {item['message']}" for item in listed)
         raise InvalidParams(f"params do not match the schema: {summary}", errors=listed)
     return filled
 

@@ -29,8 +29,21 @@ def test_every_failing_path_is_listed() -> None:
     with pytest.raises(InvalidParams) as caught:
         validate_params(SCHEMA, {"service": "Bad Name", "env": "qa", "extra": 1})
     paths = sorted(e["path"] for e in caught.value.extensions["errors"])
-    assert paths == ["/", "/env", "/service"]
+    assert paths == ["", "/env", "/service"]  # "": the params object itself (RFC 6901)
     assert "/service" in caught.value.detail
+    assert "params: Additional properties are not allowed" in caught.value.detail
+
+
+def test_paths_are_json_pointers_with_keys_escaped() -> None:
+    schema = {"type": "object", "properties": {"a/b": {"type": "integer"}, "c~d": {"type": "integer"}}}
+    with pytest.raises(InvalidParams) as caught:
+        validate_params(schema, {"a/b": "x", "c~d": "y", "e/f": float("nan")})
+    assert caught.value.extensions["errors"] == [
+        {"path": "/e~1f", "message": "NaN and Infinity are not JSON numbers"}
+    ]
+    with pytest.raises(InvalidParams) as caught:
+        validate_params(schema, {"a/b": "x", "c~d": "y"})
+    assert [e["path"] for e in caught.value.extensions["errors"]] == ["/a~1b", "/c~0d"]
 
 
 def test_missing_required_is_an_error() -> None:
