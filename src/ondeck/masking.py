@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 MASK = "***"
@@ -23,6 +24,9 @@ class Masker:
     def json(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.text(value)
+        if isinstance(value, int | float) and self.values:  # a number (or bool) may be one too
+            text = json.dumps(value)
+            return MASK if self.text(text) != text else value
         if isinstance(value, dict):
             return {self.text(str(k)): self.json(v) for k, v in value.items()}
         if isinstance(value, list):

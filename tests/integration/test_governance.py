@@ -411,6 +411,38 @@ def test_secret_never_leaks(server: Server, admin: httpx.Client) -> None:
         engine.dispose()
 
 
+def test_write_only_params_stay_out_of_audit_errors_and_logs(admin: httpx.Client) -> None:
+    name = unique("write-only")
+    schema = {
+        "type": "object",
+        "properties": {
+            "password": {"type": "string", "writeOnly": True, "pattern": "^[a-z]+$"},
+            "creds": {"type": "object", "properties": {"pw": {"type": "string", "format": "password"}}},
+        },
+    }
+    script = (
+        'echo "pw=$ONDECK_PARAM_PASSWORD"\n'
+        'printf \'{"echo": "%s"}\' "$ONDECK_PARAM_PASSWORD" > "$ONDECK_OUTPUTS"'
+    )
+    put_automation(admin, {"name": name, "params": schema, "run": {"runtime": "bash", "script": script}})
+    given = {"password": "hunterpw", "creds": {"pw": "nestedpw"}}
+    run = wait_for_run(admin, admin.post(f"/automations/{name}/runs", json={"params": given}).json()["id"])
+    assert run["status"] == "succeeded" and run["outputs"] == {"echo": "***"}
+    logs = admin.get(f"/runs/{run['id']}/logs").json()
+    assert "pw=***" in "".join(e["text"] for e in logs["entries"])
+    bad = admin.post(f"/automations/{name}/runs", json={"params": {"password": "Hunter2Secret"}})
+    assert bad.status_code == 422 and "Hunter2Secret" not in bad.text
+    assert bad.json()["errors"] == [{"path": "/password", "message": "not valid (pattern)"}]
+    refused = admin.post(
+        f"/automations/{name}/runs", json={"params": {"password": "cbleak"}, "callback_url": "ftp://x"}
+    )
+    assert refused.status_code == 400
+    audit = admin.get("/audit", params={"limit": 1000}).text
+    for value in ("hunterpw", "nestedpw", "Hunter2Secret", "cbleak"):
+        assert value not in audit
+    assert '"creds": {"pw": "***"}' in audit or '"creds":{"pw":"***"}' in audit
+
+
 def test_missing_secret_fails_the_run_clearly(admin: httpx.Client) -> None:
     name = unique("nosecret")
     put_automation(

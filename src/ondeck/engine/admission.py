@@ -33,7 +33,7 @@ from ondeck.ids import new_id
 from ondeck.masking import MASK
 from ondeck.spec.expressions import ExpressionError, render
 from ondeck.spec.models import Automation
-from ondeck.spec.params import validate_params
+from ondeck.spec.params import masked, validate_params
 from ondeck.store.store import IntegrityError, Store, Transaction
 
 # Passes at most through admission when other processes keep applying new versions.
@@ -91,16 +91,13 @@ def _fingerprint(params: dict[str, Any]) -> str:
 
 
 def masked_params(automation: Automation | None, params: Any) -> Any:
-    """Params for the audit log: values the schema marks writeOnly or format password are masked."""
-    if automation is None or not isinstance(params, dict):
+    """Params for the audit log: values the schema marks writeOnly or format password are
+    masked; all of them while the schema is not known."""
+    if not isinstance(params, dict):
         return params
-    properties = automation.params_schema.get("properties", {})
-    sensitive = {
-        name
-        for name, prop in properties.items()
-        if isinstance(prop, dict) and (prop.get("writeOnly") or prop.get("format") == "password")
-    }
-    return {k: (MASK if k in sensitive else v) for k, v in params.items()}
+    if automation is None:
+        return {key: MASK for key in params}
+    return masked(automation.params_schema, params)
 
 
 def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None = None) -> Admission:

@@ -25,6 +25,7 @@ from ondeck.runner.process import run_attempt
 from ondeck.runner.workspace import Workspace
 from ondeck.settings import Settings
 from ondeck.spec.expressions import ExpressionError, render
+from ondeck.spec.params import sensitive_values
 from ondeck.store.store import Store
 from ondeck.vault import Vault
 
@@ -227,7 +228,8 @@ class Worker:
             workspace_root=settings.workspace_root,
             kill_grace=settings.kill_grace_seconds,
             extra_env=secrets,
-            redact=tuple(secrets.values()),
+            # Secrets, and the params the schema marks writeOnly or format password.
+            redact=(*secrets.values(), *sensitive_values(automation.params_schema, run.params)),
             isolation=self.isolation,
         )
 

@@ -205,7 +205,9 @@ class _Output:
                 data = data[: budget.remaining]
                 budget.truncated = True
             budget.remaining -= len(data)
-            self._put(stream.name, stream.text(data, last=budget.truncated))
+            # Cut off: a tail held back as the possible start of a secret is dropped, as
+            # the rest of it would be (``last`` would show it).
+            self._put(stream.name, stream.text(data, last=False))
             if budget.truncated:
                 marker = f"\n[ondeck] output truncated at {budget.limit} bytes; the rest was discarded\n"
                 self._put("system", marker)

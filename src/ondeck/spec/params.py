@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import math
+import operator
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -13,6 +14,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from ondeck.errors import InvalidParams
+from ondeck.masking import MASK, Masker
 
 
 def check_schema(schema: dict[str, Any]) -> None:
@@ -67,6 +69,90 @@ def non_finite_paths(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[t
             yield from non_finite_paths(item, (*path, index))
 
 
+def _is_sensitive(schema: Mapping[str, Any]) -> bool:
+    return bool(schema.get("writeOnly")) or schema.get("format") == "password"
+
+
+def _subschemas(schema: Any, root: Mapping[str, Any], depth: int = 0) -> Iterator[Mapping[str, Any]]:
+    """``schema`` and those it brings in: a local ``$ref``, ``allOf``, ``anyOf``, ``oneOf``."""
+    if not isinstance(schema, Mapping) or depth > 32:  # a $ref cycle
+        return
+    yield schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            key = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(key) if isinstance(target, Mapping) else None
+        yield from _subschemas(target, root, depth + 1)
+    for keyword in ("allOf", "anyOf", "oneOf"):
+        for sub in schema.get(keyword) or ():
+            yield from _subschemas(sub, root, depth + 1)
+
+
+def sensitive_paths(
+    schema: Mapping[str, Any],
+    value: Any,
+    path: tuple[str | int, ...] = (),
+    root: Mapping[str, Any] | None = None,
+) -> Iterator[tuple[str | int, ...]]:
+    """The paths of the values in ``value`` that ``schema`` marks ``writeOnly`` or
+    ``format: password``, at any depth (through properties, items, local ``$ref`` and
+    the ``*Of`` combinators): values the audit log, errors and logs must not show."""
+    root = schema if root is None else root
+    schemas = list(_subschemas(schema, root))
+    if any(_is_sensitive(sub) for sub in schemas):
+        yield path
+        return
+    for sub in schemas:  # a path reached through several subschemas comes more than once
+        if isinstance(value, dict) and isinstance(sub.get("properties"), Mapping):
+            for key, prop in sub["properties"].items():
+                if key in value:
+                    yield from sensitive_paths(prop, value[key], (*path, key), root)
+        elif isinstance(value, list) and isinstance(sub.get("items"), Mapping):
+            for index, item in enumerate(value):
+                yield from sensitive_paths(sub["items"], item, (*path, index), root)
+
+
+def _at(value: Any, path: tuple[str | int, ...]) -> Any:
+    for part in path:
+        value = value[part]
+    return value
+
+
+def masked(schema: Mapping[str, Any], params: Any) -> Any:
+    """``params`` with the values ``sensitive_paths`` finds replaced by ``***``."""
+    paths = sorted(set(sensitive_paths(schema, params)), key=len)
+    if not paths:
+        return params
+    if not paths[0]:
+        return MASK
+    shown = copy.deepcopy(params)
+    done: list[tuple[str | int, ...]] = []
+    for path in paths:  # shortest first: one inside a value masked already is skipped
+        if not any(path[: len(outer)] == outer for outer in done):
+            operator.setitem(_at(shown, path[:-1]), path[-1], MASK)
+            done.append(path)
+    return shown
+
+
+def sensitive_values(schema: Mapping[str, Any], params: Any) -> list[str]:
+    """The text of each scalar in the sensitive values of ``params``, to mask wherever
+    they might be quoted: error messages, a run's output."""
+    found: list[str] = []
+
+    def scalars(value: Any) -> None:
+        if isinstance(value, dict | list):
+            for item in value.values() if isinstance(value, dict) else value:
+                scalars(item)
+        elif value is not None:
+            found.append(value if isinstance(value, str) else json.dumps(value))
+
+    for path in set(sensitive_paths(schema, params)):
+        scalars(_at(params, path))
+    return found
+
+
 def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Return ``params`` with schema defaults filled in, or raise ``InvalidParams``.
 
@@ -86,7 +172,15 @@ def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str,
     validator = _validator(json.dumps(schema, sort_keys=True))
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        listed = [{"path": json_pointer(error.absolute_path), "message": error.message} for error in errors]
+        # The validator's messages quote the values: not those the schema marks sensitive.
+        hidden = [json_pointer(path) for path in sensitive_paths(schema, filled)]
+        masker = Masker(sensitive_values(schema, filled))
+        listed = []
+        for error in errors:
+            where = json_pointer(error.absolute_path)
+            inside = any(where == h or where.startswith(h + "/") for h in hidden)
+            message = f"not valid ({error.validator})" if inside else masker.text(error.message)
+            listed.append({"path": where, "message": message})
         summary = "; ".join(f"{item['path'] or 'params'}: {item['message']}" for item in listed)
         raise InvalidParams(f"params do not match the schema: {summary}", errors=listed)
     return filled

@@ -421,3 +421,29 @@ def test_exec_runtime_passes_args_without_a_shell(tmp_path: Path) -> None:
 def test_missing_program_fails_cleanly(tmp_path: Path) -> None:
     outcome, _ = execute(make(tmp_path, None, runtime="exec", args=["/nonexistent/tool"]))
     assert outcome.status == RunStatus.FAILED
+
+
+def test_a_secret_cut_by_the_output_cap_shows_none_of_its_characters(tmp_path: Path) -> None:
+    secret = "SuperSecretTokenXYZ987"
+    attempt = make(
+        tmp_path,
+        'head -c 1010 /dev/zero | tr "\\0" x; printf %s "$TOKEN"; echo; echo "$TOKEN"',
+        log_budget=1024,
+        extra_env={"TOKEN": secret},
+        redact=(secret,),
+    )
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED
+    assert "output truncated at 1024 bytes" in text
+    assert "Super" not in text and text.startswith("x" * 1010)
+
+
+def test_outputs_holding_a_numeric_secret_are_masked(tmp_path: Path) -> None:
+    attempt = make(
+        tmp_path,
+        'printf \'{"pin": %s, "text": "%s", "other": 12}\' "$PIN" "$PIN" > "$ONDECK_OUTPUTS"',
+        extra_env={"PIN": "4711"},
+        redact=("4711",),
+    )
+    outcome, _ = execute(attempt)
+    assert outcome.outputs == {"pin": "***", "text": "***", "other": 12}

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 
 from ondeck.errors import InvalidParams
-from ondeck.spec.params import check_schema, validate_params
+from ondeck.spec.params import (
+    check_schema,
+    json_pointer,
+    masked,
+    sensitive_paths,
+    sensitive_values,
+    validate_params,
+)
 
 SCHEMA = {
     "type": "object",
@@ -70,3 +77,59 @@ def test_nan_and_infinity_anywhere_are_refused_with_their_paths() -> None:
         validate_params({"type": "object"}, params)
     paths = [e["path"] for e in caught.value.extensions["errors"]]
     assert paths == ["/options/ratio", "/options/range/1"]
+
+
+SENSITIVE = {
+    "type": "object",
+    "$defs": {"login": {"type": "object", "properties": {"pw": {"type": "string", "format": "password"}}}},
+    "properties": {
+        "password": {"type": "string", "writeOnly": True, "pattern": "^[a-z]+$"},
+        "creds": {"$ref": "#/$defs/login"},
+        "keys": {"type": "array", "items": {"type": "string", "writeOnly": True}},
+        "either": {"anyOf": [{"type": "integer", "writeOnly": True}]},
+        "name": {"type": "string"},
+    },
+}
+
+
+def test_sensitive_values_are_found_at_any_depth_and_masked() -> None:
+    params = {
+        "password": "pw",
+        "creds": {"pw": "x", "user": "u"},
+        "keys": ["k1", "k2"],
+        "either": 7,
+        "name": "n",
+    }
+    assert sorted(map(json_pointer, sensitive_paths(SENSITIVE, params))) == [
+        "/creds/pw",
+        "/either",
+        "/keys/0",
+        "/keys/1",
+        "/password",
+    ]
+    assert masked(SENSITIVE, params) == {
+        "password": "***",
+        "creds": {"pw": "***", "user": "u"},
+        "keys": ["***", "***"],
+        "either": "***",
+        "name": "n",
+    }
+    assert params["creds"] == {"pw": "x", "user": "u"}  # the input is left alone
+    assert sorted(sensitive_values(SENSITIVE, params)) == ["7", "k1", "k2", "pw", "x"]
+    assert masked({"type": "object", "writeOnly": True}, {"a": 1}) == "***"
+
+
+def test_errors_never_quote_a_sensitive_value() -> None:
+    with pytest.raises(InvalidParams) as caught:
+        validate_params(SENSITIVE, {"password": "Hunter2Secret", "creds": {"pw": 5}, "name": 3})
+    assert "Hunter2Secret" not in str(caught.value.extensions) and "Hunter2Secret" not in caught.value.detail
+    assert caught.value.extensions["errors"] == [
+        {"path": "/creds/pw", "message": "not valid (type)"},
+        {"path": "/name", "message": "3 is not of type 'string'"},
+        {"path": "/password", "message": "not valid (pattern)"},
+    ]
+    # A message about the object around it quotes it too: masked there.
+    schema = {**SENSITIVE, "maxProperties": 1}
+    with pytest.raises(InvalidParams) as caught:
+        validate_params(schema, {"password": "hunter", "name": "n"})
+    assert "hunter" not in caught.value.detail and "***" in caught.value.detail
