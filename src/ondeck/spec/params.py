@@ -114,6 +114,11 @@ def sensitive_paths(
                 yield from sensitive_paths(sub["items"], item, (*path, index), root)
 
 
+def _inside(path: tuple[str | int, ...], outers: Iterable[tuple[str | int, ...]]) -> bool:
+    """Whether ``path`` is one of ``outers`` or lies within one."""
+    return any(path[: len(outer)] == outer for outer in outers)
+
+
 def _at(value: Any, path: tuple[str | int, ...]) -> Any:
     for part in path:
         value = value[part]
@@ -130,7 +135,7 @@ def masked(schema: Mapping[str, Any], params: Any) -> Any:
     shown = copy.deepcopy(params)
     done: list[tuple[str | int, ...]] = []
     for path in paths:  # shortest first: one inside a value masked already is skipped
-        if not any(path[: len(outer)] == outer for outer in done):
+        if not _inside(path, done):
             operator.setitem(_at(shown, path[:-1]), path[-1], MASK)
             done.append(path)
     return shown
@@ -139,6 +144,10 @@ def masked(schema: Mapping[str, Any], params: Any) -> Any:
 def sensitive_values(schema: Mapping[str, Any], params: Any) -> list[str]:
     """The text of each scalar in the sensitive values of ``params``, to mask wherever
     they might be quoted: error messages, a run's output."""
+    return _scalar_texts(params, set(sensitive_paths(schema, params)))
+
+
+def _scalar_texts(params: Any, paths: Iterable[tuple[str | int, ...]]) -> list[str]:
     found: list[str] = []
 
     def scalars(value: Any) -> None:
@@ -148,7 +157,7 @@ def sensitive_values(schema: Mapping[str, Any], params: Any) -> list[str]:
         elif value is not None:
             found.append(value if isinstance(value, str) else json.dumps(value))
 
-    for path in set(sensitive_paths(schema, params)):
+    for path in paths:
         scalars(_at(params, path))
     return found
 
@@ -173,14 +182,15 @@ def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str,
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         # The validator's messages quote the values: not those the schema marks sensitive.
-        hidden = [json_pointer(path) for path in sensitive_paths(schema, filled)]
-        masker = Masker(sensitive_values(schema, filled))
+        hidden = set(sensitive_paths(schema, filled))
+        masker = Masker(_scalar_texts(filled, hidden))
         listed = []
         for error in errors:
-            where = json_pointer(error.absolute_path)
-            inside = any(where == h or where.startswith(h + "/") for h in hidden)
-            message = f"not valid ({error.validator})" if inside else masker.text(error.message)
-            listed.append({"path": where, "message": message})
+            path = tuple(error.absolute_path)
+            message = (
+                f"not valid ({error.validator})" if _inside(path, hidden) else masker.text(error.message)
+            )
+            listed.append({"path": json_pointer(path), "message": message})
         summary = "; ".join(f"{item['path'] or 'params'}: {item['message']}" for item in listed)
         raise InvalidParams(f"params do not match the schema: {summary}", errors=listed)
     return filled
