@@ -10,7 +10,7 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_EXAMPLES = Path(__file__).parent / "examples" / "automations"
@@ -85,6 +85,17 @@ class Settings(BaseSettings):
     limit_cpu: str = Field("1h", description="RLIMIT_CPU default for scripts.")
     limit_processes: int = Field(4096, ge=1, description="RLIMIT_NPROC default (counts per user).")
     limit_file_size: str = Field("1GiB", description="RLIMIT_FSIZE default for scripts.")
+
+    @model_validator(mode="after")
+    def _grace_within_lease(self) -> Settings:
+        # A worker that cannot renew a lease stops the attempt with a third of it left:
+        # the attempt's processes must be dead before it lapses (see engine.worker).
+        if self.kill_grace_seconds >= self.lease_seconds / 3:
+            raise ValueError(
+                f"kill_grace_seconds ({self.kill_grace_seconds:g}) must be under a third of "
+                f"lease_seconds ({self.lease_seconds:g})"
+            )
+        return self
 
     def as_environment(self) -> dict[str, str]:
         """``ONDECK_*`` variables that make ``Settings()`` in a child process equal to these

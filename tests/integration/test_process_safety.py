@@ -315,6 +315,7 @@ sleep {foreground}
 
 
 LEASE_SECONDS = "3"
+GRACE_SECONDS = "0.5"  # under a third of the lease, as settings require
 
 
 def _start_worker(
@@ -347,7 +348,10 @@ def test_killed_worker_run_is_failed_by_the_reaper(
 ) -> None:
     workspaces = data_dir / "elsewhere"  # ONDECK_WORKSPACES_DIR: the worker and the reaper use it
     server, env = start_server(
-        ["--no-worker"], ONDECK_LEASE_SECONDS=LEASE_SECONDS, ONDECK_WORKSPACES_DIR=str(workspaces)
+        ["--no-worker"],
+        ONDECK_LEASE_SECONDS=LEASE_SECONDS,
+        ONDECK_KILL_GRACE_SECONDS=GRACE_SECONDS,
+        ONDECK_WORKSPACES_DIR=str(workspaces),
     )
     name = unique_name("lost")
     with server.client() as client:
@@ -398,7 +402,9 @@ def test_killed_worker_run_is_retried_on_a_new_worker(
     processes: list[OndeckProcess],
     run_ids: list[str],
 ) -> None:
-    server, env = start_server(["--no-worker"], ONDECK_LEASE_SECONDS=LEASE_SECONDS)
+    server, env = start_server(
+        ["--no-worker"], ONDECK_LEASE_SECONDS=LEASE_SECONDS, ONDECK_KILL_GRACE_SECONDS=GRACE_SECONDS
+    )
     name = unique_name("retry")
     script = f"""
 if [ "$ONDECK_ATTEMPT" = 2 ]; then

@@ -65,3 +65,10 @@ def test_default_worker_processes_without_sched_getaffinity(monkeypatch: pytest.
     assert Settings().worker_processes == 2
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert Settings().worker_processes == 1
+
+
+def test_the_kill_grace_period_must_fit_in_the_last_third_of_a_lease() -> None:
+    """A worker that cannot renew a lease stops the attempt with a third of it left."""
+    assert Settings(lease_seconds=6, kill_grace_seconds=1.9).kill_grace_seconds == 1.9
+    with pytest.raises(ValueError, match="under a third of lease_seconds"):
+        Settings(lease_seconds=6, kill_grace_seconds=2)

@@ -189,10 +189,14 @@ def _fail_unloadable(tx: Transaction, run: Run, worker: str, now: datetime, reas
     tx.notify("queue", run.worker_group)  # it took a candidate's place: the claim may have missed runs
 
 
-def renew_leases(store: Store, worker: str, lease: timedelta, run_ids: list[str]) -> list[str]:
-    """Extend the worker's leases of ``run_ids`` (the attempts it is running); returns
-    the ids of those asked to cancel. A run it no longer runs (its end failed to
-    record, say) keeps its lease only until it lapses, so the reaper ends it."""
+def renew_leases(
+    store: Store, worker: str, lease: timedelta, held: list[tuple[str, int]]
+) -> dict[tuple[str, int], bool]:
+    """Extend the worker's leases of ``held``, the (run id, attempt) pairs it is running;
+    returns those it still holds, each with whether a cancel was asked for. One missing
+    is no longer the worker's to run (its lease lapsed and the reaper ended it, say), so
+    the worker stops it. A run it no longer runs (its end failed to record, say) keeps
+    its lease only until it lapses, so the reaper ends it."""
     with store.transaction() as tx:
-        renewed = tx.renew_leases(worker, run_ids, utcnow() + lease)
-    return [run_id for run_id, cancel in renewed if cancel]
+        renewed = tx.renew_leases(worker, held, utcnow() + lease)
+    return {(run_id, attempt): cancel for run_id, attempt, cancel in renewed}

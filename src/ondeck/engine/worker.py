@@ -34,11 +34,47 @@ _FLUSH_SECONDS = 0.1
 _FLUSH_BYTES = 512 * 1024
 
 
+class _Active:
+    """An attempt this worker is running: how to stop it, and until when its lease is
+    known to hold.
+
+    The worker stops the attempt itself once it has gone two thirds of a lease without
+    renewing it (the store unreachable, say), and at once when a renewal or a write of
+    its output finds the lease gone: by the time the lease lapses, the reaper may end the
+    attempt and another worker start the run again, so the attempt must be over by then
+    (the kill grace period is shorter than the third of the lease that is left).
+    """
+
+    def __init__(self, key: tuple[str, int], since: float, lease: float) -> None:
+        self.key, self.lease = key, lease
+        self.stop = asyncio.Event()
+        self.lost = False  # the lease lapsed, or may have: the attempt is void
+        self._fence: asyncio.TimerHandle | None = None
+        self.renewed(since)
+
+    def renewed(self, since: float) -> None:
+        """The lease holds for a lease from ``since`` (``time.monotonic``, taken before the
+        write that set it)."""
+        self.cancel_fence()
+        delay = since + 2 * self.lease / 3 - time.monotonic()
+        self._fence = asyncio.get_running_loop().call_later(delay, self.lose, "it could not be renewed")
+
+    def lose(self, why: str) -> None:
+        if not self.lost:
+            log.warning("run %s attempt %d: stopping it, its lease is lost: %s", *self.key, why)
+        self.lost = True
+        self.stop.set()
+
+    def cancel_fence(self) -> None:
+        if self._fence is not None:
+            self._fence.cancel()
+
+
 class _LogBuffer:
     """Output waiting to be written; flushed on a timer so live viewers see it promptly."""
 
-    def __init__(self, worker: Worker, claim: Claim, on_lost: asyncio.Event) -> None:
-        self._worker, self._claim, self._on_lost = worker, claim, on_lost
+    def __init__(self, worker: Worker, claim: Claim, active: _Active) -> None:
+        self._worker, self._claim, self._active = worker, claim, active
         self._chunks: list[LogChunk] = []
         self._size = 0
         self._lock = asyncio.Lock()
@@ -65,7 +101,7 @@ class _LogBuffer:
                 self._size += sum(len(c.text) for c in batch)
                 raise
             if not written:
-                self._on_lost.set()  # another process owns the run now: stop this attempt
+                self._active.lose("another process owns the run now")
 
     async def flush_periodically(self, done: asyncio.Event) -> None:
         """Flush every so often until ``done``; never cancelled mid-write, so nothing is dropped."""
@@ -116,7 +152,7 @@ class Worker:
             processes=settings.limit_processes,
             file_size_bytes=parse_size(settings.limit_file_size),
         )
-        self._active: dict[str, asyncio.Event] = {}
+        self._active: dict[tuple[str, int], _Active] = {}  # by (run id, attempt)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         # Whether due runs may be waiting: then an attempt that ends claims the next run for
@@ -127,9 +163,9 @@ class Worker:
         bus.on_cancel(self._cancel)
 
     def _cancel(self, run_id: str) -> None:
-        event = self._active.get(run_id)
-        if event is not None:
-            event.set()
+        for (active_id, _), active in self._active.items():
+            if active_id == run_id:
+                active.stop.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until ``stop`` is set; then stop in-flight attempts."""
@@ -154,8 +190,8 @@ class Worker:
                     stopped.cancel()
         finally:
             self._stopping = True
-            for event in self._active.values():
-                event.set()
+            for active in self._active.values():
+                active.stop.set()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.settings.kill_grace_seconds + 10)
             heartbeat.cancel()
@@ -170,6 +206,7 @@ class Worker:
             self._backlog = True
             self._woken_while_full += 1
             return False
+        since = time.monotonic()
         try:
             claims, more = await self.call(
                 queue.claim, self.store, self.id, self.group, free, self.lease, self._definitions
@@ -179,30 +216,45 @@ class Worker:
             return False
         # Every free slot filled, or not every due run seen: more may be waiting.
         self._backlog = more or (bool(claims) and len(claims) == free)
-        self._start(claims)
+        self._start(claims, since)
         return bool(claims) and more  # claiming nothing again at once would spin
 
-    def _start(self, claims: list[Claim]) -> None:
+    def _start(self, claims: list[Claim], since: float) -> None:
+        """Run ``claims``, whose leases were taken by a write begun at ``since``."""
         for claim in claims:
-            self._active[claim.run.id] = asyncio.Event()
+            key = (claim.run.id, claim.run.attempt)
+            self._active[key] = _Active(key, since, self.lease.total_seconds())
             task = asyncio.create_task(self._execute(claim))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _heartbeat(self) -> None:
+        """Renew the leases every third of a lease; stop the attempts whose lease is gone
+        (see ``_Active``), and those asked to cancel."""
+        period = self.lease.total_seconds() / 3
         while True:
-            await asyncio.sleep(self.lease.total_seconds() / 3)
-            if not self._active:
+            await asyncio.sleep(period)
+            held = dict(self._active)
+            if not held:
                 continue
+            since = time.monotonic()
             try:
-                to_cancel = await self.call(
-                    queue.renew_leases, self.store, self.id, self.lease, list(self._active)
+                # A renewal that hangs is given up on before the next is due.
+                renewed = await asyncio.wait_for(
+                    self.call(queue.renew_leases, self.store, self.id, self.lease, list(held)), period
                 )
             except Exception:
                 log.exception("renewing leases failed; will retry")
                 continue
-            for run_id in to_cancel:
-                self._cancel(run_id)
+            for key, active in held.items():
+                if self._active.get(key) is not active:
+                    continue  # ended meanwhile
+                if key not in renewed:
+                    active.lose("the renewal found it gone")
+                    continue
+                active.renewed(since)
+                if renewed[key]:
+                    active.stop.set()
 
     def attempt_for(self, claim: Claim, secrets: dict[str, str]) -> Attempt:
         """Translate a claimed run into the runner's terms (limits, args, budget)."""
@@ -235,8 +287,8 @@ class Worker:
 
     async def _execute(self, claim: Claim) -> None:
         run_id = claim.run.id
-        stop = self._active[run_id]
-        buffer = _LogBuffer(self, claim, stop)
+        active = self._active[run_id, claim.run.attempt]
+        buffer = _LogBuffer(self, claim, active)
         output_done = asyncio.Event()
         flusher: asyncio.Task[None] | None = None  # from the first output on: most runs print little
         outcome = Outcome(RunStatus.FAILED, None, "the attempt ended without a result")
@@ -254,7 +306,7 @@ class Worker:
                 else {}
             )
             attempt = self.attempt_for(claim, secrets)
-            async with contextlib.aclosing(run_attempt(attempt, stop)) as events:
+            async with contextlib.aclosing(run_attempt(attempt, active.stop)) as events:
                 async for event in events:
                     if isinstance(event, Output):
                         buffer.add(event.chunk)
@@ -275,19 +327,23 @@ class Worker:
             output_done.set()
             if flusher is not None:
                 await asyncio.wait({flusher})
-        if self._stopping and outcome.status == RunStatus.CANCELLED:
+        active.cancel_fence()
+        if outcome.status == RunStatus.CANCELLED and active.lost:
+            # Recorded only if the lease held after all (the store was unreachable for a
+            # while); then the run may be retried, as when the reaper ends a lost attempt.
+            outcome = Outcome(RunStatus.FAILED, outcome.exit_code, f"worker {self.id} lost the run's lease")
+        elif outcome.status == RunStatus.CANCELLED and self._stopping:
             outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
         following: list[Claim] = []
+        since = time.monotonic()
         try:
             following = await self._record(claim, outcome, await buffer.take_rest())
         finally:
-            # A retry of this run may already be claimed here under the same id: leave its entry.
-            if self._active.get(run_id) is stop:
-                del self._active[run_id]
+            del self._active[active.key]
             if following and self._stopping:  # the worker began to stop meanwhile
                 await self._hand_back(following)
             else:
-                self._start(following)
+                self._start(following, since)
             if self._backlog and not following:  # a run may be due and its end did not claim
                 self.bus.publish("queue", self.group)
 

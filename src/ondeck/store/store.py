@@ -42,6 +42,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -526,19 +527,22 @@ class Transaction:
 
     # --- leases and attempts -----------------------------------------------
 
-    def renew_leases(self, worker: str, run_ids: Sequence[str], until: datetime) -> list[tuple[str, bool]]:
-        """Extend the leases ``worker`` holds on ``run_ids``; returns (run id, cancel requested)."""
+    def renew_leases(
+        self, worker: str, held: Sequence[tuple[str, int]], until: datetime
+    ) -> list[tuple[str, int, bool]]:
+        """Extend the leases ``worker`` holds on ``held`` (run id, attempt) pairs; returns
+        (run id, attempt, cancel requested) of those it still holds."""
         rows = self._c.execute(
             update(runs)
             .where(
-                runs.c.id.in_(list(run_ids)),
+                tuple_(runs.c.id, runs.c.attempt).in_(list(held)),
                 runs.c.lease_owner == worker,
                 runs.c.status == RunStatus.RUNNING.value,
             )
             .values(lease_expires_at=until)
-            .returning(runs.c.id, runs.c.cancel_requested)
+            .returning(runs.c.id, runs.c.attempt, runs.c.cancel_requested)
         )
-        return [(row.id, bool(row.cancel_requested)) for row in rows]
+        return [(row.id, row.attempt, bool(row.cancel_requested)) for row in rows]
 
     def expired_leases(self, now: datetime, limit: int) -> list[Run]:
         rows = self._c.execute(

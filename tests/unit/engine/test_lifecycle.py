@@ -355,7 +355,7 @@ def test_renewed_lease_is_not_reaped(store: Store) -> None:
     define(store)
     run = admit(store, TriggerRequest("job")).run
     claim(store, lease=timedelta(seconds=-1))
-    assert queue.renew_leases(store, "w1", LEASE, [run.id]) == []
+    assert queue.renew_leases(store, "w1", LEASE, [(run.id, 1)]) == {(run.id, 1): False}
     assert finish.reap_expired_leases(store) == []
 
 
@@ -364,7 +364,7 @@ def test_a_worker_renews_only_the_leases_of_runs_it_is_running(store: Store) -> 
     define(store)
     running, forgotten = (admit(store, TriggerRequest("job")).run for _ in range(2))
     claim(store, lease=timedelta(seconds=-1))
-    queue.renew_leases(store, "w1", LEASE, [running.id])
+    queue.renew_leases(store, "w1", LEASE, [(running.id, 1)])
     assert finish.reap_expired_leases(store) == [(forgotten.id, 1)]
     assert runs.get(store, running.id).status == RunStatus.RUNNING
 
@@ -467,7 +467,7 @@ def test_cancel_running_asks_the_worker_and_the_lease_renewal_tells_it(store: St
     run = admit(store, TriggerRequest("job")).run
     claim(store)
     assert runs.cancel(store, SYSTEM, run.id).cancel_requested
-    assert queue.renew_leases(store, "w1", LEASE, [run.id]) == [run.id]
+    assert queue.renew_leases(store, "w1", LEASE, [(run.id, 1)]) == {(run.id, 1): True}
 
 
 def test_logs_are_numbered_in_order_and_kept_per_attempt(store: Store) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,11 @@ from cryptography.fernet import Fernet
 
 from ondeck import blocking
 from ondeck.auth.principals import SYSTEM
-from ondeck.domain import Outcome, Run, RunStatus
+from ondeck.domain import Outcome, Run, RunStatus, utcnow
 from ondeck.engine import finish, queue, runs
 from ondeck.engine.admission import TriggerRequest, admit
 from ondeck.engine.wakeup import WakeBus
-from ondeck.engine.worker import Worker
+from ondeck.engine.worker import Worker, _Active
 from ondeck.errors import StoreUnavailable
 from ondeck.settings import Settings
 from ondeck.store.store import Store, Transaction
@@ -105,7 +107,6 @@ def test_an_end_that_fails_to_record_is_written_again_while_the_lease_holds(
     define(store, retries={"attempts": 3})
     run = admit(store, TriggerRequest("job")).run
     claimed = _claim_one(store, worker)
-    worker._active[claimed.run.id] = asyncio.Event()
     record = finish.finish
     failures: list[str] = []
 
@@ -116,7 +117,7 @@ def test_an_end_that_fails_to_record_is_written_again_while_the_lease_holds(
         return record(*args)
 
     monkeypatch.setattr(finish, "finish", briefly_unavailable)
-    asyncio.run(worker._execute(claimed))
+    asyncio.run(_execute(worker, claimed))
     assert len(failures) == 2
     ended = runs.detail(store, SYSTEM, run.id)
     assert ended.run.status == RunStatus.SUCCEEDED and [a.status for a in ended.attempts] == ["succeeded"]
@@ -127,28 +128,16 @@ def test_a_run_admitted_while_every_slot_is_busy_starts_when_one_frees_not_at_th
 ) -> None:
     """The end of the busy run claims it: no wake-up is needed, and none is waited for."""
     settings = Settings(data_dir=tmp_path, worker_concurrency=1, poll_seconds=120)
-    bus = WakeBus()
     define(store, run={"runtime": "bash", "script": "sleep 0.3"})
 
     async def scenario() -> None:
-        bus.bind(asyncio.get_running_loop())
-        store.subscribe(bus.from_thread)
-        worker = Worker(store, settings, bus, Vault([Fernet.generate_key()]))
-        stop = asyncio.Event()
-        running = asyncio.create_task(worker.run(stop))
         first = admit(store, TriggerRequest("job")).run
-        while runs.get(store, first.id).status != RunStatus.RUNNING:
-            await asyncio.sleep(0.01)
+        await _until("the first run starts", lambda: runs.get(store, first.id).status == RunStatus.RUNNING)
         second = admit(store, TriggerRequest("job")).run  # the only slot is busy
-        started = time.monotonic()
-        while not runs.get(store, second.id).status.terminal:
-            assert time.monotonic() - started < 60, "the second run waited for the queue poll"
-            await asyncio.sleep(0.02)
-        stop.set()
-        await running
+        await _until("the second run ends", lambda: runs.get(store, second.id).status.terminal, seconds=60)
         assert runs.get(store, second.id).status == RunStatus.SUCCEEDED
 
-    asyncio.run(scenario())
+    _run_worker(store, settings, scenario)
 
 
 def test_a_run_claimed_by_a_commit_whose_answer_was_lost_is_still_run(
@@ -229,6 +218,13 @@ def _lose_the_next_commits_answer(
     monkeypatch.setattr(store, "transaction", answer_lost)
 
 
+async def _execute(worker: Worker, claimed: queue.Claim) -> None:
+    """Execute ``claimed`` as ``Worker._start`` has it do."""
+    key = (claimed.run.id, claimed.run.attempt)
+    worker._active[key] = _Active(key, time.monotonic(), worker.lease.total_seconds())
+    await worker._execute(claimed)
+
+
 def _end_while(
     store: Store, worker: Worker, meanwhile: Callable[[asyncio.AbstractEventLoop], None]
 ) -> tuple[queue.Claim, bool]:
@@ -237,7 +233,6 @@ def _end_while(
     the write; returns the claim and whether the end woke the claim loop."""
     claimed = _claim_one(store, worker)
     worker.call = blocking.run  # the write in a thread, as on PostgreSQL, so others can come meanwhile
-    worker._active[claimed.run.id] = asyncio.Event()  # as ``Worker._start`` leaves it
     worker._backlog = True  # so the end of the attempt claims the next run
     finish_and_claim = worker._finish_and_claim
 
@@ -251,7 +246,7 @@ def _end_while(
 
         worker._finish_and_claim = end_then  # type: ignore[method-assign]
         with worker.bus.watch_queue() as woken:
-            await worker._execute(claimed)
+            await _execute(worker, claimed)
             return woken._event.is_set()  # the end publishes before it returns, or not at all
 
     return claimed, asyncio.run(scenario())
@@ -306,3 +301,99 @@ def test_an_end_whose_claim_met_a_run_it_could_not_take_wakes_the_claim_loop(
     monkeypatch.setattr(Transaction, "take_slot", taken_meanwhile)
     _, woke = _end_while(store, worker, lambda _loop: None)
     assert woke, "the end did not wake the claim loop"
+
+
+def _run_worker(store: Store, settings: Settings, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run a worker while ``scenario`` (a coroutine function) runs, then stop it."""
+    bus = WakeBus()
+
+    async def main() -> None:
+        bus.bind(asyncio.get_running_loop())
+        store.subscribe(bus.from_thread)
+        worker = Worker(store, settings, bus, Vault([Fernet.generate_key()]))
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            await scenario()
+        finally:
+            stop.set()
+            await running
+
+    asyncio.run(main())
+
+
+async def _until(what: str, condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_worker_that_cannot_renew_a_lease_stops_the_attempt_before_the_lease_lapses(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else, once it lapsed, the reaper could end the attempt and another worker run the
+    run again while this attempt still runs."""
+    lease = 3.0
+    settings = Settings(data_dir=tmp_path, lease_seconds=lease, kill_grace_seconds=0.2, poll_seconds=120)
+    define(store, run={"runtime": "bash", "script": "sleep 60"})
+
+    def unreachable(*args: Any) -> dict[tuple[str, int], bool]:
+        raise StoreUnavailable("the store is unreachable")
+
+    monkeypatch.setattr(queue, "renew_leases", unreachable)
+
+    async def scenario() -> None:
+        run = admit(store, TriggerRequest("job")).run
+        await _until("the run ends", lambda: runs.get(store, run.id).status.terminal)
+        (attempt,) = runs.detail(store, SYSTEM, run.id).attempts
+        assert attempt.status == RunStatus.FAILED and "lost the run's lease" in (attempt.error or "")
+        assert attempt.started_at is not None and attempt.finished_at is not None
+        assert (attempt.finished_at - attempt.started_at).total_seconds() < lease
+
+    _run_worker(store, settings, scenario)
+
+
+def test_an_attempt_whose_run_was_started_again_elsewhere_is_stopped_at_the_next_renewal(
+    store: Store, tmp_path: Path
+) -> None:
+    """Its lease lapsed (the worker hung, say) and the reaper ended it: the run's next
+    attempt may already run, here or on another worker, so this one must not go on."""
+    settings = Settings(
+        data_dir=tmp_path, lease_seconds=3, kill_grace_seconds=0.2, poll_seconds=120, isolate=False
+    )
+    define(
+        store,
+        params={"type": "object", "properties": {"dir": {"type": "string"}}},
+        run={"runtime": "bash", "script": 'echo $$ > "$ONDECK_PARAM_DIR/$ONDECK_ATTEMPT"; sleep 60'},
+        retries={"attempts": 2, "backoff": "0s"},
+    )
+
+    def pid(attempt: int) -> int | None:
+        written = tmp_path / str(attempt)
+        return int(text) if written.exists() and (text := written.read_text().strip()) else None
+
+    async def scenario() -> None:
+        run = admit(store, TriggerRequest("job", params={"dir": str(tmp_path)})).run
+        await _until("attempt 1 runs", lambda: pid(1) is not None)
+        with store.transaction() as tx:  # as if the worker had hung for a lease
+            tx.update_run(run.id, lease_expires_at=utcnow() - timedelta(seconds=1))
+        assert finish.reap_expired_leases(store) == [(run.id, 1)]
+        await _until("attempt 2 runs", lambda: pid(2) is not None)
+        first, second = pid(1), pid(2)
+        assert first is not None and second is not None
+        await _until("attempt 1 is stopped", lambda: not _alive(first), seconds=10)
+        current = runs.get(store, run.id)
+        assert (current.status, current.attempt) == (RunStatus.RUNNING, 2) and _alive(second)
+        runs.cancel(store, SYSTEM, run.id)
+        await _until("the run is cancelled", lambda: runs.get(store, run.id).status.terminal)
+
+    _run_worker(store, settings, scenario)
