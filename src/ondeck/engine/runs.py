@@ -113,13 +113,25 @@ def cancel(store: Store, principal: Principal, run_id: str) -> Run:
 
 
 def request_cancel(tx: Transaction, run: Run, now: datetime, reason: str) -> None:
-    """Cancel at once if the run has not started; else ask its worker to stop it."""
-    if run.status == RunStatus.RUNNING:
-        if not run.cancel_requested:
-            tx.update_run(run.id, cancel_requested=True)
-            tx.notify("cancel", run.id)
-        return
-    states.move(tx, run, RunStatus.CANCELLED, now, reason, finished_at=now, error=reason)
+    """Cancel at once if the run has not started; else ask its worker to stop it.
+
+    ``run`` may be out of date, read without a lock (a claim may have started it since,
+    or a retry queued it again): each step is a compare-and-set on the status read, and
+    when one misses, the run is read again, locked, so the next one cannot.
+    """
+    while not run.status.terminal:
+        if run.status == RunStatus.RUNNING:
+            if run.cancel_requested:
+                return
+            if tx.request_cancel(run.id):
+                tx.notify("cancel", run.id)
+                return
+        elif states.move(tx, run, RunStatus.CANCELLED, now, reason, finished_at=now, error=reason):
+            return
+        current = tx.get_run(run.id, lock=True)
+        if current is None:
+            return
+        run = current
 
 
 def deliveries(store: Store, principal: Principal, run_id: str) -> list[dict[str, Any]]:

@@ -476,6 +476,15 @@ class Transaction:
     def update_run(self, run_id: str, **values: Any) -> None:
         self._c.execute(update(runs).where(runs.c.id == run_id).values(**values))
 
+    def request_cancel(self, run_id: str) -> bool:
+        """Ask the worker running ``run_id`` to stop it; False if it is not running."""
+        result = self._c.execute(
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.status == RunStatus.RUNNING.value)
+            .values(cancel_requested=True)
+        )
+        return result.rowcount == 1
+
     def transitions(self, run_id: str) -> list[Transition]:
         rows = self._c.execute(
             select(run_transitions).where(run_transitions.c.run_id == run_id).order_by(run_transitions.c.id)

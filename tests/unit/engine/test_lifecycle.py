@@ -434,6 +434,31 @@ def test_cancel_running_policy_cancels_the_older_runs(store: Store) -> None:
     assert runs.get(store, newer.id).status == RunStatus.QUEUED
 
 
+def test_a_cancel_decided_on_a_run_read_before_a_claim_started_it_asks_its_worker(store: Store) -> None:
+    """cancel_running reads the other runs of its key unlocked: a worker may claim one
+    meanwhile, and the cancel must reach it all the same, not be dropped."""
+    define(store)
+    run = admit(store, TriggerRequest("job")).run  # read as queued
+    claim(store)
+    with store.transaction() as tx:
+        runs.request_cancel(tx, run, utcnow(), "superseded")
+    current = runs.get(store, run.id)
+    assert (current.status, current.cancel_requested) == (RunStatus.RUNNING, True)
+
+
+def test_a_cancel_decided_on_a_run_read_while_running_cancels_its_retry(store: Store) -> None:
+    """The attempt failed and the run was queued again meanwhile: the flag would be set on
+    a queued run, which the next claim would start as if no cancel had been asked."""
+    define(store, retries={"attempts": 2, "backoff": "1h"})
+    admit(store, TriggerRequest("job"))
+    (claimed,) = claim(store)
+    assert finish.finish(store, claimed, Outcome(RunStatus.FAILED, 1))
+    with store.transaction() as tx:
+        runs.request_cancel(tx, claimed.run, utcnow(), "superseded")  # read as running
+    current = runs.get(store, claimed.run.id)
+    assert (current.status, current.error) == (RunStatus.CANCELLED, "superseded")
+
+
 def test_cancel_queued_is_immediate_and_cancel_finished_conflicts(store: Store) -> None:
     define(store)
     run = admit(store, TriggerRequest("job")).run
