@@ -95,6 +95,82 @@ def test_nan_and_infinity_are_refused_in_params_and_fail_a_run_that_outputs_them
     assert "NaN is not a JSON number" in run["error"]
 
 
+@pytest.mark.parametrize(
+    ("text", "why"), [("\\u0000", "NUL"), ("\\ud800", "unpaired surrogate"), ("\\udc00\\ud800", "unpaired")]
+)
+def test_text_no_store_can_keep_is_refused_by_every_route_and_breaks_nothing(
+    client: httpx.Client, text: str, why: str
+) -> None:
+    """Python's parser takes NUL and unpaired surrogates; PostgreSQL refused them (a 500)
+    and SQLite kept them, after which every list that held one answered 500 for good."""
+    name = define(client, params={"type": "object", "properties": {"x": {}}})
+    definition = {"name": name, "description": "aTEXTb", "run": {"runtime": "bash", "script": "true"}}
+    bodies = {  # TEXT stands for the escape
+        ("POST", f"/automations/{name}/runs"): '{"params": {"x": "aTEXTb"}}',
+        ("PUT", f"/environments/{unique('env')}"): '{"description": "aTEXTb"}',
+        ("PUT", f"/automations/{name}"): json.dumps(definition),
+        ("POST", "/events"): '{"source": "s", "type": "t", "data": {"x": "aTEXTb"}}',
+        ("POST", "/tokens"): '{"name": "aTEXTb", "role": "viewer"}',
+        ("PUT", "/secrets/s"): '{"value": "aTEXTb"}',
+        ("POST", "/runs/nope/reject"): '{"reason": "aTEXTb"}',
+    }
+    headers = {"content-type": "application/json"}
+    for (method, path), body in bodies.items():
+        response = client.request(method, path, content=body.replace("TEXT", text).encode(), headers=headers)
+        assert_problem(response, 400, why)
+    for path in ("/environments", "/automations", "/runs", "/audit", "/tokens", "/secrets"):
+        assert client.get(path).status_code == 200, path
+    assert client.get("/runs", params={"automation": name}).json()["items"] == []
+
+
+def test_paired_surrogate_escapes_are_text_like_any_other(client: httpx.Client) -> None:
+    name = define(client, 'printf %s "$ONDECK_PARAM_X"', params={"type": "object", "properties": {"x": {}}})
+    body = b'{"params": {"x": "\\ud83d\\ude00 \\\\u0000"}}'  # an emoji, and a backslash then "u0000"
+    response = client.post(f"/automations/{name}/runs", content=body, params={"wait": 30})
+    assert response.json()["params"] == {"x": "\U0001f600 \\u0000"}
+    logs = client.get(f"/runs/{response.json()['id']}/logs").json()["entries"]
+    assert "".join(e["text"] for e in logs) == "\U0001f600 \\u0000"
+
+
+def test_a_run_whose_output_holds_nul_keeps_its_log_and_refuses_such_outputs(client: httpx.Client) -> None:
+    """A NUL in the output reads as U+FFFD, as bytes that are not UTF-8 do; outputs that
+    hold one cannot be stored, so the run fails saying so (it was left running on PostgreSQL)."""
+    name = define(client, 'printf \'a\\0b\'; printf \'{"x": "\\\\u0000"}\' > "$ONDECK_OUTPUTS"')
+    run = client.post(f"/automations/{name}/runs", params={"wait": 30}).json()
+    assert (run["status"], run["outputs"]) == ("failed", None), run
+    assert "cannot be stored: a NUL character" in run["error"]
+    logs = client.get(f"/runs/{run['id']}/logs").json()["entries"]
+    assert "".join(e["text"] for e in logs) == "a\ufffdb"
+
+
+def test_urls_and_numbers_past_what_the_store_holds_are_refused(client: httpx.Client) -> None:
+    """Each was a 500: NUL in a path or query, integers past the store's columns, and a
+    callback URL urllib cannot parse."""
+    name = define(client)
+    run_id = client.post(f"/automations/{name}/runs", params={"wait": 30}).json()["id"]
+    for path, params in [
+        ("/runs/a%00b", {}),
+        (f"/automations/{name}%00", {}),
+        ("/runs", {"automation": "a\0b"}),
+        ("/audit", {"target": "\0"}),
+    ]:
+        assert_problem(client.get(path, params=params), 400, "NUL")
+    assert_problem(client.post(f"/automations/{name}%00/runs"), 400, "NUL")
+    for path, params in [
+        ("/audit", {"cursor": 2**63}),
+        (f"/automations/{name}", {"version": 2**31}),
+        (f"/runs/{run_id}/logs", {"after": 2**31}),
+        (f"/runs/{run_id}/logs", {"attempt": 2**31}),
+        (f"/runs/{run_id}/logs/stream", {"after": 2**31}),
+    ]:
+        assert_problem(client.get(path, params=params), 422, "less than or equal")
+    stream = client.get(f"/runs/{run_id}/logs/stream", headers={"Last-Event-ID": str(2**31)})
+    assert_problem(stream, 422, "Last-Event-ID")
+    for url in ("http://[::1", "http://host:99999/", "http://host:x/"):
+        body = {"callback_url": url}
+        assert_problem(client.post(f"/automations/{name}/runs", json=body), 400, "callback URL")
+
+
 def test_idempotency_key_over_http(client: httpx.Client) -> None:
     name = define(client, params={"type": "object", "properties": {"n": {"type": "integer"}}})
     headers = {"Idempotency-Key": '"order-17"'}

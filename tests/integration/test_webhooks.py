@@ -347,6 +347,28 @@ def test_token_scheme_starts_runs_and_honours_idempotency_key(
     assert len(runs_of(admin, name)) == 2
 
 
+def test_a_delivery_holding_text_no_store_can_keep_is_taken_as_raw_text(
+    admin: httpx.Client, outside: httpx.Client
+) -> None:
+    """JSON holding NUL or an unpaired surrogate is passed on as its text, and a NUL
+    byte becomes U+FFFD: before, the run's params could not be stored."""
+    secret = uuid.uuid4().hex
+    name, hook_id = hook_automation(
+        admin, "token", set_secret(admin, secret), params={"text": "${{ event.data.raw }}"}
+    )
+    auth = {"Authorization": f"Bearer {secret}"}
+    for body, text in [
+        (b'{"x": "a\\u0000b"}', '{"x": "a\\u0000b"}'),
+        (b'{"x": "\\ud800"}', '{"x": "\\ud800"}'),
+        (b"a\x00b", "a\ufffdb"),
+    ]:
+        answer = outside.post(f"/hooks/{hook_id}", content=body, headers=auth)
+        assert answer.status_code == 202, answer.text
+        run = wait_for_run(admin, answer.json()["runs"][0])
+        assert (run["status"], run["params"]) == ("succeeded", {"text": text})
+    assert admin.get("/runs", params={"automation": name}).status_code == 200
+
+
 def ondeck_signature(secret: str, body: bytes, stamp: int) -> str:
     digest = hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={stamp},v1={digest}"

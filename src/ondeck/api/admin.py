@@ -8,14 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ondeck.api.deps import AdminDep, NodeDep, ReaderDep, call
+from ondeck.api.deps import INT64_MAX, AdminDep, NodeDep, ReaderDep, StrictRoute, call
 from ondeck.auth import tokens
 from ondeck.durations import parse_duration
 from ondeck.engine import audit_log, environments, secret_store
 from ondeck.errors import InvalidRequest
 from ondeck.spec.environments import Environment, parse_environment
 
-router = APIRouter()
+router = APIRouter(route_class=StrictRoute)
 
 
 class TokenIn(BaseModel):
@@ -139,7 +139,7 @@ async def list_audit(
     action: str | None = None,
     actor: str | None = None,
     target: str | None = None,
-    cursor: int | None = None,
+    cursor: Annotated[int | None, Query(ge=1, le=INT64_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     """Newest first. Each entry's hash covers the previous one: see `ondeck audit verify`."""

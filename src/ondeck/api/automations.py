@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Query
 
-from ondeck.api.deps import AdminDep, NodeDep, ReaderDep, call
+from ondeck.api.deps import INT32_MAX, AdminDep, NodeDep, ReaderDep, StrictRoute, call
 from ondeck.api.schemas import AutomationList, AutomationOut, AutomationSummary, ScheduleOut
 from ondeck.engine import catalog, describe, scheduler
 from ondeck.errors import InvalidDefinition
 from ondeck.spec.loader import parse_definition
 
-router = APIRouter(prefix="/automations", tags=["automations"])
+router = APIRouter(prefix="/automations", tags=["automations"], route_class=StrictRoute)
 
 
 @router.get("", response_model=AutomationList)
@@ -24,7 +24,10 @@ async def list_automations(node: NodeDep, principal: ReaderDep) -> AutomationLis
 
 @router.get("/{name}", response_model=AutomationOut)
 async def get_automation(
-    node: NodeDep, principal: ReaderDep, name: str, version: int | None = None
+    node: NodeDep,
+    principal: ReaderDep,
+    name: str,
+    version: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
 ) -> AutomationOut:
     """The definition, plus each trigger's live state (schedules: paused, next_fire_at)."""
     found = await call(describe.automation, node.store, principal, name, version)

@@ -15,12 +15,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from ondeck.api.deps import NodeDep, call, read_body
+from ondeck.api.deps import NodeDep, StrictRoute, call, read_body
 from ondeck.api.problems import MEDIA_TYPE, problem
 from ondeck.engine import chatops
 from ondeck.triggers import slack
 
-router = APIRouter(tags=["chatops"])
+router = APIRouter(tags=["chatops"], route_class=StrictRoute)
 log = logging.getLogger(__name__)
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Response
+from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
-from ondeck import blocking
+from ondeck import blocking, storable
 from ondeck.auth import tokens
 from ondeck.auth.policy import require
 from ondeck.auth.principals import Permission, Principal
@@ -22,6 +24,44 @@ from ondeck.store.store import Store
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# Numbers in a query or header are refused past the store's columns: versions, attempts
+# and log sequence numbers are 32-bit; audit ids 64-bit.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+def check_url(request: Request) -> None:
+    """Refuse a NUL in the path or query: no store can look it up or keep it."""
+    problem = storable.url_problem(request.scope["path"], request.scope.get("query_string", b""))
+    if problem is not None:
+        raise InvalidRequest(problem)
+
+
+def check_json(raw: bytes) -> None:
+    """Refuse a JSON body that holds a string no store can keep (see ``storable``), as
+    the parser refuses a body that is not JSON."""
+    problem = storable.json_problem(raw)
+    if problem is not None:
+        raise json.JSONDecodeError(f"strings cannot hold {problem}", raw.decode(errors="replace"), 0)
+
+
+class _StrictRequest(Request):
+    async def json(self) -> Any:
+        check_json(await self.body())
+        return await super().json()
+
+
+class StrictRoute(APIRoute):
+    """Every API route: input no store can keep is refused before the endpoint sees it."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            check_url(request)
+            return await handler(_StrictRequest(request.scope, request.receive))
+
+        return strict
 
 
 async def get_node(request: Request) -> Node:

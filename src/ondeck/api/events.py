@@ -7,11 +7,11 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from ondeck.api.deps import NodeDep, PrincipalDep, call
+from ondeck.api.deps import NodeDep, PrincipalDep, StrictRoute, call
 from ondeck.api.hooks import Triggered
 from ondeck.engine import intake
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], route_class=StrictRoute)
 
 
 class EventBody(BaseModel):

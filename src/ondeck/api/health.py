@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from ondeck.api.deps import call, get_node
+from ondeck.api.deps import StrictRoute, call, get_node
 from ondeck.api.problems import problem
 from ondeck.errors import OndeckError
 from ondeck.node import Node
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=StrictRoute)
 
 
 @router.get("/healthz")

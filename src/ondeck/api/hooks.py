@@ -8,13 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from ondeck.api.deps import NodeDep, call, read_body, wait_finished
+from ondeck.api.deps import NodeDep, StrictRoute, call, read_body, wait_finished
 from ondeck.api.schemas import RunOut
 from ondeck.domain import Run
 from ondeck.engine import intake
 from ondeck.node import Node
 
-router = APIRouter(tags=["hooks"])
+router = APIRouter(tags=["hooks"], route_class=StrictRoute)
 
 
 class Triggered(BaseModel):

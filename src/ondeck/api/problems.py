@@ -35,8 +35,12 @@ def install(app: FastAPI) -> None:
             {"path": "/" + "/".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
             for e in exc.errors()
         ]
-        if any(e.get("type") == "json_invalid" for e in exc.errors()):
-            return problem(400, "invalid-json", "Invalid JSON", "the request body is not valid JSON")
+        invalid = [e for e in exc.errors() if e.get("type") == "json_invalid"]
+        if invalid:
+            # The parsers' reasons say where, never what: they do not quote the body.
+            reason = invalid[0].get("ctx", {}).get("error")
+            detail = "the request body is not valid JSON" + (f": {reason}" if reason else "")
+            return problem(400, "invalid-json", "Invalid JSON", detail)
         detail = "; ".join(f"{e['path']}: {e['message']}" for e in errors)
         return problem(422, "invalid-request", "Invalid request", detail, errors=errors)
 

@@ -12,10 +12,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field, TypeAdapter, ValidationError
 
 from ondeck.api.deps import (
+    INT32_MAX,
     NodeDep,
     PrincipalDep,
     ReaderDep,
+    StrictRoute,
     call,
+    check_json,
+    check_url,
     get_node,
     get_principal,
     read_body,
@@ -38,7 +42,7 @@ from ondeck.errors import UnsupportedMediaType
 from ondeck.node import Node
 
 T = TypeVar("T")
-router = APIRouter(tags=["runs"])
+router = APIRouter(tags=["runs"], route_class=StrictRoute)
 TRIGGER_PATH = "/automations/{name}/runs"
 _WAIT_DESCRIPTION = "Seconds to wait for the run to finish before answering."
 _WAIT_MAX = 600
@@ -127,6 +131,7 @@ async def trigger_run(request: Request) -> Response:
     route matching and dependency solving: a third of a trigger's CPU. Bad input is
     refused as FastAPI would, with the same problem documents.
     """
+    check_url(request)
     node = await get_node(request)
     principal = await get_principal(node, request.headers.get("authorization"))
     raw = await _json_body(node, request)
@@ -160,7 +165,13 @@ async def _json_body(node: Node, request: Request) -> bytes:
             raise UnsupportedMediaType(
                 f"the body must be JSON (Content-Type: application/json), not {media!r}"
             )
-    return raw.removeprefix(b"\xef\xbb\xbf")  # json.loads, used before, ignored a UTF-8 BOM
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # json.loads, used before, ignored a UTF-8 BOM
+    try:
+        check_json(raw)
+    except json.JSONDecodeError as exc:  # refused as FastAPI refuses a body that is not JSON
+        error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
+        raise RequestValidationError([{**error, "ctx": {"error": exc.msg}}]) from exc
+    return raw
 
 
 def _valid(validate: Callable[[Any], T], value: Any, *loc: str) -> T:
@@ -205,9 +216,9 @@ async def get_logs(
     node: NodeDep,
     principal: ReaderDep,
     run_id: str,
-    after: Annotated[int, Query(ge=0, description="Only entries with seq above this.")] = 0,
+    after: Annotated[int, Query(ge=0, le=INT32_MAX, description="Only entries with seq above this.")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
-    attempt: int | None = None,
+    attempt: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
 ) -> LogPage:
     run, entries = await call(
         runs.logs, node.store, run_id, after=after, limit=limit, attempt=attempt, principal=principal
@@ -253,8 +264,8 @@ async def stream_logs(
     node: NodeDep,
     principal: ReaderDep,
     run_id: str,
-    after: Annotated[int, Query(ge=0)] = 0,
-    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[int, Query(ge=0, le=INT32_MAX)] = 0,
+    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0, le=INT32_MAX)] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: `log` events (id = seq) and a final `end` event."""
     await call(runs.get, node.store, run_id, principal)  # 404/403 before the stream starts

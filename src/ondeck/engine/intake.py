@@ -16,12 +16,14 @@ delivery started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+from ondeck import storable
 from ondeck.auth.policy import require
 from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import Run, utcnow
@@ -177,17 +179,20 @@ def _events(scheme: str, delivery: Delivery) -> list[tuple[dict[str, Any], str |
 
 
 def _data(headers: Mapping[str, str], body: bytes) -> Any:
-    """The body as JSON; GitHub's form-encoded ``payload=``; else ``{"raw": text}``."""
+    """The body as JSON; GitHub's form-encoded ``payload=``; else ``{"raw": text}`` (as
+    when its JSON holds text no store can keep: see ``storable``)."""
     text = body.decode("utf-8", errors="replace")
     media_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/x-www-form-urlencoded":
         form = parse_qs(text)
         if "payload" in form:
             text = form["payload"][0]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return {"raw": text}
+    # NUL, which no store keeps in text, becomes U+FFFD as bytes that are not UTF-8 do.
+    text = text.replace("\x00", "\ufffd")
+    if storable.json_problem(text.encode()) is None:
+        with contextlib.suppress(ValueError):
+            return json.loads(text)
+    return {"raw": text}
 
 
 def _fire_all(

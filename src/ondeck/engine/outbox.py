@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 
 
 def check_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # an unclosed [IPv6 address], a port that is not a number or past 65535
+        usable = False
+    if not usable:
         raise InvalidRequest(f"callback URL must be an http(s) URL with a host, not {url!r}")
     return url
 

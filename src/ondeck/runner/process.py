@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+from ondeck import storable
 from ondeck.domain import LogChunk, Outcome, RunStatus, utcnow
 from ondeck.durations import format_duration
 from ondeck.masking import Masker, StreamMasker
@@ -124,7 +125,8 @@ class _Stream:
         self._secrets = StreamMasker(masker)
 
     def text(self, data: bytes, last: bool) -> str:
-        text = self._secrets.feed(self._decoder.decode(data, final=last))
+        # NUL, which no store keeps in text, becomes U+FFFD as bytes that are not UTF-8 do.
+        text = self._secrets.feed(self._decoder.decode(data, final=last).replace("\x00", "\ufffd"))
         return text + self._secrets.flush() if last else text
 
 
@@ -326,8 +328,12 @@ def _read_outputs(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, None
     if size > _OUTPUTS_MAX:
         return None, f"outputs file is larger than {_OUTPUTS_MAX} bytes"
+    raw = path.read_bytes()
+    problem = storable.json_problem(raw)
+    if problem is not None:
+        return None, f"outputs file holds text that cannot be stored: {problem}"
     try:
-        value = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse, parse_float=_finite)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse, parse_float=_finite)
     except (ValueError, UnicodeDecodeError) as exc:
         return None, f"outputs file is not valid JSON: {exc}"
     if not isinstance(value, dict):

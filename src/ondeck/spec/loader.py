@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from ondeck.errors import InvalidDefinition
 from ondeck.spec.models import Automation
-from ondeck.spec.params import NOT_A_JSON_NUMBER, non_finite_paths
+from ondeck.storable import value_problems
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,11 @@ def parse_definition(data: Any, file: str = "<request>") -> Automation:
             f"{file}: an automation must be a mapping",
             errors=[{"file": file, "field": "", "message": "not a mapping"}],
         )
-    non_finite = [
-        DefinitionError(file, ".".join(map(str, path)), NOT_A_JSON_NUMBER) for path in non_finite_paths(data)
+    unstorable = [
+        DefinitionError(file, ".".join(map(str, path)), message) for path, message in value_problems(data)
     ]
-    if non_finite:  # the models would keep them as null
-        raise InvalidDefinition("; ".join(map(str, non_finite)), errors=[e.__dict__ for e in non_finite])
+    if unstorable:  # the models would keep NaN as null
+        raise InvalidDefinition("; ".join(map(str, unstorable)), errors=[e.__dict__ for e in unstorable])
     try:
         return Automation.model_validate(data)
     except ValidationError as exc:

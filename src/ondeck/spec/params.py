@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
 import operator
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -15,6 +14,7 @@ from jsonschema.exceptions import SchemaError
 
 from ondeck.errors import InvalidParams
 from ondeck.masking import MASK, Masker
+from ondeck.storable import value_problems
 
 
 def check_schema(schema: dict[str, Any]) -> None:
@@ -46,27 +46,10 @@ def _validator(schema: str) -> Draft202012Validator:
     return Draft202012Validator(json.loads(schema))
 
 
-NOT_A_JSON_NUMBER = "NaN and Infinity are not JSON numbers"
-
-
 def json_pointer(parts: Iterable[str | int]) -> str:
     """The RFC 6901 pointer to ``parts`` (keys and indexes): ``""`` is the whole document,
     and ``~`` and ``/`` in keys are written ``~0`` and ``~1``."""
     return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
-
-
-def non_finite_paths(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[str | int, ...]]:
-    """The paths (keys and indexes) of NaN and infinite numbers in ``value``, which Python's
-    parsers accept (``NaN``, ``Infinity``) but JSON has no form for: PostgreSQL refuses
-    them, and elsewhere they would come back as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        yield path
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from non_finite_paths(item, (*path, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from non_finite_paths(item, (*path, index))
 
 
 def _is_sensitive(schema: Mapping[str, Any]) -> bool:
@@ -170,12 +153,12 @@ def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str,
     """
     if not isinstance(params, dict):
         raise InvalidParams("params must be a JSON object", errors=[{"path": "", "message": "not an object"}])
-    non_finite = [
-        {"path": json_pointer(path), "message": NOT_A_JSON_NUMBER} for path in non_finite_paths(params)
+    unstorable = [
+        {"path": json_pointer(path), "message": message} for path, message in value_problems(params)
     ]
-    if non_finite:
-        paths = ", ".join(item["path"] for item in non_finite)
-        raise InvalidParams(f"params are not JSON: {paths}: {NOT_A_JSON_NUMBER}", errors=non_finite)
+    if unstorable:
+        summary = "; ".join(f"{item['path'] or 'params'}: {item['message']}" for item in unstorable)
+        raise InvalidParams(f"params cannot be stored: {summary}", errors=unstorable)
     filled = copy.deepcopy(params)
     _apply_defaults(schema, filled)
     validator = _validator(json.dumps(schema, sort_keys=True))

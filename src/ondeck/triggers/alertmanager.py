@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ondeck import storable
 from ondeck.errors import InvalidRequest
 
 VERSION = "4"
@@ -42,6 +43,9 @@ class Alert:
 
 def decode(body: bytes) -> list[Alert]:
     """Every alert of a version 4 notification; ``InvalidNotification`` says what does not fit."""
+    problem = storable.json_problem(body)
+    if problem is not None:
+        raise InvalidNotification(f"the body holds text that cannot be stored: {problem}")
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:

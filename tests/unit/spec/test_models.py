@@ -81,7 +81,7 @@ def test_python_main_signature_becomes_the_schema() -> None:
 
 @pytest.mark.parametrize(
     ("script", "problem"),
-    [("echo \0", "cannot contain NUL"), ("#" * (128 * 1024), "at most 131071 bytes")],
+    [("echo \0", "cannot hold a NUL"), ("#" * (128 * 1024), "at most 131071 bytes")],
     ids=["nul", "too-long"],
 )
 def test_a_bash_script_must_fit_in_one_argument(script: str, problem: str) -> None:

@@ -71,12 +71,17 @@ def test_schema_must_describe_an_object() -> None:
         check_schema({"type": "object", "properties": {"x": {"type": 5}}})
 
 
-def test_nan_and_infinity_anywhere_are_refused_with_their_paths() -> None:
-    params = {"service": "api", "options": {"ratio": float("nan"), "range": [0, float("-inf")]}}
+def test_values_no_store_can_keep_are_refused_anywhere_with_their_paths() -> None:
+    """Params come from schedules, events and ChatOps too, not only from parsed JSON."""
+    params = {
+        "service": "a\0b",
+        "options": {"ratio": float("nan"), "range": [0, float("-inf")], "who": "\ud800"},
+    }
     with pytest.raises(InvalidParams, match="not JSON numbers") as caught:
         validate_params({"type": "object"}, params)
     paths = [e["path"] for e in caught.value.extensions["errors"]]
-    assert paths == ["/options/ratio", "/options/range/1"]
+    assert paths == ["/service", "/options/ratio", "/options/range/1", "/options/who"]
+    assert "\0" not in caught.value.detail and "\ud800" not in caught.value.detail
 
 
 SENSITIVE = {
