@@ -411,7 +411,7 @@ def test_secret_never_leaks(server: Server, admin: httpx.Client) -> None:
         engine.dispose()
 
 
-def test_write_only_params_stay_out_of_audit_errors_and_logs(admin: httpx.Client) -> None:
+def test_write_only_params_stay_out_of_answers_audit_errors_and_logs(admin: httpx.Client) -> None:
     name = unique("write-only")
     schema = {
         "type": "object",
@@ -426,8 +426,14 @@ def test_write_only_params_stay_out_of_audit_errors_and_logs(admin: httpx.Client
     )
     put_automation(admin, {"name": name, "params": schema, "run": {"runtime": "bash", "script": script}})
     given = {"password": "hunterpw", "creds": {"pw": "nestedpw"}}
-    run = wait_for_run(admin, admin.post(f"/automations/{name}/runs", json={"params": given}).json()["id"])
+    shown = {"password": "***", "creds": {"pw": "***"}}
+    triggered = admin.post(f"/automations/{name}/runs", json={"params": given}).json()
+    run = wait_for_run(admin, triggered["id"])
     assert run["status"] == "succeeded" and run["outputs"] == {"echo": "***"}
+    listed = admin.get("/runs", params={"automation": name}).json()["items"]
+    assert triggered["params"] == run["params"] == listed[0]["params"] == shown
+    rerun = admin.post(f"/runs/{run['id']}/rerun", params={"wait": 30}).json()
+    assert (rerun["status"], rerun["params"]) == ("succeeded", shown)  # "***" fails the pattern
     logs = admin.get(f"/runs/{run['id']}/logs").json()
     assert "pw=***" in "".join(e["text"] for e in logs["entries"])
     bad = admin.post(f"/automations/{name}/runs", json={"params": {"password": "Hunter2Secret"}})

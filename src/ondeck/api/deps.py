@@ -149,6 +149,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def shown(node: Node, *found: Run) -> list[Run]:
+    """``runs.shown``: on the event loop when it need not read the store (every run's
+    version was seen before), as for nearly every run."""
+    if runs.schemas_known(found):
+        return runs.shown(node.store, found)
+    return await call(runs.shown, node.store, found)
+
+
 async def wait_finished(node: Node, run: Run, timeout: float) -> Run:
     """The run once it is terminal, or as it is when ``timeout`` seconds have passed."""
     loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from ondeck.api.deps import NodeDep, StrictRoute, call, read_body, wait_finished
+from ondeck.api.deps import NodeDep, StrictRoute, call, read_body, shown, wait_finished
 from ondeck.api.schemas import RunOut
 from ondeck.domain import Run
 from ondeck.engine import intake
@@ -68,4 +68,5 @@ async def receive_hook(
     finished = await _wait_all(node, received.runs, wait) if wait else None
     if finished is not None:
         response.status_code = 200
+        finished = await shown(node, *finished)
     return Triggered.of(received, finished)

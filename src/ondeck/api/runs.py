@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -23,6 +24,7 @@ from ondeck.api.deps import (
     get_node,
     get_principal,
     read_body,
+    shown,
     wait_finished,
     write_here,
 )
@@ -105,6 +107,7 @@ async def _admit(node: Node, request: TriggerRequest, wait: float | None) -> Res
     run = result.run
     if wait:
         run = await wait_finished(node, run, wait)
+    (run,) = await shown(node, run)
     headers = {"Location": f"/api/v1/runs/{run.id}"}
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -200,7 +203,7 @@ async def list_runs(
     )
     if next_cursor:
         response.headers["Link"] = f'</api/v1/runs?cursor={next_cursor}&limit={limit}>; rel="next"'
-    return RunPage(items=[RunOut.of(r) for r in items], next_cursor=next_cursor)
+    return RunPage(items=[RunOut.of(r) for r in await shown(node, *items)], next_cursor=next_cursor)
 
 
 @router.get("/runs/{run_id}", response_model=RunOut)
@@ -208,7 +211,9 @@ async def get_run(node: NodeDep, principal: ReaderDep, run_id: str, wait: WaitQu
     """The run with its transitions, attempts and approval decisions; `wait` long-polls until it ends."""
     if wait:
         await wait_finished(node, await call(runs.get, node.store, run_id, principal), wait)
-    return RunOut.of_detail(await call(runs.detail, node.store, principal, run_id))
+    detail = await call(runs.detail, node.store, principal, run_id)
+    (run,) = await shown(node, detail.run)
+    return RunOut.of_detail(replace(detail, run=run))
 
 
 @router.get("/runs/{run_id}/logs", response_model=LogPage)
@@ -280,7 +285,7 @@ async def stream_logs(
 @router.post("/runs/{run_id}/cancel", response_model=RunOut, status_code=202)
 async def cancel_run(node: NodeDep, principal: PrincipalDep, run_id: str) -> RunOut:
     """Operators may cancel the runs they started; admins any run."""
-    return RunOut.of(await call(runs.cancel, node.store, principal, run_id))
+    return RunOut.of(*await shown(node, await call(runs.cancel, node.store, principal, run_id)))
 
 
 @router.post("/runs/{run_id}/approve", response_model=RunOut)
@@ -289,7 +294,9 @@ async def approve_run(
 ) -> RunOut:
     """Approve a run waiting for approval; it is queued once every rule has enough approvers."""
     comment = body.comment if body else ""
-    return RunOut.of(await call(approvals.decide, node.store, principal, run_id, True, comment))
+    return RunOut.of(
+        *await shown(node, await call(approvals.decide, node.store, principal, run_id, True, comment))
+    )
 
 
 @router.post("/runs/{run_id}/reject", response_model=RunOut)
@@ -297,7 +304,9 @@ async def reject_run(
     node: NodeDep, principal: PrincipalDep, run_id: str, body: DecisionBody | None = None
 ) -> RunOut:
     comment = body.comment if body else ""
-    return RunOut.of(await call(approvals.decide, node.store, principal, run_id, False, comment))
+    return RunOut.of(
+        *await shown(node, await call(approvals.decide, node.store, principal, run_id, False, comment))
+    )
 
 
 @router.post("/runs/{run_id}/rerun", response_model=RunOut, status_code=202)

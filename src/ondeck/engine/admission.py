@@ -30,7 +30,6 @@ from ondeck.errors import (
     OndeckError,
 )
 from ondeck.ids import new_id
-from ondeck.masking import MASK
 from ondeck.spec.expressions import ExpressionError, render
 from ondeck.spec.models import Automation
 from ondeck.spec.params import masked, validate_params
@@ -95,9 +94,7 @@ def masked_params(automation: Automation | None, params: Any) -> Any:
     masked; all of them while the schema is not known."""
     if not isinstance(params, dict):
         return params
-    if automation is None:
-        return {key: MASK for key in params}
-    return masked(automation.params_schema, params)
+    return masked(automation.params_schema if automation is not None else None, params)
 
 
 def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None = None) -> Admission:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import AttemptRecord, LogEntry, Run, RunStatus, Transition, utcnow
 from ondeck.engine import catalog, states
-from ondeck.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from ondeck.errors import Conflict, Forbidden, InvalidRequest, NotFound, UnloadableDefinition
+from ondeck.spec.params import masked
 from ondeck.store.store import Store, Transaction
 
 
@@ -29,6 +31,36 @@ def get(store: Store, run_id: str, principal: Principal | None = None) -> Run:
     if principal is not None:
         _check_visible(store, principal, run)
     return run
+
+
+# Each version's params schema, or None when it cannot be read: versions never change.
+_schemas: dict[tuple[str, int], Mapping[str, Any] | None] = {}
+
+
+def schemas_known(found: Sequence[Run]) -> bool:
+    """Whether ``shown`` can show ``found`` without reading the store."""
+    return all((run.automation, run.version) in _schemas for run in found)
+
+
+def shown(store: Store, found: Sequence[Run]) -> list[Run]:
+    """``found`` as the API shows runs: params the schema marks write-only (``writeOnly``
+    or ``format: password``) masked, as in the audit log; the run keeps them to run with
+    (and to rerun). Every param is masked when the run's version cannot be read."""
+    missing = {(run.automation, run.version) for run in found} - _schemas.keys()
+    if missing:
+        with store.read() as tx:
+            for name, version in missing:
+                stored = tx.automation_version(name, version)
+                try:
+                    _schemas[name, version] = catalog.definition_of(stored).params_schema if stored else None
+                except UnloadableDefinition:
+                    _schemas[name, version] = None
+    return [_masked(run, _schemas[run.automation, run.version]) for run in found]
+
+
+def _masked(run: Run, schema: Mapping[str, Any] | None) -> Run:
+    params = masked(schema, run.params)
+    return run if params is run.params else replace(run, params=params)
 
 
 def _check_visible(store: Store, principal: Principal, run: Run) -> None:

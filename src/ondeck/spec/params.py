@@ -108,8 +108,11 @@ def _at(value: Any, path: tuple[str | int, ...]) -> Any:
     return value
 
 
-def masked(schema: Mapping[str, Any], params: Any) -> Any:
-    """``params`` with the values ``sensitive_paths`` finds replaced by ``***``."""
+def masked(schema: Mapping[str, Any] | None, params: Any) -> Any:
+    """``params`` with the values ``sensitive_paths`` finds replaced by ``***``; each
+    of them (or all, if not an object) when the schema is not known (None)."""
+    if schema is None:
+        return {key: MASK for key in params} if isinstance(params, dict) else MASK
     paths = sorted(set(sensitive_paths(schema, params)), key=len)
     if not paths:
         return params
