@@ -145,6 +145,7 @@ class Worker:
         self.lease = timedelta(seconds=settings.lease_seconds)
         self._definitions = DefinitionCache()
         self.isolation = isolation.best() if settings.isolate else isolation.GROUP
+        self._hidden = isolation.hidden(settings.data_dir, settings.workspace_root)
         self._default_timeout = parse_duration(settings.default_timeout)
         self._default_limits = ResourceLimits(
             memory_bytes=parse_size(settings.limit_memory),
@@ -283,6 +284,7 @@ class Worker:
             # Secrets, and the params the schema marks writeOnly or format password.
             redact=(*secrets.values(), *sensitive_values(automation.params_schema, run.params)),
             isolation=self.isolation,
+            hidden=self._hidden,
         )
 
     async def _execute(self, claim: Claim) -> None:

@@ -36,6 +36,8 @@ class Attempt:
     redact: tuple[str, ...] = ()
     # How the process is started and contained: see runner.isolation.
     isolation: str = "group"
+    # Directories hidden from the program but for its workspace (runner.isolation.hidden).
+    hidden: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)

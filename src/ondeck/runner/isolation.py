@@ -8,7 +8,9 @@ everything it starts inherits them. Three ways, best first:
 
 ``launcher``
     ``ondeck-launch`` (``launch.c``, built by ``make install``) does all of it with
-    one exec.
+    one exec; and, in a mount namespace of the script's own, hides ondeck's data
+    directory (the database, the master key) and other runs' workspaces from it,
+    and gives it a ``/proc`` that shows only its own processes.
 ``namespace``
     The same from util-linux: ``setpriv --pdeathsig KILL -- unshare --pid --fork
     --kill-child -- prlimit … --``; about 2 ms more CPU per run.
@@ -25,6 +27,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ondeck.runner.attempt import ResourceLimits
@@ -35,11 +39,13 @@ LAUNCHER, NAMESPACE, GROUP = "launcher", "namespace", "group"
 _PROBE_LIMITS = ResourceLimits(memory_bytes=1 << 30, cpu_seconds=10, processes=4096, file_size_bytes=1 << 20)
 
 
-def command(mode: str, limits: ResourceLimits) -> list[str]:
-    """The prefix that starts a program isolated by ``mode`` under ``limits``."""
+def command(mode: str, limits: ResourceLimits, keep: Path, hide: Sequence[Path] = ()) -> list[str]:
+    """The prefix that starts a program isolated by ``mode`` under ``limits``; with the
+    launcher, ``hide`` (see ``hidden``) is hidden from it, but for ``keep``, its workspace."""
     values = (limits.memory_bytes, limits.cpu_seconds, limits.processes, limits.file_size_bytes)
     if mode == LAUNCHER:  # started by this process, which it must not outlive
-        return [_launcher_path() or "ondeck-launch", str(os.getpid()), *map(str, values), "--"]
+        launcher = _launcher_path() or "ondeck-launch"
+        return [launcher, str(os.getpid()), *map(str, values), str(keep), *map(str, hide), "--"]
     prefix = list(_namespace_prefix()) if mode == NAMESPACE else []
     prlimit = _prlimit_path()
     if prlimit is None:
@@ -47,6 +53,25 @@ def command(mode: str, limits: ResourceLimits) -> list[str]:
     names = ("as", "cpu", "nproc", "fsize")
     options = (f"--{name}={value}" for name, value in zip(names, values, strict=True))
     return [*prefix, prlimit, *options, "--core=0", "--"]
+
+
+def hidden(*directories: Path) -> tuple[Path, ...]:
+    """Of ``directories`` (ondeck's data directory, the workspaces' root), those to hide
+    from scripts: resolved, less any inside another, and less any that holds what a
+    script is started with (Python, this package, the launcher), which it would stop."""
+    launcher = _launcher_path()
+    needed = [Path(sys.prefix), Path(sys.executable), Path(__file__).parents[1]]
+    needed += [Path(launcher)] if launcher else []
+    resolved = {directory.resolve() for directory in directories}
+    chosen: list[Path] = []
+    for directory in sorted(resolved):
+        if any(directory.is_relative_to(other) for other in chosen):
+            continue
+        if any(path.resolve().is_relative_to(directory) for path in needed):
+            log.warning("%s is not hidden from scripts: it holds what they are started with", directory)
+            continue
+        chosen.append(directory)
+    return tuple(chosen)
 
 
 @functools.cache
@@ -73,9 +98,16 @@ def _probe(mode: str) -> str | None:
     if mode == NAMESPACE and not _namespace_prefix():
         return "setpriv or unshare not found"
     try:
-        probe = subprocess.run(
-            [*command(mode, _PROBE_LIMITS), "true"], capture_output=True, timeout=10, check=False
-        )
+        with tempfile.TemporaryDirectory() as hide:
+            keep = Path(hide, "workspace")
+            keep.mkdir()
+            probe = subprocess.run(
+                [*command(mode, _PROBE_LIMITS, keep, [Path(hide)]), "true"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+                cwd=keep,
+            )
     except (OSError, subprocess.SubprocessError) as exc:
         return str(exc)
     if probe.returncode != 0:

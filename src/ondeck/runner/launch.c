@@ -2,10 +2,15 @@
  * ondeck-launch: start one attempt's program in its own PID namespace, under
  * resource limits, with a single exec.
  *
- *   ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE -- PROGRAM [ARG...]
+ *   ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE KEEP [HIDE...] -- PROGRAM [ARG...]
  *
  * PARENT is the worker's PID: the launcher does not start the program if it
  * finds itself orphaned before it could tie its life to the worker's.
+ * Each HIDE directory is covered, for the program only, by an empty read-only
+ * tmpfs, except for KEEP (the attempt's workspace), which must lie in one of
+ * them if any is given: so the program cannot read ondeck's data directory (the database, the
+ * master key) or other runs' workspaces. It also gets a /proc of its own
+ * namespace, so it cannot read the worker's memory or environment there.
  * It does what `setpriv --pdeathsig KILL -- unshare --pid --fork --kill-child
  * [--user --map-current-user] -- prlimit --as --cpu --nproc --fsize --core=0 --`
  * does, without the three extra programs (each costs an exec and a dynamic
@@ -16,6 +21,8 @@
  *     this launcher dies, the kernel kills every process left in there;
  *   - the limits are set before the fork, so the program and all it starts
  *     inherit them;
+ *   - in a mount namespace of its own, the HIDE directories but KEEP are
+ *     hidden, and /proc shows only the namespace's processes;
  *   - it ignores SIGINT and SIGTERM (the worker signals the program and its
  *     group; the launcher's own death would kill them without a grace period)
  *     and ends the way the program ended: the same exit code, or the same signal.
@@ -28,8 +35,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -69,10 +79,66 @@ static void die_with_parent(void) {
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) die("prctl");
 }
 
+/* Whether absolute path `inner` is `outer` or below it. */
+static int inside(const char *inner, const char *outer) {
+    size_t n = strlen(outer);
+    return strncmp(inner, outer, n) == 0 && (inner[n] == '/' || inner[n] == '\0');
+}
+
+/* Make each directory of `path` below `top` (which exists), as mkdir -p would. */
+static void make_path(char *path, size_t top) {
+    for (char *slash = strchr(path + top + 1, '/'); slash; slash = strchr(slash + 1, '/')) {
+        *slash = '\0';
+        if (mkdir(path, 0755) != 0 && errno != EEXIST) die(path);
+        *slash = '/';
+    }
+    if (mkdir(path, 0755) != 0 && errno != EEXIST) die(path);
+}
+
+/* In the new mount namespace (called by the program's process, PID 1 of the new
+   PID namespace): a /proc of this namespace, each of `hide` covered but `keep`. */
+static void contain(const char *keep, char **hide, int hidden) {
+    char cwd[PATH_MAX], target[PATH_MAX], source[64];
+    if (!getcwd(cwd, sizeof cwd)) die("getcwd");
+    /* Nothing mounted here reaches the host's namespace, nor the other way. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("mount --make-rprivate /");
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount /proc");
+    if (hidden == 0) return;
+    int kept = open(keep, O_PATH | O_DIRECTORY | O_CLOEXEC); /* before it is covered */
+    if (kept < 0) die(keep);
+    const char *cover = NULL;
+    for (int i = 0; i < hidden; i++) {
+        if (mount("tmpfs", hide[i], "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755") != 0) die(hide[i]);
+        if (inside(keep, hide[i])) cover = hide[i];
+    }
+    if (!cover) {
+        fprintf(stderr, "ondeck-launch: %s is in none of the hidden directories\n", keep);
+        _exit(FAIL);
+    }
+    if (snprintf(target, sizeof target, "%s", keep) >= (int)sizeof target) die("path too long");
+    make_path(target, strlen(cover));
+    snprintf(source, sizeof source, "/proc/self/fd/%d", kept);
+    if (mount(source, keep, NULL, MS_BIND | MS_REC, NULL) != 0) die("bind the workspace");
+    close(kept);
+    for (int i = 0; i < hidden; i++) { /* now the covers can be made read-only */
+        unsigned long flags = MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV;
+        if (mount(NULL, hide[i], NULL, flags, NULL) != 0) die(hide[i]);
+    }
+    if (chdir(cwd) != 0) die(cwd); /* through the mounts: the old one would lead around them */
+}
+
 int main(int argc, char **argv) {
-    if (argc < 8 || strcmp(argv[6], "--") != 0) {
-        fprintf(stderr, "usage: ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE -- PROGRAM [ARG...]\n");
+    int dashes = 7;
+    while (dashes < argc && strcmp(argv[dashes], "--") != 0) dashes++;
+    if (dashes + 1 >= argc || argv[6][0] != '/') {
+        fprintf(stderr, "usage: ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE KEEP [HIDE...] -- PROGRAM [ARG...]\n");
         return FAIL;
+    }
+    for (int i = 7; i < dashes; i++) {
+        if (argv[i][0] != '/') {
+            fprintf(stderr, "ondeck-launch: not an absolute path: %s\n", argv[i]);
+            return FAIL;
+        }
     }
     die_with_parent();
     /* The worker may have died before the prctl (even before this exec): then nothing
@@ -91,12 +157,12 @@ int main(int argc, char **argv) {
     uid_t uid = geteuid();
     gid_t gid = getegid();
     if (uid == 0) {
-        if (unshare(CLONE_NEWPID) != 0) die("unshare");
+        if (unshare(CLONE_NEWPID | CLONE_NEWNS) != 0) die("unshare");
     } else {
         /* Unprivileged: a user namespace grants the right to make the PID namespace;
            map our own ids into it, as unshare --map-current-user does. */
         char map[64];
-        if (unshare(CLONE_NEWUSER | CLONE_NEWPID) != 0) die("unshare");
+        if (unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS) != 0) die("unshare");
         write_file("/proc/self/setgroups", "deny");
         snprintf(map, sizeof map, "%u %u 1", (unsigned)uid, (unsigned)uid);
         write_file("/proc/self/uid_map", map);
@@ -119,10 +185,12 @@ int main(int argc, char **argv) {
         die_with_parent();
         if (fcntl(alive[0], F_SETFL, O_NONBLOCK) != 0) die("fcntl");
         if (read(alive[0], &byte, 1) == 0) _exit(FAIL); /* the launcher died before the prctl */
+        contain(argv[6], argv + 7, dashes - 7);
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
-        execvp(argv[7], argv + 7);
-        fprintf(stderr, "ondeck-launch: cannot run %s: %s\n", argv[7], strerror(errno));
+        char **program = argv + dashes + 1;
+        execvp(program[0], program);
+        fprintf(stderr, "ondeck-launch: cannot run %s: %s\n", program[0], strerror(errno));
         _exit(errno == ENOENT ? 127 : 126);
     }
 

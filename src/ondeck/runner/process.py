@@ -92,7 +92,7 @@ def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
             program = [sys.executable, "-I", str(_ENTRY), str(script)]
         else:
             program = [sys.executable, "-I", str(script), *attempt.args]
-    return [*isolation.command(attempt.isolation, attempt.limits), *program]
+    return [*isolation.command(attempt.isolation, attempt.limits, workspace.root, attempt.hidden), *program]
 
 
 def _prepare(attempt: Attempt) -> tuple[Workspace, list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -168,10 +169,10 @@ def test_exit_code_is_recorded(tmp_path: Path, contained: str) -> None:
 
 
 @pytest.mark.parametrize("mode", [isolation.LAUNCHER, isolation.NAMESPACE])
-def test_supervisor_death_kills_every_process_of_the_attempt(mode: str) -> None:
+def test_supervisor_death_kills_every_process_of_the_attempt(tmp_path: Path, mode: str) -> None:
     """kill -9 of the process holding the attempt (the worker) leaves nothing running."""
     marker = f"ONDECK_RUN_ID=orphan-{time.monotonic_ns()}"
-    prefix = " ".join(isolation.command(mode, LIMITS))
+    prefix = " ".join(isolation.command(mode, LIMITS, tmp_path))
     holder = subprocess.Popen(
         [
             "bash",
@@ -192,12 +193,54 @@ def test_supervisor_death_kills_every_process_of_the_attempt(mode: str) -> None:
 
 def test_the_launcher_does_not_start_the_program_once_its_worker_is_gone(tmp_path: Path) -> None:
     """Had the worker died before the launcher tied itself to it, nothing would stop the script."""
-    argv = isolation.command(isolation.LAUNCHER, LIMITS)
+    argv = isolation.command(isolation.LAUNCHER, LIMITS, tmp_path)
     argv[1] = "1"  # the worker's pid it expects; its parent is this test, as if re-parented
     marker = tmp_path / "started"
     result = subprocess.run([*argv, "touch", str(marker)], capture_output=True, timeout=10, check=False)
     assert result.returncode == 125 and b"is gone" in result.stderr
     assert not marker.exists()
+
+
+def test_the_launcher_hides_the_data_directory_other_workspaces_and_other_processes(
+    tmp_path: Path,
+) -> None:
+    """A script runs as the server's user: without this it could read the master key and
+    the database (every secret), other runs' params, and the worker's environment."""
+    data = tmp_path / "data"
+    (data / "workspaces" / "other-run").mkdir(parents=True)
+    (data / "master.key").write_text("the key")
+    (data / "workspaces" / "other-run" / "params.json").write_text('{"password": "theirs"}')
+    script = """
+        cat "$ONDECK_PARAMS"; echo; touch "$ONDECK_OUTPUTS"
+        echo "listed: $(ls -A "$DATA" "$DATA/workspaces" | tr '\\n' ' ')"
+        cat "$DATA/master.key" ../../../master.key ../../other-run/params.json 2>&1 || true
+        touch "$DATA/planted" 2>&1 || true
+        echo "processes: $(ls /proc | grep -c '^[0-9]')"
+    """
+    attempt = make(
+        tmp_path,
+        script,
+        params={"x": 1},
+        workspace_root=data / "workspaces",
+        isolation=isolation.LAUNCHER,
+        hidden=isolation.hidden(data, data / "workspaces"),
+        extra_env={"DATA": str(data)},
+    )
+    assert attempt.hidden == (data,)
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED, text
+    assert '{"x": 1}' in text  # its own workspace is there, writable
+    assert "the key" not in text and "theirs" not in text and "No such file" in text
+    (listed,) = [line for line in text.splitlines() if line.startswith("listed:")]
+    assert "other-run" not in listed and "master.key" not in listed and "workspaces" in listed
+    assert "Read-only file system" in text and not (data / "planted").exists()
+    assert "processes: 4" in text or "processes: 3" in text  # bash, its pipeline: no worker
+    assert (data / "master.key").read_text() == "the key"  # hidden, not touched
+
+
+def test_directories_holding_what_scripts_start_with_are_not_hidden(tmp_path: Path) -> None:
+    venv = Path(sys.prefix)
+    assert isolation.hidden(venv.parent, tmp_path / "a", tmp_path / "a" / "b", tmp_path) == (tmp_path,)
 
 
 def test_bash_stops_at_the_first_failure(tmp_path: Path) -> None:
