@@ -449,6 +449,47 @@ def test_write_only_params_stay_out_of_answers_audit_errors_and_logs(admin: http
     assert '"creds": {"pw": "***"}' in audit or '"creds":{"pw":"***"}' in audit
 
 
+def test_values_rendered_from_write_only_params_are_not_quoted_back(admin: httpx.Client) -> None:
+    """A concurrency key or an environment may be rendered from any param."""
+    name = unique("rendered")
+    schema = {"type": "object", "properties": {"token": {"type": "string", "writeOnly": True}}}
+    put_automation(
+        admin,
+        {
+            "name": name,
+            "params": schema,
+            "environment": "${{ params.token }}",
+            "run": {"runtime": "bash", "script": "true"},
+        },
+    )
+    refused = admin.post(f"/automations/{name}/runs", json={"params": {"token": "tok-s3cret"}})
+    assert refused.status_code == 400 and "tok-s3cret" not in refused.text, refused.text
+    assert "selects environment '***'" in refused.json()["detail"]
+    keyed = unique("keyed")
+    put_automation(
+        admin,
+        {
+            "name": keyed,
+            "params": schema,
+            "concurrency": {"key": "${{ params.token }}", "limit": 1, "policy": "reject"},
+            "run": {"runtime": "bash", "script": "sleep 30"},
+        },
+    )
+    first = admin.post(f"/automations/{keyed}/runs", json={"params": {"token": "tok-s3cret"}})
+    second = admin.post(f"/automations/{keyed}/runs", json={"params": {"token": "tok-s3cret"}})
+    other = admin.post(f"/automations/{keyed}/runs", json={"params": {"token": "another"}})
+    assert (first.status_code, second.status_code, other.status_code) == (202, 409, 202), second.text
+    # Kept as digests: the same for the same value (so the second is refused), not for another.
+    assert first.json()["concurrency_key"].startswith(f"{keyed}:sha256:")
+    assert other.json()["concurrency_key"].startswith(f"{keyed}:sha256:")
+    assert other.json()["concurrency_key"] != first.json()["concurrency_key"]
+    for response in (refused, first, second):
+        assert "tok-s3cret" not in response.text
+    assert "tok-s3cret" not in admin.get("/audit", params={"limit": 1000}).text
+    for run in (first.json(), other.json()):
+        admin.post(f"/runs/{run['id']}/cancel")
+
+
 def test_missing_secret_fails_the_run_clearly(admin: httpx.Client) -> None:
     name = unique("nosecret")
     put_automation(

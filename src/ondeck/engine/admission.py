@@ -30,9 +30,10 @@ from ondeck.errors import (
     OndeckError,
 )
 from ondeck.ids import new_id
+from ondeck.masking import Masker
 from ondeck.spec.expressions import ExpressionError, render
 from ondeck.spec.models import Automation
-from ondeck.spec.params import masked, validate_params
+from ondeck.spec.params import masked, sensitive_values, validate_params
 from ondeck.store.store import IntegrityError, Store, Transaction
 
 # Passes at most through admission when other processes keep applying new versions.
@@ -124,11 +125,22 @@ def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None 
         else:
             raise Conflict(f"automation {request.automation!r} kept changing while the run was admitted")
     except OndeckError as refusal:
+        if automation is not None:
+            _unquote_secrets(refusal, automation, request.params)
         _audit_refusal(store, request, automation, refusal)
         raise
     if admission.run.status == RunStatus.REJECTED:
         raise ConcurrencyRejected(admission.run.error or "rejected", run_id=admission.run.id)
     return admission
+
+
+def _unquote_secrets(refusal: OndeckError, automation: Automation, params: Any) -> None:
+    """Mask in ``refusal`` what a write-only param holds: a refusal may quote a value
+    rendered from params (an environment's name, say), as schema errors are masked."""
+    masker = Masker(sensitive_values(automation.params_schema, params))
+    if masker:
+        refusal.detail = masker.text(refusal.detail)
+        refusal.args = (refusal.detail,)
 
 
 def _admit_version(
@@ -138,7 +150,8 @@ def _admit_version(
     params = validate_params(automation.params_schema, request.params)
     environment = environments.resolve(store, automation, params)
     authorize_run(request.principal, automation.name, automation.access, params, environment)
-    run = _new_run(request, automation, version, params, environment.name if environment else None)
+    hidden = sensitive_values(automation.params_schema, params)
+    run = _new_run(request, automation, version, params, environment.name if environment else None, hidden)
     approval = approvals.requirement(automation, environment, params, run.created_at)
     run = replace(run, approval=approval)
     fingerprint = _fingerprint(request.params)
@@ -156,14 +169,21 @@ def _new_run(
     version: int,
     params: dict[str, Any],
     environment: str | None,
+    hidden: list[str],
 ) -> Run:
+    """The run as admitted. A concurrency key that holds a value of ``hidden`` (the
+    write-only params) is kept as its digest: it is shown with the run, and still
+    matches every run whose key is the same."""
     concurrency = automation.concurrency
     key = None
     if concurrency is not None:
         try:
-            key = f"{automation.name}:{render(concurrency.key, {'params': params})}"
+            rendered = render(concurrency.key, {"params": params})
         except ExpressionError as exc:
             raise InvalidRequest(f"concurrency key: {exc}") from exc
+        if any(value in rendered for value in hidden if value):
+            rendered = "sha256:" + hashlib.sha256(rendered.encode()).hexdigest()
+        key = f"{automation.name}:{rendered}"
     now = utcnow()
     return Run(
         id=new_id(),
