@@ -118,6 +118,12 @@ def test_text_no_store_can_keep_is_refused_by_every_route_and_breaks_nothing(
     for (method, path), body in bodies.items():
         response = client.request(method, path, content=body.replace("TEXT", text).encode(), headers=headers)
         assert_problem(response, 400, why)
+        # Nor as UTF-16 (which Python's parser takes), nor as bytes UTF-8 has no such form for.
+        decoded = json.loads(body.replace("TEXT", text))
+        utf16 = json.dumps(decoded, ensure_ascii=False).encode("utf-16", "surrogatepass")
+        assert_problem(client.request(method, path, content=utf16, headers=headers), 400, "not UTF-8")
+        raw = json.dumps(decoded, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        assert_problem(client.request(method, path, content=raw, headers=headers), 400)
     for path in ("/environments", "/automations", "/runs", "/audit", "/tokens", "/secrets"):
         assert client.get(path).status_code == 200, path
     assert client.get("/runs", params={"automation": name}).json()["items"] == []

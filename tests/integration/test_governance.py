@@ -449,6 +449,21 @@ def test_write_only_params_stay_out_of_answers_audit_errors_and_logs(admin: http
     assert '"creds": {"pw": "***"}' in audit or '"creds":{"pw":"***"}' in audit
 
 
+def test_a_write_only_params_object_is_shown_with_every_value_masked(admin: httpx.Client) -> None:
+    name = unique("all-write-only")
+    schema = {"type": "object", "writeOnly": True, "properties": {"a": {}, "b": {}}}
+    put_automation(admin, {"name": name, "params": schema, "run": {"runtime": "bash", "script": "true"}})
+    triggered = admin.post(
+        f"/automations/{name}/runs", json={"params": {"a": "x1", "b": 2}}, params={"wait": 30}
+    )
+    assert triggered.status_code == 200, triggered.text
+    assert triggered.json()["params"] == {"a": "***", "b": "***"}
+    assert admin.get("/runs", params={"automation": name}).json()["items"][0]["params"] == {
+        "a": "***",
+        "b": "***",
+    }
+
+
 def test_values_rendered_from_write_only_params_are_not_quoted_back(admin: httpx.Client) -> None:
     """A concurrency key or an environment may be rendered from any param."""
     name = unique("rendered")

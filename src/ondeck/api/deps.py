@@ -37,18 +37,30 @@ def check_url(request: Request) -> None:
         raise InvalidRequest(problem)
 
 
-def check_json(raw: bytes) -> None:
-    """Refuse a JSON body that holds a string no store can keep (see ``storable``), as
-    the parser refuses a body that is not JSON."""
+def check_json(raw: bytes) -> str:
+    """The JSON body ``raw`` as text; refused as the parser refuses a body that is not
+    JSON if it is not UTF-8 (RFC 8259; Python's parser also takes UTF-16 and UTF-32, and
+    surrogates encoded as bytes), or holds a string no store can keep (see ``storable``)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        doc = raw.decode(errors="replace")
+        raise json.JSONDecodeError(f"it is not UTF-8 ({exc.reason})", doc, exc.start) from None
     problem = storable.json_problem(raw)
     if problem is not None:
-        raise json.JSONDecodeError(f"strings cannot hold {problem}", raw.decode(errors="replace"), 0)
+        raise json.JSONDecodeError(f"strings cannot hold {problem}", text, 0)
+    return text
 
 
 class _StrictRequest(Request):
+    """JSON bodies are checked by ``check_json`` before they are parsed."""
+
+    _parsed: Any
+
     async def json(self) -> Any:
-        check_json(await self.body())
-        return await super().json()
+        if not hasattr(self, "_parsed"):
+            self._parsed = json.loads(check_json((await self.body()).removeprefix(b"\xef\xbb\xbf")))
+        return self._parsed
 
 
 class StrictRoute(APIRoute):

@@ -60,6 +60,8 @@ def shown(store: Store, found: Sequence[Run]) -> list[Run]:
 
 def _masked(run: Run, schema: Mapping[str, Any] | None) -> Run:
     params = masked(schema, run.params)
+    if not isinstance(params, dict):  # the params object itself is write-only
+        params = masked(None, run.params)
     return run if params is run.params else replace(run, params=params)
 
 

@@ -230,23 +230,29 @@ class Worker:
             task.add_done_callback(self._tasks.discard)
 
     async def _heartbeat(self) -> None:
-        """Renew the leases every third of a lease; stop the attempts whose lease is gone
-        (see ``_Active``), and those asked to cancel."""
+        """Renew the leases every third of a lease, and soon again after a renewal failed;
+        stop the attempts whose lease is gone (see ``_Active``), and those asked to cancel.
+
+        The renewal runs on a thread even on SQLite, where it could wait for the write
+        lock as long as the busy timeout: the event loop must stay free meanwhile, so an
+        attempt's lease running out can stop it.
+        """
         period = self.lease.total_seconds() / 3
+        delay = period
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(delay)
             held = dict(self._active)
             if not held:
+                delay = period
                 continue
             since = time.monotonic()
             try:
-                # A renewal that hangs is given up on before the next is due.
-                renewed = await asyncio.wait_for(
-                    self.call(queue.renew_leases, self.store, self.id, self.lease, list(held)), period
-                )
+                renewed = await blocking.run(queue.renew_leases, self.store, self.id, self.lease, list(held))
             except Exception:
-                log.exception("renewing leases failed; will retry")
+                log.exception("renewing leases failed; retrying soon")
+                delay = period / 4  # a few tries before two thirds of a lease have passed
                 continue
+            delay = max(0.0, period - (time.monotonic() - since))
             for key, active in held.items():
                 if self._active.get(key) is not active:
                     continue  # ended meanwhile

@@ -71,6 +71,10 @@ def hidden(*directories: Path) -> tuple[Path, ...]:
             log.warning("%s is not hidden from scripts: it holds what they are started with", directory)
             continue
         chosen.append(directory)
+    if chosen and os.geteuid() == 0:
+        # Root keeps its capabilities in the script's namespaces: it may unmount the cover,
+        # or read the disk itself. Only a user without them is kept out.
+        log.warning("scripts run as root: they can undo the hiding of %s; run ondeck as another user", chosen)
     return tuple(chosen)
 
 

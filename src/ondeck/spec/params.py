@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import operator
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -80,21 +82,51 @@ def sensitive_paths(
     root: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[str | int, ...]]:
     """The paths of the values in ``value`` that ``schema`` marks ``writeOnly`` or
-    ``format: password``, at any depth (through properties, items, local ``$ref`` and
-    the ``*Of`` combinators): values the audit log, errors and logs must not show."""
+    ``format: password``, at any depth (through properties, patternProperties,
+    additionalProperties, items, prefixItems, local ``$ref`` and the ``*Of``
+    combinators): values the audit log, errors and logs must not show."""
     root = schema if root is None else root
     schemas = list(_subschemas(schema, root))
     if any(_is_sensitive(sub) for sub in schemas):
         yield path
         return
     for sub in schemas:  # a path reached through several subschemas comes more than once
-        if isinstance(value, dict) and isinstance(sub.get("properties"), Mapping):
-            for key, prop in sub["properties"].items():
-                if key in value:
-                    yield from sensitive_paths(prop, value[key], (*path, key), root)
-        elif isinstance(value, list) and isinstance(sub.get("items"), Mapping):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                for applied in _member_schemas(sub, str(key)):
+                    yield from sensitive_paths(applied, item, (*path, key), root)
+        elif isinstance(value, list):
             for index, item in enumerate(value):
-                yield from sensitive_paths(sub["items"], item, (*path, index), root)
+                for applied in _item_schemas(sub, index):
+                    yield from sensitive_paths(applied, item, (*path, index), root)
+
+
+def _mappings(*candidates: Any) -> list[Mapping[str, Any]]:
+    return [candidate for candidate in candidates if isinstance(candidate, Mapping)]
+
+
+def _member_schemas(schema: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    """The subschemas of ``schema`` that apply to its member ``key``, as JSON Schema has it."""
+    properties = schema.get("properties")
+    named = properties.get(key) if isinstance(properties, Mapping) else None
+    patterns = schema.get("patternProperties")
+    matched = []
+    for pattern, sub in patterns.items() if isinstance(patterns, Mapping) else ():
+        with contextlib.suppress(re.error, TypeError):
+            if re.search(pattern, key):
+                matched.append(sub)
+    if named is None and not matched:
+        return _mappings(schema.get("additionalProperties"))
+    return _mappings(named, *matched)
+
+
+def _item_schemas(schema: Mapping[str, Any], index: int) -> list[Mapping[str, Any]]:
+    """The subschemas of ``schema`` that apply to its item ``index`` (draft 2020-12):
+    ``prefixItems`` for the first items, ``items`` for the rest."""
+    prefix = schema.get("prefixItems")
+    if isinstance(prefix, list) and index < len(prefix):
+        return _mappings(prefix[index])
+    return _mappings(schema.get("items"))
 
 
 def _inside(path: tuple[str | int, ...], outers: Iterable[tuple[str | int, ...]]) -> bool:

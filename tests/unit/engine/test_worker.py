@@ -362,6 +362,31 @@ def test_a_worker_that_cannot_renew_a_lease_stops_the_attempt_before_the_lease_l
     _run_worker(store, settings, scenario)
 
 
+def test_one_failed_renewal_is_retried_before_the_attempt_would_be_stopped(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A moment's outage of the store must not stop every attempt the worker runs."""
+    settings = Settings(data_dir=tmp_path, lease_seconds=3, kill_grace_seconds=0.2, poll_seconds=120)
+    define(store, run={"runtime": "bash", "script": "sleep 4"})
+    renew = queue.renew_leases
+    failures: list[str] = []
+
+    def fails_once(*args: Any) -> dict[tuple[str, int], bool]:
+        if not failures:
+            failures.append("refused")
+            raise StoreUnavailable("the store is briefly unavailable")
+        return renew(*args)
+
+    monkeypatch.setattr(queue, "renew_leases", fails_once)
+
+    async def scenario() -> None:
+        run = admit(store, TriggerRequest("job")).run
+        await _until("the run ends", lambda: runs.get(store, run.id).status.terminal)
+        assert failures and runs.get(store, run.id).status == RunStatus.SUCCEEDED
+
+    _run_worker(store, settings, scenario)
+
+
 def test_an_attempt_whose_run_was_started_again_elsewhere_is_stopped_at_the_next_renewal(
     store: Store, tmp_path: Path
 ) -> None:

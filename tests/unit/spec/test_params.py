@@ -124,6 +124,37 @@ def test_sensitive_values_are_found_at_any_depth_and_masked() -> None:
     assert masked({"type": "object", "writeOnly": True}, {"a": 1}) == "***"
 
 
+def test_members_and_items_named_by_pattern_or_position_are_found_too() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "tokens": {"type": "object", "additionalProperties": {"type": "string", "writeOnly": True}},
+            "env": {
+                "type": "object",
+                "properties": {"HOME": {"type": "string"}},
+                "patternProperties": {"_KEY$": {"writeOnly": True}, "[": {}},  # a bad pattern matches none
+            },
+            "pair": {"type": "array", "prefixItems": [{"type": "string"}, {"format": "password"}]},
+            "rest": {"type": "array", "prefixItems": [{"type": "string"}], "items": {"writeOnly": True}},
+        },
+    }
+    params = {
+        "tokens": {"github": "t1", "slack": "t2"},
+        "env": {"HOME": "/h", "API_KEY": "k", "OTHER": "o"},
+        "pair": ["user", "pw"],
+        "rest": ["first", "r1", "r2"],
+    }
+    assert sorted(map(json_pointer, sensitive_paths(schema, params))) == [
+        "/env/API_KEY",
+        "/pair/1",
+        "/rest/1",
+        "/rest/2",
+        "/tokens/github",
+        "/tokens/slack",
+    ]
+    assert sorted(sensitive_values(schema, params)) == ["k", "pw", "r1", "r2", "t1", "t2"]
+
+
 def test_errors_never_quote_a_sensitive_value() -> None:
     with pytest.raises(InvalidParams) as caught:
         validate_params(SENSITIVE, {"password": "Hunter2Secret", "creds": {"pw": 5}, "name": 3})
