@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ondeck.durations import format_duration, parse_duration, parse_size
+from ondeck.durations import DAY, YEAR, format_duration, parse_duration, parse_size, within
 
 
 @pytest.mark.parametrize(
@@ -38,3 +38,31 @@ def test_parse_size(text: str | int, size: int) -> None:
 def test_format_duration_round_trips() -> None:
     for seconds in (0.25, 5, 90, 3600, 5400):
         assert parse_duration(format_duration(seconds)) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["9" * 400, "9" * 400 + "d", 10**400, float("inf"), float("nan")])
+def test_a_duration_too_large_for_a_number_is_refused_not_an_overflow(value: str | float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("value", ["9" * 400 + "TiB", "9" * 400, 10**400, 2**63])
+def test_a_size_beyond_any_limit_is_refused_not_an_overflow(value: str | int) -> None:
+    with pytest.raises(ValueError, match="at most"):
+        parse_size(value)
+    assert parse_size(2**63 - 1) == 2**63 - 1
+
+
+def test_format_duration_counts_days() -> None:
+    assert format_duration(YEAR) == "365d"
+    assert format_duration(DAY + 90) == "1d1m30s"
+
+
+@pytest.mark.parametrize(
+    ("low", "seconds", "message"),
+    [(1.0, 0.5, "must be from 1s to 365d"), (0.0, YEAR + 1, "must be at most 365d")],
+)
+def test_within_names_the_bounds_as_a_user_writes_them(low: float, seconds: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        within(low, YEAR)(seconds)
+    assert within(low, YEAR)(YEAR) == YEAR
