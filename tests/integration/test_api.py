@@ -279,6 +279,29 @@ def test_definition_errors_name_the_field(client: httpx.Client) -> None:
     assert any(e["field"] == "run.runtime" for e in body["errors"])
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"rate_limit": {"limit": 5, "per": 1e-305}}, "rate_limit.per"),
+        ({"retries": {"attempts": 2, "backoff": "99999999999d"}}, "retries.backoff"),
+        (
+            {"circuit_breaker": {"failures": 1, "within": "99999999999d", "cooldown": "1m"}},
+            "circuit_breaker.within",
+        ),
+        ({"timeout": "9" * 400}, "timeout"),
+    ],
+)
+def test_definitions_that_would_break_the_server_later_are_refused_naming_the_field(
+    client: httpx.Client, fields: dict[str, Any], field: str
+) -> None:
+    """Each was accepted once, then made its triggers, schedules or the reaper fail with 500s."""
+    name = unique("bad")
+    definition = {"name": name, "run": {"runtime": "bash", "script": "true"}, **fields}
+    body = assert_problem(client.put(f"/automations/{name}", json=definition), 422, f"{field}: ")
+    assert field in [e["field"] for e in body["errors"]]
+    assert client.get(f"/automations/{name}").status_code == 404
+
+
 def test_put_creates_versions_only_on_change(client: httpx.Client) -> None:
     name = unique("ver")
     definition = {"name": name, "run": {"runtime": "bash", "script": "true"}}

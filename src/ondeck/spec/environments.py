@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ondeck.errors import InvalidDefinition
 from ondeck.spec.loader import errors_from_validation
-from ondeck.spec.models import NAME_PATTERN, Duration
+from ondeck.spec.models import NAME_PATTERN, Period
 
 FILE_NAME = "environments.yaml"
 
@@ -24,7 +24,7 @@ class Protection(BaseModel):
     approvers: list[str] = Field(min_length=1, description="Roles or token names.")
     required: int = Field(1, ge=1, le=10)
     allow_self_approval: bool = False
-    timeout: Duration = 3600.0
+    timeout: Period = 3600.0
 
 
 class Environment(BaseModel):

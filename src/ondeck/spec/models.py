@@ -6,9 +6,17 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-from ondeck.durations import parse_duration, parse_size
+from ondeck.durations import DAY, YEAR, parse_duration, parse_size, within
 from ondeck.spec.expressions import Expression
 from ondeck.spec.params import check_schema
 from ondeck.spec.python_main import find_main, infer_schema
@@ -18,6 +26,14 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+# Every duration in a definition is at most a year, so that adding one to a time never
+# overflows. A delay may be zero (retry at once); a period is at least a second: less is
+# of no use (a CPU limit counts whole seconds; a timeout of 0 meant the default) and a rate
+# window of next to nothing numbers its windows beyond any integer.
+Delay = Annotated[Duration, AfterValidator(within(0, YEAR))]
+Period = Annotated[Duration, AfterValidator(within(1, YEAR))]
+# Rate counters are kept a day (admission.purge_expired): a longer window would be forgotten.
+RateWindow = Annotated[Duration, AfterValidator(within(1, DAY))]
 
 
 # The kernel's limit for one argument (MAX_ARG_STRLEN), less its terminating NUL.
@@ -55,8 +71,8 @@ class RunSpec(_Strict):
 
 class Retries(_Strict):
     attempts: int = Field(1, ge=1, le=100, description="Total attempts, the first included.")
-    backoff: Duration = 1.0
-    max_backoff: Duration = 60.0
+    backoff: Delay = 1.0
+    max_backoff: Delay = 60.0
 
 
 class Concurrency(_Strict):
@@ -67,7 +83,7 @@ class Concurrency(_Strict):
 
 class Limits(_Strict):
     memory: Size | None = None
-    cpu: Duration | None = None
+    cpu: Period | None = None
     processes: int | None = Field(None, ge=1)
     file_size: Size | None = None
 
@@ -96,19 +112,19 @@ class Approval(_Strict):
     approvers: list[str] = Field(min_length=1)
     required: int = Field(1, ge=1, le=10)
     allow_self_approval: bool = False
-    timeout: Duration = 3600.0
+    timeout: Period = 3600.0
 
 
 class RateLimit(_Strict):
     limit: int = Field(ge=1)
-    per: Duration = Field(gt=0)
+    per: RateWindow
     scope: Literal["principal", "automation"] = "principal"
 
 
 class CircuitBreaker(_Strict):
     failures: int = Field(ge=1)
-    within: Duration = Field(gt=0)
-    cooldown: Duration = Field(gt=0)
+    within: Period
+    cooldown: Delay = Field(gt=0)
 
 
 SECRET_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
@@ -129,7 +145,7 @@ class Automation(_Strict):
     tags: list[str] = Field(default_factory=list)
     params: dict[str, Any] | None = Field(None, validate_default=True)
     run: RunSpec
-    timeout: Duration | None = None
+    timeout: Period | None = None
     retries: Retries = Field(default_factory=Retries)
     concurrency: Concurrency | None = None
     limits: Limits = Field(default_factory=Limits)

@@ -47,6 +47,57 @@ def test_errors_name_the_field(change: dict[str, object], field: str) -> None:
     assert "ops/hello.yaml" in caught.value.detail
 
 
+HUGE = "99999999999d"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        ({"retries": {"attempts": 2, "backoff": HUGE}}, "retries.backoff", "at most 365d"),
+        ({"retries": {"attempts": 2, "max_backoff": HUGE}}, "retries.max_backoff", "at most 365d"),
+        (
+            {"circuit_breaker": {"failures": 1, "within": HUGE, "cooldown": "1m"}},
+            "circuit_breaker.within",
+            "from 1s to 365d",
+        ),
+        (
+            {"circuit_breaker": {"failures": 1, "within": "1m", "cooldown": HUGE}},
+            "circuit_breaker.cooldown",
+            "at most 365d",
+        ),
+        ({"approval": {"approvers": ["approver"], "timeout": 1e-305}}, "approval.timeout", "from 1s to 365d"),
+        ({"rate_limit": {"limit": 1, "per": 1e-305}}, "rate_limit.per", "from 1s to 1d"),
+        ({"rate_limit": {"limit": 1, "per": "2d"}}, "rate_limit.per", "from 1s to 1d"),
+        ({"timeout": "9" * 400}, "timeout", "finite"),
+        ({"timeout": 10**400}, "timeout", "finite"),
+        ({"timeout": 0}, "timeout", "from 1s"),
+        ({"limits": {"cpu": 0.5}}, "limits.cpu", "from 1s"),
+        ({"limits": {"memory": "9" * 400 + "TiB"}}, "limits.memory", "a size is at most"),
+    ],
+)
+def test_durations_and_sizes_out_of_bounds_are_refused_naming_the_field(
+    change: dict[str, object], field: str, problem: str
+) -> None:
+    """Else they overflow a date or a window later, in the engine, as 500s or stuck runs."""
+    with pytest.raises(InvalidDefinition) as caught:
+        parse_definition({**HELLO, **change}, "ops/hello.yaml")
+    assert f"ops/hello.yaml: {field}: " in caught.value.detail and problem in caught.value.detail
+    assert field in [e["field"] for e in caught.value.extensions["errors"]]
+
+
+def test_durations_at_their_bounds_are_accepted() -> None:
+    automation = parse_definition(
+        {
+            **HELLO,
+            "timeout": "365d",
+            "retries": {"attempts": 2, "backoff": 0, "max_backoff": "365d"},
+            "rate_limit": {"limit": 1, "per": "1d"},
+            "approval": {"approvers": ["approver"], "timeout": "1s"},
+        }
+    )
+    assert automation.timeout == automation.retries.max_backoff == 365 * 86400
+
+
 def test_a_yaml_nan_is_refused_not_kept_as_null(tmp_path: Path) -> None:
     path = tmp_path / "ratio.yaml"
     path.write_text(
