@@ -8,6 +8,7 @@ rules for retries and slots are in one place.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -17,10 +18,11 @@ from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
 from ondeck.durations import format_duration
 from ondeck.engine import catalog, limits, states
 from ondeck.engine.queue import Claim, held
-from ondeck.errors import UnloadableDefinition
+from ondeck.errors import StoreUnavailable, UnloadableDefinition
 from ondeck.spec.models import Automation, Retries
 from ondeck.store.store import AttemptEnd, Store, Transaction
 
+log = logging.getLogger(__name__)
 RETRYABLE = frozenset({RunStatus.FAILED, RunStatus.TIMED_OUT})
 
 
@@ -104,17 +106,39 @@ def hand_back(store: Store, claims: Sequence[Claim], reason: str) -> None:
 
 
 def reap_expired_leases(store: Store, limit: int = 100) -> list[tuple[str, int]]:
-    """End every attempt whose lease lapsed (its worker died or hung); returns (run id, attempt)."""
+    """End every attempt whose lease lapsed (its worker died or hung); returns (run id, attempt).
+
+    Each in a transaction of its own: a run whose end cannot be written is logged and left
+    for the next pass, and does not keep the others from ending.
+    """
     now = utcnow()
+    with store.read() as tx:
+        lapsed = tx.expired_leases(now, limit)
     reaped = []
-    with store.transaction() as tx:
-        for run in tx.expired_leases(now, limit):
-            automation = _definition(tx, run)
-            status = RunStatus.CANCELLED if run.cancel_requested else RunStatus.FAILED
-            error = f"worker lost: {run.lease_owner} stopped renewing its lease"
-            if _end_attempt(tx, run, Outcome(status, error=error), automation, now):
-                reaped.append((run.id, run.attempt))
+    for run_id in lapsed:
+        try:
+            ended = _reap(store, run_id, now)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.exception("ending run %s, whose lease lapsed, failed; it is tried again next pass", run_id)
+            continue
+        if ended is not None:
+            reaped.append(ended)
     return reaped
+
+
+def _reap(store: Store, run_id: str, now: datetime) -> tuple[str, int] | None:
+    with store.transaction() as tx:
+        run = tx.lock_expired_lease(run_id, now)
+        if run is None:  # renewed or ended meanwhile, or another reaper has it
+            return None
+        automation = _definition(tx, run)
+        status = RunStatus.CANCELLED if run.cancel_requested else RunStatus.FAILED
+        error = f"worker lost: {run.lease_owner} stopped renewing its lease"
+        if not _end_attempt(tx, run, Outcome(status, error=error), automation, now):
+            return None
+        return run.id, run.attempt
 
 
 def _definition(tx: Transaction, run: Run) -> Automation | None:

@@ -553,15 +553,31 @@ class Transaction:
         )
         return [(row.id, row.attempt, bool(row.cancel_requested)) for row in rows]
 
-    def expired_leases(self, now: datetime, limit: int) -> list[Run]:
+    def expired_leases(self, now: datetime, limit: int) -> list[str]:
+        """Ids of running runs whose lease lapsed before ``now``, oldest first; not locked:
+        ``lock_expired_lease`` takes each in turn."""
         rows = self._c.execute(
-            select(runs)
+            select(runs.c.id)
             .where(runs.c.status == RunStatus.RUNNING.value, runs.c.lease_expires_at < now)
             .order_by(runs.c.lease_expires_at)
             .limit(limit)
+        )
+        return [row.id for row in rows]
+
+    def lock_expired_lease(self, run_id: str, now: datetime) -> Run | None:
+        """The run, locked, if it is still running on a lease that lapsed before ``now``; None
+        if not, or if another transaction (another reaper) holds it: skipped, not waited for."""
+        rows = self._c.execute(
+            select(runs)
+            .where(
+                runs.c.id == run_id,
+                runs.c.status == RunStatus.RUNNING.value,
+                runs.c.lease_expires_at < now,
+            )
             .with_for_update(skip_locked=True)
         )
-        return [_run(row) for row in rows]
+        found = rows.first()
+        return _run(found) if found is not None else None
 
     def delete_attempt(self, run_id: str, number: int) -> None:
         self._c.execute(delete(attempts).where(attempts.c.run_id == run_id, attempts.c.number == number))

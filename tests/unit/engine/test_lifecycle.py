@@ -351,6 +351,39 @@ def test_expired_lease_without_retries_fails_the_run(store: Store) -> None:
     assert failed.status == RunStatus.FAILED and "worker lost" in (failed.error or "")
 
 
+def test_a_lapsed_run_whose_end_fails_does_not_keep_the_others_from_being_reaped(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One transaction for all of them once meant one such run failed every pass of the reaper."""
+    define(store)
+    stuck, other = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    claim(store, lease=timedelta(seconds=-1))
+    end_attempt = finish._end_attempt
+
+    def failing_for_stuck(tx: Any, run: Run, *args: Any, **kwargs: Any) -> bool:
+        if run.id == stuck.id:
+            raise OverflowError("date value out of range")
+        return end_attempt(tx, run, *args, **kwargs)
+
+    monkeypatch.setattr(finish, "_end_attempt", failing_for_stuck)
+    assert finish.reap_expired_leases(store) == [(other.id, 1)]
+    assert runs.get(store, stuck.id).status == RunStatus.RUNNING  # nothing of it was written
+    monkeypatch.undo()
+    assert finish.reap_expired_leases(store) == [(stuck.id, 1)]
+
+
+def test_a_lapsed_run_another_reaper_holds_is_skipped_not_waited_for(store: Store) -> None:
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite has one writer at a time: there is no other reaper to skip")
+    define(store)
+    held_elsewhere, free = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    claim(store, lease=timedelta(seconds=-1))
+    with store.transaction() as tx:
+        assert tx.lock_expired_lease(held_elsewhere.id, utcnow()) is not None
+        assert finish.reap_expired_leases(store) == [(free.id, 1)]
+    assert finish.reap_expired_leases(store) == [(held_elsewhere.id, 1)]
+
+
 def test_renewed_lease_is_not_reaped(store: Store) -> None:
     define(store)
     run = admit(store, TriggerRequest("job")).run
