@@ -22,8 +22,8 @@ from ondeck.auth.principals import Principal
 from ondeck.domain import utcnow
 from ondeck.engine import catalog
 from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit
-from ondeck.errors import NotFound, OndeckError
-from ondeck.spec.triggers import ScheduleSpec
+from ondeck.errors import NotFound, OndeckError, StoreUnavailable
+from ondeck.spec.triggers import ScheduleSpec, Trigger
 from ondeck.store.store import IntegrityError, Store
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,10 @@ def set_paused(store: Store, principal: Principal, automation: str, index: int, 
 
 
 def fire_due(store: Store, policy: AdmissionPolicy) -> tuple[list[str], datetime | None]:
-    """Fire every due tick; returns the runs started and when the next tick is due."""
+    """Fire every due tick; returns the runs started and when the next tick is due.
+
+    A schedule that fails is logged and passed over, so it cannot stop the others firing.
+    """
     now = utcnow()
     started: list[str] = []
     upcoming: list[datetime] = []
@@ -107,29 +110,55 @@ def fire_due(store: Store, policy: AdmissionPolicy) -> tuple[list[str], datetime
         states = tx.schedule_states()
     for automation in catalog.definitions(store):
         for index, trigger in enumerate(automation.triggers):
-            spec = trigger.schedule
-            if spec is None:
+            if trigger.schedule is None:
                 continue
             key = schedule_key(automation.name, index)
-            state: dict[str, Any] | None = states.get(key)
-            if state is None:
-                with store.transaction() as tx:
-                    state = tx.ensure_schedule(key, automation.name, now)
-            if state["paused"]:
+            try:
+                fired, next_tick = _fire_schedule(
+                    store, policy, automation.name, index, trigger, states.get(key), now
+                )
+            except StoreUnavailable:
+                raise
+            except Exception:
+                log.exception("schedule %s failed; the other schedules go on", key)
                 continue
-            with store.read() as tx:
-                last = tx.last_fire(key)
-            since = max(last or state["first_seen"], state["first_seen"])
-            for tick in due_ticks(spec, since, now):
-                run_id = _fire(store, policy, automation.name, index, trigger, key, tick)
-                if run_id:
-                    started.append(run_id)
-            upcoming.append(spec.next_after(now))
+            started.extend(fired)
+            if next_tick is not None:
+                upcoming.append(next_tick)
     return started, min(upcoming, default=None)
 
 
+def _fire_schedule(
+    store: Store,
+    policy: AdmissionPolicy,
+    name: str,
+    index: int,
+    trigger: Trigger,
+    state: dict[str, Any] | None,
+    now: datetime,
+) -> tuple[list[str], datetime | None]:
+    """Fire one schedule's due ticks; returns the runs started and its next tick (None if paused)."""
+    spec = trigger.schedule
+    assert spec is not None
+    key = schedule_key(name, index)
+    if state is None:
+        with store.transaction() as tx:
+            state = tx.ensure_schedule(key, name, now)
+    if state["paused"]:
+        return [], None
+    with store.read() as tx:
+        last = tx.last_fire(key)
+    since = max(last or state["first_seen"], state["first_seen"])
+    started = []
+    for tick in due_ticks(spec, since, now):
+        run_id = _fire(store, policy, name, index, trigger, key, tick)
+        if run_id:
+            started.append(run_id)
+    return started, spec.next_after(now)
+
+
 def _fire(
-    store: Store, policy: AdmissionPolicy, name: str, index: int, trigger: Any, key: str, tick: datetime
+    store: Store, policy: AdmissionPolicy, name: str, index: int, trigger: Trigger, key: str, tick: datetime
 ) -> str | None:
     stamp = tick.isoformat()
     event = {"source": "schedule", "type": "tick", "id": f"{key}@{stamp}", "data": {"fire_at": stamp}}

@@ -7,17 +7,20 @@ admission call as an API request.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ondeck.spec import expressions
 from ondeck.spec.expressions import Expression
 
 HOOK_ID = r"^[A-Za-z0-9_-]{3,128}$"
+# Whether a cron fires at all does not depend on when one asks: every date a cron can name
+# comes round within 8 years (29 February), well inside the 50 years croniter searches.
+_ANY_MOMENT = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 class _Strict(BaseModel):
@@ -58,6 +61,12 @@ class ScheduleSpec(_Strict):
     @model_validator(mode="after")
     def _valid(self) -> ScheduleSpec:
         parse_cron(self.cron, self.timezone)
+        try:
+            self.next_after(_ANY_MOMENT)
+        except CroniterBadDateError as exc:
+            raise ValueError(
+                f"cron {self.cron!r} never fires: no date matches it (such as 30 February)"
+            ) from exc
         return self
 
     def next_after(self, moment: datetime) -> datetime:

@@ -3,10 +3,18 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import update
 
+from ondeck.engine import catalog, runs, scheduler
+from ondeck.engine.admission import AdmissionPolicy
 from ondeck.engine.outbox import Destinations
-from ondeck.engine.scheduler import due_ticks
+from ondeck.engine.scheduler import due_ticks, fire_due, listing
+from ondeck.errors import InvalidDefinition
+from ondeck.spec.loader import parse_definition
 from ondeck.spec.triggers import ScheduleSpec, Trigger
+from ondeck.store.store import Store
+from ondeck.store.tables import automation_versions
+from tests.support import wait_until
 
 T0 = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
 
@@ -47,6 +55,63 @@ def test_six_fields_means_seconds_first_and_timezones_apply() -> None:
 def test_invalid_schedules_are_refused(bad: dict[str, str]) -> None:
     with pytest.raises(ValueError):
         ScheduleSpec.model_validate(bad)
+
+
+@pytest.mark.parametrize("cron", ["0 0 30 2 *", "0 0 31 4 *", "0 0 0 31 11 *"])
+def test_a_cron_that_never_fires_is_refused_naming_the_field(cron: str) -> None:
+    """It once made every pass of the scheduler fail, so no schedule fired, and listing them was a 500."""
+    definition = {"name": "never", "run": {"runtime": "bash", "script": "true"}}
+    with pytest.raises(InvalidDefinition, match=r"ops/never.yaml: triggers.0.schedule: .* never fires"):
+        parse_definition({**definition, "triggers": [{"schedule": {"cron": cron}}]}, "ops/never.yaml")
+
+
+def test_a_cron_that_fires_only_in_leap_years_is_accepted() -> None:
+    leap_day = spec("all", "0 0 29 2 *")
+    assert leap_day.next_after(datetime(2097, 3, 1, tzinfo=UTC)) == datetime(2104, 2, 29, tzinfo=UTC)
+
+
+def schedule(store: Store, name: str, cron: str) -> None:
+    definition = {"name": name, "run": {"runtime": "bash", "script": "true"}}
+    catalog.apply(store, parse_definition({**definition, "triggers": [{"schedule": {"cron": cron}}]}))
+
+
+def fired_runs(store: Store) -> list[str]:
+    started, _ = fire_due(store, AdmissionPolicy())
+    return [runs.get(store, run_id).automation for run_id in started]
+
+
+def test_a_schedule_stored_by_an_older_release_that_never_fires_spares_the_others(store: Store) -> None:
+    schedule(store, "never", "0 2 * * *")
+    never = {"name": "never", "run": {"runtime": "bash", "script": "true"}}
+    with store.transaction() as tx:  # as a release that did not check it stored it
+        tx._c.execute(
+            update(automation_versions)
+            .where(automation_versions.c.name == "never")
+            .values(
+                definition={**never, "triggers": [{"schedule": {"cron": "0 0 30 2 *"}}]},
+                digest="stored-by-an-older-release",
+            )
+        )
+    schedule(store, "ticker", "* * * * * *")
+    assert wait_until(lambda: fired_runs(store), timeout=10, message="the ticker to fire") == ["ticker"]
+    assert [s.automation for s in listing(store)] == ["ticker"]
+
+
+def test_a_schedule_that_fails_is_passed_over_and_the_others_fire(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    schedule(store, "broken", "0 2 * * *")
+    schedule(store, "ticker", "* * * * * *")
+    ticks = scheduler.due_ticks
+
+    def failing_for_broken(spec: ScheduleSpec, since: datetime, now: datetime) -> list[datetime]:
+        if spec.cron == "0 2 * * *":
+            raise RuntimeError("cannot compute the ticks")
+        return ticks(spec, since, now)
+
+    monkeypatch.setattr(scheduler, "due_ticks", failing_for_broken)
+    assert wait_until(lambda: fired_runs(store), timeout=10, message="the ticker to fire") == ["ticker"]
+    assert "schedule broken#0 failed; the other schedules go on" in caplog.text
 
 
 def test_trigger_params_and_condition_read_the_event() -> None:
