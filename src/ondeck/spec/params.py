@@ -13,6 +13,9 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 
 from ondeck.errors import InvalidParams
 from ondeck.masking import MASK, Masker
@@ -27,6 +30,38 @@ def check_schema(schema: dict[str, Any]) -> None:
         raise ValueError(f"params is not a valid JSON Schema: {exc.message}") from exc
     if schema.get("type") != "object":
         raise ValueError("params must be a JSON Schema with type: object")
+    unresolved = _unresolved_refs(schema)
+    if unresolved:
+        refs = ", ".join(map(repr, unresolved))
+        raise ValueError(
+            f"$ref {refs} does not resolve: a $ref must point within the schema, like #/$defs/name"
+        )
+
+
+def _unresolved_refs(schema: dict[str, Any]) -> list[str]:
+    """The ``$ref``s the validator would meet and fail to resolve, at every trigger (or,
+    for one to a URL, fetch from the network): every subschema, and every one a ``$ref``
+    leads to, is looked at once, with no resolution beyond the schema itself."""
+    root = DRAFT202012.create_resource(schema)
+    pending = [(root, Registry().resolver_with_root(root))]
+    seen: set[int] = set()
+    unresolved: list[str] = []
+    while pending:
+        resource, resolver = pending.pop()
+        if id(resource.contents) in seen:  # a $ref cycle, or one reached twice
+            continue
+        seen.add(id(resource.contents))
+        resolver = resolver.in_subresource(resource)
+        ref = resource.contents.get("$ref") if isinstance(resource.contents, Mapping) else None
+        if isinstance(ref, str):
+            try:
+                resolved = resolver.lookup(ref)
+            except Unresolvable:
+                unresolved.append(ref)
+            else:
+                pending.append((DRAFT202012.create_resource(resolved.contents), resolved.resolver))
+        pending.extend((sub, resolver) for sub in resource.subresources())
+    return unresolved
 
 
 def _apply_defaults(schema: dict[str, Any], value: Any) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ondeck.errors import InvalidParams
@@ -169,3 +171,45 @@ def test_errors_never_quote_a_sensitive_value() -> None:
     with pytest.raises(InvalidParams) as caught:
         validate_params(schema, {"password": "hunter", "name": "n"})
     assert "hunter" not in caught.value.detail and "***" in caught.value.detail
+
+
+def _with(x: object, **more: object) -> dict[str, object]:
+    return {"type": "object", "properties": {"x": x}, **more}
+
+
+@pytest.mark.parametrize(
+    ("schema", "ref"),
+    [
+        (_with({"$ref": "#/$defs/nope"}), "#/$defs/nope"),
+        (_with({"$ref": "other.json"}), "other.json"),
+        (_with({"$ref": "https://schemas.example/x.json"}), "https://schemas.example/x.json"),
+        (_with({"items": {"$ref": "#/$defs/gone"}}), "#/$defs/gone"),
+        # Reached only through another $ref (definitions is not a 2020-12 keyword).
+        (
+            _with({"$ref": "#/definitions/a"}, definitions={"a": {"$ref": "#/definitions/b"}}),
+            "#/definitions/b",
+        ),
+    ],
+)
+def test_a_ref_that_does_not_resolve_within_the_schema_is_refused(
+    schema: dict[str, object], ref: str
+) -> None:
+    """Else every trigger failed with a 500 (or the validator fetched a URL's schema)."""
+    with pytest.raises(ValueError, match=f"\\$ref '{re.escape(ref)}' does not resolve"):
+        check_schema(schema)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        _with({"$ref": "#/$defs/a"}, **{"$defs": {"a": {"type": "string"}}}),
+        _with({"$ref": "#/$defs/tree"}, **{"$defs": {"tree": {"items": {"$ref": "#/$defs/tree"}}}}),
+        _with({"$ref": "#name"}, **{"$defs": {"a": {"$anchor": "name"}}}),
+        _with({"$id": "https://schemas.example/x", "$defs": {"b": {}}, "$ref": "#/$defs/b"}),
+        _with({"$ref": "#"}),
+    ],
+    ids=["defs", "cycle", "anchor", "nested-id", "root"],
+)
+def test_refs_within_the_schema_are_accepted(schema: dict[str, object]) -> None:
+    check_schema(schema)
+    validate_params(schema, {})
