@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import jmespath
@@ -17,6 +18,10 @@ import jmespath.exceptions
 from pydantic import AfterValidator
 
 _EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}", re.DOTALL)
+# Compiling and evaluating recurse once per level of nesting: these keep both far from
+# Python's recursion limit, well above what a condition or a mapping needs.
+MAX_LENGTH = 1000
+MAX_DEPTH = 32
 
 
 class ExpressionError(ValueError):
@@ -43,10 +48,32 @@ Expression = Annotated[str, AfterValidator(_checked)]
 
 
 def _compile(source: str) -> Any:
+    if len(source) > MAX_LENGTH:
+        raise ExpressionError(f"expression ${{{{ {source[:40]}… }}}} is over {MAX_LENGTH} characters")
     try:
-        return jmespath.compile(source)
+        parsed = jmespath.compile(source)
     except jmespath.exceptions.JMESPathError as exc:
         raise ExpressionError(f"invalid expression ${{{{ {source} }}}}: {exc}") from exc
+    except RecursionError as exc:  # nested so deep that even compiling it gave up
+        raise ExpressionError(_too_deep(source)) from exc
+    if _depth(parsed.parsed) > MAX_DEPTH:
+        raise ExpressionError(_too_deep(source))
+    return parsed
+
+
+def _too_deep(source: str) -> str:
+    return f"expression ${{{{ {source[:40]}… }}}} nests more than {MAX_DEPTH} levels deep"
+
+
+def _depth(tree: Mapping[str, Any]) -> int:
+    """Levels of the syntax tree, counted without recursing (it may be deep)."""
+    deepest, pending = 0, [(tree, 1)]
+    while pending:
+        node, depth = pending.pop()
+        deepest = max(deepest, depth)
+        # A slice's children are its numbers, not nodes.
+        pending.extend((child, depth + 1) for child in node["children"] if isinstance(child, Mapping))
+    return deepest
 
 
 def _as_text(value: Any) -> str:
