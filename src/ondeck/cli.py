@@ -490,7 +490,7 @@ def runs_reject(run_id: str, comment: str = "", as_json: JsonOption = False) -> 
 def tokens_create(
     name: Annotated[str, typer.Option("--name", help="Unique name; also usable in approver lists.")],
     role: Annotated[list[str], typer.Option("--role", help="viewer, operator, approver or admin.")],
-    expires: Annotated[str | None, typer.Option(help="Lifetime such as 30d.")] = None,
+    expires: Annotated[str | None, typer.Option(help="Lifetime such as 30d (at most 365d).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a token; it is printed once and never again."""

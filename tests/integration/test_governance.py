@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,36 @@ def test_bad_revoked_and_expired_tokens_are_401(server: Server, admin: httpx.Cli
         assert "expired" in client.get("/runs").json()["detail"]
     listed = admin.get("/tokens").json()
     assert all("token" not in t and "token_hash" not in t for t in listed)
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "problem"),
+    [
+        ("99999999999d", "from 1s to 365d"),
+        ("9" * 400, "finite"),
+        ("0s", "from 1s to 365d"),
+        ("soon", "invalid"),
+    ],
+)
+def test_a_token_lifetime_out_of_bounds_is_a_422_naming_it(
+    admin: httpx.Client, expires_in: str, problem: str
+) -> None:
+    """A huge one overflowed the expiry date (a 500); 0s made a token that never expires."""
+    response = admin.post(
+        "/tokens", json={"name": unique("life"), "roles": ["viewer"], "expires_in": expires_in}
+    )
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert "/body/expires_in" in response.json()["detail"] and problem in response.json()["detail"]
+
+
+def test_a_token_may_live_a_year(admin: httpx.Client) -> None:
+    response = admin.post("/tokens", json={"name": unique("year"), "roles": ["viewer"], "expires_in": "365d"})
+    assert response.status_code == 201, response.text
+    created = datetime.fromisoformat(response.json()["created_at"])
+    assert datetime.fromisoformat(response.json()["expires_at"]) - created == pytest.approx(
+        timedelta(days=365), abs=timedelta(seconds=5)
+    )
 
 
 # --- rules on parameter values ------------------------------------------------------

@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from ondeck.api.deps import INT64_MAX, AdminDep, NodeDep, ReaderDep, StrictRoute, call
 from ondeck.auth import tokens
-from ondeck.durations import parse_duration
+from ondeck.durations import YEAR, parse_duration, within
 from ondeck.engine import audit_log, environments, secret_store
 from ondeck.errors import InvalidRequest
 from ondeck.spec.environments import Environment, parse_environment
@@ -18,11 +18,22 @@ from ondeck.spec.environments import Environment, parse_environment
 router = APIRouter(route_class=StrictRoute)
 
 
+# At most a year (far beyond, the expiry date overflowed); none means the token never expires.
+Lifetime = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    AfterValidator(within(1, YEAR)),
+    WithJsonSchema({"type": "string", "examples": ["30d", "12h"]}),
+]
+
+
 class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     roles: list[str]
-    expires_in: str | None = Field(None, description="Lifetime such as 30d or 12h; none = no expiry.")
+    expires_in: Lifetime | None = Field(
+        None, description="Lifetime such as 30d or 12h, from 1s to 365d; none = no expiry."
+    )
 
 
 class TokenOut(BaseModel):
@@ -45,11 +56,7 @@ def _token_out(record: Any) -> dict[str, Any]:
 
 @router.post("/tokens", response_model=IssuedTokenOut, status_code=201, tags=["tokens"])
 async def create_token(node: NodeDep, principal: AdminDep, body: TokenIn) -> IssuedTokenOut:
-    try:
-        expires = parse_duration(body.expires_in) if body.expires_in else None
-    except ValueError as exc:
-        raise InvalidRequest(f"expires_in: {exc}") from exc
-    issued = await call(tokens.create, node.store, principal, body.name, body.roles, expires)
+    issued = await call(tokens.create, node.store, principal, body.name, body.roles, body.expires_in)
     return IssuedTokenOut(token=issued.token, **_token_out(issued.record))
 
 
