@@ -292,6 +292,10 @@ def test_definition_errors_name_the_field(client: httpx.Client) -> None:
         ({"triggers": [{"schedule": {"cron": "0 0 30 2 *"}}]}, "triggers.0.schedule"),
         ({"params": {"type": "object", "properties": {"x": {"$ref": "#/$defs/nope"}}}}, "params"),
         ({"concurrency": {"key": "${{ " + "!" * 600 + "params.x }}"}}, "concurrency.key"),
+        (
+            {"triggers": [{"webhook": {"id": "h" * 128, "scheme": "token", "secret": "S"}}]},
+            "triggers.0.webhook.id",
+        ),
     ],
 )
 def test_definitions_that_would_break_the_server_later_are_refused_naming_the_field(

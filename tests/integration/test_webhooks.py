@@ -416,6 +416,17 @@ def test_standard_webhook_is_deduplicated_by_message_id(admin: httpx.Client, out
     assert len(runs_of(admin, name)) == 1
 
 
+def test_a_hook_with_the_longest_id_runs_as_its_principal(admin: httpx.Client, outside: httpx.Client) -> None:
+    """webhook:<id> fits the store's principal column, on PostgreSQL too."""
+    secret = uuid.uuid4().hex
+    hook_id = unique("hook").ljust(92, "x")
+    name, _ = hook_automation(admin, "token", set_secret(admin, secret), hook_id=hook_id)
+    response = outside.post(f"/hooks/{hook_id}", content=b"go", headers={"Authorization": f"Bearer {secret}"})
+    assert response.status_code == 202, response.text
+    [run] = runs_of(admin, name)
+    assert run["principal"] == f"webhook:{hook_id}"
+
+
 # --- secrets, access rules, waiting ------------------------------------------------------
 
 

@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ondeck.spec import expressions
 from ondeck.spec.expressions import Expression
 
-HOOK_ID = r"^[A-Za-z0-9_-]{3,128}$"
+# A delivery runs as the principal ``webhook:<id>``, which must fit the 100 characters the
+# store keeps of a principal's name.
+HOOK_ID = r"^[A-Za-z0-9_-]{3,92}$"
 # Whether a cron fires at all does not depend on when one asks: every date a cron can name
 # comes round within 8 years (29 February), well inside the 50 years croniter searches.
 _ANY_MOMENT = datetime(2000, 1, 1, tzinfo=UTC)

@@ -114,6 +114,19 @@ def test_a_schedule_that_fails_is_passed_over_and_the_others_fire(
     assert "schedule broken#0 failed; the other schedules go on" in caplog.text
 
 
+def test_a_webhook_id_is_short_enough_for_its_principal_to_be_stored() -> None:
+    """A delivery runs as webhook:<id>, kept in 100 characters: PostgreSQL refused longer ones."""
+    hook = {"scheme": "token", "secret": "HOOK_TOKEN"}
+    assert Trigger.model_validate({"webhook": {**hook, "id": "h" * 92}}).webhook is not None
+    definition = {"name": "hooked", "run": {"runtime": "bash", "script": "true"}}
+    with pytest.raises(
+        InvalidDefinition, match=r"ops/hooked.yaml: triggers.0.webhook.id: String should match"
+    ):
+        parse_definition(
+            {**definition, "triggers": [{"webhook": {**hook, "id": "h" * 93}}]}, "ops/hooked.yaml"
+        )
+
+
 def test_trigger_params_and_condition_read_the_event() -> None:
     trigger = Trigger.model_validate(
         {
