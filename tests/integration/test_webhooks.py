@@ -538,3 +538,17 @@ def test_events_start_matching_triggers_once_per_source_and_id(server: Server, a
         principals = {admin.get(f"/runs/{r}").json()["principal"] for r in posted.json()["runs"]}
     assert principals == {operator_name}
     assert_problem(admin.post("/events", json={"type": "x"}), 422)
+
+
+def test_an_event_with_the_longest_source_and_id_is_deduplicated(admin: httpx.Client) -> None:
+    """Its idempotency key, event:<source>:<id>, is longer than the store keeps: it is
+    shortened without losing what tells it apart."""
+    source = unique("s").ljust(200, "s")
+    name = event_automation(admin, source, None)
+    event = {"source": source, "id": "i" * 200, "data": {"version": "1"}}
+    first = admin.post("/events", json=event)
+    assert first.status_code == 202, first.text
+    assert admin.post("/events", json=event).json()["runs"] == first.json()["runs"]
+    other = admin.post("/events", json={**event, "id": "i" * 199 + "j"})
+    assert other.status_code == 202 and other.json()["runs"] != first.json()["runs"]
+    assert len(runs_of(admin, name)) == 2

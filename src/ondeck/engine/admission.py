@@ -38,6 +38,7 @@ from ondeck.store.store import IntegrityError, Store, Transaction
 
 # Passes at most through admission when other processes keep applying new versions.
 _CATALOG_TRIES = 3
+IDEMPOTENCY_KEY_MAX = 255  # the store's column
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,22 @@ def parse_idempotency_key(header: str) -> str:
             else:
                 out.append(char)
         value = "".join(out)
-    if not value or len(value) > 255 or not value.isprintable() or not value.isascii():
-        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    if not value or len(value) > IDEMPOTENCY_KEY_MAX or not value.isprintable() or not value.isascii():
+        raise InvalidRequest(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters")
     return value
+
+
+def stored_idempotency_key(key: str) -> str:
+    """``key`` as the store keeps it, in at most ``IDEMPOTENCY_KEY_MAX`` characters.
+
+    A key derived from what a sender sent (an event's source and id, a delivery id) may
+    be longer: it keeps its start, to be recognised, and ends in the SHA-256 of the whole,
+    so that two keys alike in their first characters still differ.
+    """
+    if len(key) <= IDEMPOTENCY_KEY_MAX:
+        return key
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return f"{key[: IDEMPOTENCY_KEY_MAX - len(digest) - 1]}~{digest}"
 
 
 def _fingerprint(params: dict[str, Any]) -> str:
@@ -199,7 +213,9 @@ def _new_run(
         priority=automation.priority,
         concurrency_key=key,
         concurrency_limit=concurrency.limit if concurrency else None,
-        idempotency_key=request.idempotency_key,
+        idempotency_key=(
+            stored_idempotency_key(request.idempotency_key) if request.idempotency_key is not None else None
+        ),
         rerun_of=request.rerun_of,
         principal=request.principal.name,
         environment=environment,

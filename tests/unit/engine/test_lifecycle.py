@@ -122,6 +122,19 @@ def test_idempotency_key_returns_the_same_run(store: Store) -> None:
     assert other.run.id != first.run.id
 
 
+def test_a_key_longer_than_the_store_holds_is_kept_distinct_in_its_length(store: Store) -> None:
+    """Keys derived from a sender's ids (event:<source>:<id>) can pass 255 characters,
+    which PostgreSQL refused with a 500."""
+    define(store)
+    long_key = "event:" + "s" * 200 + ":" + "i" * 200
+    first = admit(store, TriggerRequest("job", idempotency_key=long_key))
+    assert admit(store, TriggerRequest("job", idempotency_key=long_key)).run.id == first.run.id
+    stored = first.run.idempotency_key
+    assert stored is not None and len(stored) == 255 and stored.startswith("event:sss")
+    alike = admit(store, TriggerRequest("job", idempotency_key=long_key[:-1] + "j"))
+    assert alike.run.id != first.run.id and not alike.replayed
+
+
 def test_expired_idempotency_key_admits_a_new_run(store: Store) -> None:
     define(store)
     policy = AdmissionPolicy(idempotency_ttl=timedelta(seconds=-1))
