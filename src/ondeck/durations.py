@@ -66,12 +66,12 @@ def within(low: float, high: float) -> Callable[[float], float]:
 
 def parse_size(value: str | int) -> int:
     """Bytes in ``value``: a number of bytes or ``512MiB``, ``2GB``, ``10M``."""
-    if isinstance(value, bool):
-        raise ValueError("a size is a number of bytes or a string like 512MiB")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ValueError("a size cannot be negative")
         return _at_most_max_size(value)
+    if not isinstance(value, str):  # a bool, or a float from JSON or YAML
+        raise ValueError("a size is a whole number of bytes or a string like 512MiB")
     match = _SIZE.match(value)
     if not match:
         raise ValueError(f"invalid size {value!r}: use forms like 512MiB, 2GiB, 1000000")

@@ -73,6 +73,7 @@ HUGE = "99999999999d"
         ({"timeout": 0}, "timeout", "from 1s"),
         ({"limits": {"cpu": 0.5}}, "limits.cpu", "from 1s"),
         ({"limits": {"memory": "9" * 400 + "TiB"}}, "limits.memory", "a size is at most"),
+        ({"limits": {"file_size": 1.5}}, "limits.file_size", "a whole number of bytes"),
     ],
 )
 def test_durations_and_sizes_out_of_bounds_are_refused_naming_the_field(
