@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -385,9 +386,17 @@ def test_a_lapsed_run_whose_end_fails_does_not_keep_the_others_from_being_reaped
     assert finish.reap_expired_leases(store) == [(stuck.id, 1)]
 
 
-def test_a_lapsed_run_another_reaper_holds_is_skipped_not_waited_for(store: Store) -> None:
-    if store.dialect != "postgresql":
-        pytest.skip("SQLite has one writer at a time: there is no other reaper to skip")
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[Store]:
+    store = Store(pg_url)
+    store.upgrade()
+    yield store
+    store.dispose()
+
+
+def test_a_lapsed_run_another_reaper_holds_is_skipped_not_waited_for(pg_store: Store) -> None:
+    """On PostgreSQL (SQLite has one writer at a time: there is no other reaper to skip)."""
+    store = pg_store
     define(store)
     held_elsewhere, free = (admit(store, TriggerRequest("job")).run for _ in range(2))
     claim(store, lease=timedelta(seconds=-1))
