@@ -10,7 +10,7 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_EXAMPLES = Path(__file__).parent / "examples" / "automations"
@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     limit_cpu: str = Field("1h", description="RLIMIT_CPU default for scripts.")
     limit_processes: int = Field(4096, ge=1, description="RLIMIT_NPROC default (counts per user).")
     limit_file_size: str = Field("1GiB", description="RLIMIT_FSIZE default for scripts.")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str | None) -> str | None:
+        from ondeck.engine.limits import parse_global_limit  # the engine, only when one is set
+
+        parse_global_limit(value)
+        return value
 
     @model_validator(mode="after")
     def _grace_within_lease(self) -> Settings:

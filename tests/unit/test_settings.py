@@ -72,3 +72,20 @@ def test_the_kill_grace_period_must_fit_in_the_last_third_of_a_lease() -> None:
     assert Settings(lease_seconds=6, kill_grace_seconds=1.9).kill_grace_seconds == 1.9
     with pytest.raises(ValueError, match="under a third of lease_seconds"):
         Settings(lease_seconds=6, kill_grace_seconds=2)
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ("100/0s", "from 1s to 1d"),
+        ("0/1m", "greater than or equal to 1"),
+        ("x/1m", "integer"),
+        ("5/2d", "to 1d"),
+    ],
+)
+def test_a_global_rate_limit_is_bounded_as_an_automations_is(given: str, problem: str) -> None:
+    """100/0s divided by zero at every trigger."""
+    assert Settings(rate_limit="100/10s").rate_limit == "100/10s"
+    with pytest.raises(ValueError, match="rate limit") as caught:
+        Settings(rate_limit=given)
+    assert problem in str(caught.value)

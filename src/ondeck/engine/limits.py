@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
+from pydantic import ValidationError
+
 from ondeck.domain import RunStatus
 from ondeck.durations import format_duration
 from ondeck.errors import CircuitOpen, RateLimited
-from ondeck.spec.models import CircuitBreaker
+from ondeck.spec.loader import summarize
+from ondeck.spec.models import CircuitBreaker, RateLimit
 from ondeck.store.store import Transaction
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -32,13 +35,17 @@ def check_rate(tx: Transaction, key: str, limit: int, per: float, now: datetime,
 
 
 def parse_global_limit(text: str | None) -> tuple[int, float] | None:
-    """``"100/1m"`` → (100, 60.0); empty means no global limit."""
+    """``"100/1m"`` → (100, 60.0), bounded as an automation's ``rate_limit`` is (a window
+    of 1s to 1d); ``"100"`` is per minute; empty means no global limit. ``ValueError``
+    says what is wrong."""
     if not text:
         return None
-    from ondeck.durations import parse_duration
-
     count, _, per = text.partition("/")
-    return int(count), parse_duration(per or "1m")
+    try:
+        rule = RateLimit(limit=count.strip(), per=per.strip() or "1m")
+    except ValidationError as exc:
+        raise ValueError(f"rate limit {text!r}: {summarize(exc)}") from None
+    return rule.limit, rule.per
 
 
 def check_breaker(tx: Transaction, automation: str, run_id: str, now: datetime) -> None:
