@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     )
     worker_group: str = "default"
     isolate: bool = Field(True, description="Run each attempt in its own PID namespace when possible.")
+    script_user: str | None = Field(
+        None, description="User (name or uid) scripts run as; needs root. Default: ondeck's own user."
+    )
     kill_grace_seconds: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL grace period.")
     default_timeout: str = Field("1h", description="Run timeout when an automation sets none.")
     log_cap_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Captured output per run.")
@@ -85,6 +88,15 @@ class Settings(BaseSettings):
     limit_cpu: str = Field("1h", description="RLIMIT_CPU default for scripts.")
     limit_processes: int = Field(4096, ge=1, description="RLIMIT_NPROC default (counts per user).")
     limit_file_size: str = Field("1GiB", description="RLIMIT_FSIZE default for scripts.")
+
+    @field_validator("script_user")
+    @classmethod
+    def _known_script_user(cls, value: str | None) -> str | None:
+        if value:
+            from ondeck.runner.isolation import script_user
+
+            script_user(value)
+        return value or None
 
     @field_validator("rate_limit")
     @classmethod

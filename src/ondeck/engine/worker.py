@@ -146,6 +146,13 @@ class Worker:
         self._definitions = DefinitionCache()
         self.isolation = isolation.best() if settings.isolate else isolation.GROUP
         self._hidden = isolation.hidden(settings.data_dir, settings.workspace_root)
+        self._run_as = isolation.script_user(settings.script_user) if settings.script_user else None
+        if self._hidden and (self._run_as or (os.geteuid(), 0))[0] == 0:
+            # Root keeps its capabilities in the script's namespaces: it may unmount the
+            # cover, or read the disk itself. Only a user without them is kept out.
+            log.warning(
+                "scripts run as root and can undo the hiding of ondeck's data: set ONDECK_SCRIPT_USER"
+            )
         self._default_timeout = parse_duration(settings.default_timeout)
         self._default_limits = ResourceLimits(
             memory_bytes=parse_size(settings.limit_memory),
@@ -291,6 +298,7 @@ class Worker:
             redact=(*secrets.values(), *sensitive_values(automation.params_schema, run.params)),
             isolation=self.isolation,
             hidden=self._hidden,
+            run_as=self._run_as,
         )
 
     async def _execute(self, claim: Claim) -> None:

@@ -38,6 +38,8 @@ class Attempt:
     isolation: str = "group"
     # Directories hidden from the program but for its workspace (runner.isolation.hidden).
     hidden: tuple[Path, ...] = ()
+    # The (uid, gid) the program runs as; None: this process's own.
+    run_as: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -39,20 +40,48 @@ LAUNCHER, NAMESPACE, GROUP = "launcher", "namespace", "group"
 _PROBE_LIMITS = ResourceLimits(memory_bytes=1 << 30, cpu_seconds=10, processes=4096, file_size_bytes=1 << 20)
 
 
-def command(mode: str, limits: ResourceLimits, keep: Path, hide: Sequence[Path] = ()) -> list[str]:
-    """The prefix that starts a program isolated by ``mode`` under ``limits``; with the
-    launcher, ``hide`` (see ``hidden``) is hidden from it, but for ``keep``, its workspace."""
+def command(
+    mode: str,
+    limits: ResourceLimits,
+    keep: Path,
+    hide: Sequence[Path] = (),
+    user: tuple[int, int] | None = None,
+) -> list[str]:
+    """The prefix that starts a program isolated by ``mode`` under ``limits``, as ``user``
+    (uid, gid; see ``script_user``) if given; with the launcher, ``hide`` (see ``hidden``)
+    is hidden from it, but for ``keep``, its workspace."""
     values = (limits.memory_bytes, limits.cpu_seconds, limits.processes, limits.file_size_bytes)
     if mode == LAUNCHER:  # started by this process, which it must not outlive
         launcher = _launcher_path() or "ondeck-launch"
-        return [launcher, str(os.getpid()), *map(str, values), str(keep), *map(str, hide), "--"]
+        ids = f"{user[0]}:{user[1]}" if user else "-"
+        return [launcher, str(os.getpid()), *map(str, values), ids, str(keep), *map(str, hide), "--"]
     prefix = list(_namespace_prefix()) if mode == NAMESPACE else []
     prlimit = _prlimit_path()
-    if prlimit is None:
-        return prefix
-    names = ("as", "cpu", "nproc", "fsize")
-    options = (f"--{name}={value}" for name, value in zip(names, values, strict=True))
-    return [*prefix, prlimit, *options, "--core=0", "--"]
+    if prlimit is not None:
+        names = ("as", "cpu", "nproc", "fsize")
+        options = (f"--{name}={value}" for name, value in zip(names, values, strict=True))
+        prefix += [prlimit, *options, "--core=0", "--"]
+    if user is not None:
+        setpriv = shutil.which("setpriv") or "setpriv"
+        become = [f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups", "--no-new-privs"]
+        prefix += [setpriv, *become, "--"]
+    return prefix
+
+
+def script_user(name: str) -> tuple[int, int]:
+    """The (uid, gid) scripts run as, from ``ONDECK_SCRIPT_USER``: a user name or a uid
+    (with that user's group, else the same number). ``ValueError`` if there is no such
+    user, or if this process, not root, cannot become it."""
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        ids = entry.pw_uid, entry.pw_gid
+    except KeyError:
+        if not name.isdigit():
+            raise ValueError(f"script user {name!r} does not exist") from None
+        ids = int(name), int(name)
+    if os.geteuid() not in (0, ids[0]):
+        raise ValueError(f"running scripts as {name!r} needs ondeck to run as root")
+    return ids
 
 
 def hidden(*directories: Path) -> tuple[Path, ...]:
@@ -71,10 +100,6 @@ def hidden(*directories: Path) -> tuple[Path, ...]:
             log.warning("%s is not hidden from scripts: it holds what they are started with", directory)
             continue
         chosen.append(directory)
-    if chosen and os.geteuid() == 0:
-        # Root keeps its capabilities in the script's namespaces: it may unmount the cover,
-        # or read the disk itself. Only a user without them is kept out.
-        log.warning("scripts run as root: they can undo the hiding of %s; run ondeck as another user", chosen)
     return tuple(chosen)
 
 

@@ -2,7 +2,7 @@
  * ondeck-launch: start one attempt's program in its own PID namespace, under
  * resource limits, with a single exec.
  *
- *   ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE KEEP [HIDE...] -- PROGRAM [ARG...]
+ *   ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE USER KEEP [HIDE...] -- PROGRAM [ARG...]
  *
  * PARENT is the worker's PID: the launcher does not start the program if it
  * finds itself orphaned before it could tie its life to the worker's.
@@ -11,6 +11,9 @@
  * them if any is given: so the program cannot read ondeck's data directory (the database, the
  * master key) or other runs' workspaces. It also gets a /proc of its own
  * namespace, so it cannot read the worker's memory or environment there.
+ * USER is UID:GID to run the program as (the launcher must run as root), or -
+ * to run it as the launcher's own user; a root program keeps the capabilities
+ * to undo the hiding, another user has none.
  * It does what `setpriv --pdeathsig KILL -- unshare --pid --fork --kill-child
  * [--user --map-current-user] -- prlimit --as --cpu --nproc --fsize --core=0 --`
  * does, without the three extra programs (each costs an exec and a dynamic
@@ -40,6 +43,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <grp.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -127,14 +131,31 @@ static void contain(const char *keep, char **hide, int hidden) {
     if (chdir(cwd) != 0) die(cwd); /* through the mounts: the old one would lead around them */
 }
 
+/* Become UID:GID with no supplementary groups: ids only, so the capabilities go too. */
+static void become(const char *user) {
+    if (strcmp(user, "-") == 0) return;
+    char *colon = strchr(user, ':');
+    if (!colon) {
+        fprintf(stderr, "ondeck-launch: USER is UID:GID or -, not %s\n", user);
+        _exit(FAIL);
+    }
+    *colon = '\0';
+    uid_t uid = (uid_t)number(user);
+    gid_t gid = (gid_t)number(colon + 1);
+    if (setgroups(0, NULL) != 0) die("setgroups");
+    if (setresgid(gid, gid, gid) != 0) die("setresgid");
+    if (setresuid(uid, uid, uid) != 0) die("setresuid");
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) die("no new privileges");
+}
+
 int main(int argc, char **argv) {
-    int dashes = 7;
+    int dashes = 8;
     while (dashes < argc && strcmp(argv[dashes], "--") != 0) dashes++;
-    if (dashes + 1 >= argc || argv[6][0] != '/') {
-        fprintf(stderr, "usage: ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE KEEP [HIDE...] -- PROGRAM [ARG...]\n");
+    if (dashes + 1 >= argc || argv[7][0] != '/') {
+        fprintf(stderr, "usage: ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE USER KEEP [HIDE...] -- PROGRAM [ARG...]\n");
         return FAIL;
     }
-    for (int i = 7; i < dashes; i++) {
+    for (int i = 8; i < dashes; i++) {
         if (argv[i][0] != '/') {
             fprintf(stderr, "ondeck-launch: not an absolute path: %s\n", argv[i]);
             return FAIL;
@@ -185,7 +206,8 @@ int main(int argc, char **argv) {
         die_with_parent();
         if (fcntl(alive[0], F_SETFL, O_NONBLOCK) != 0) die("fcntl");
         if (read(alive[0], &byte, 1) == 0) _exit(FAIL); /* the launcher died before the prctl */
-        contain(argv[6], argv + 7, dashes - 7);
+        contain(argv[7], argv + 8, dashes - 8);
+        become(argv[6]);
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
         char **program = argv + dashes + 1;

@@ -92,7 +92,10 @@ def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
             program = [sys.executable, "-I", str(_ENTRY), str(script)]
         else:
             program = [sys.executable, "-I", str(script), *attempt.args]
-    return [*isolation.command(attempt.isolation, attempt.limits, workspace.root, attempt.hidden), *program]
+    prefix = isolation.command(
+        attempt.isolation, attempt.limits, workspace.root, attempt.hidden, attempt.run_as
+    )
+    return [*prefix, *program]
 
 
 def _prepare(attempt: Attempt) -> tuple[Workspace, list[str]]:
@@ -100,7 +103,10 @@ def _prepare(attempt: Attempt) -> tuple[Workspace, list[str]]:
     workspace = Workspace.create(attempt.workspace_root, attempt.run_id, attempt.number)
     try:
         workspace.params_file.write_text(json.dumps(attempt.params), encoding="utf-8")
-        return workspace, build_argv(attempt, workspace)
+        argv = build_argv(attempt, workspace)
+        if attempt.run_as is not None:
+            workspace.give_to(*attempt.run_as)
+        return workspace, argv
     except BaseException:
         workspace.remove()
         raise

@@ -51,6 +51,16 @@ class Workspace:
         workspace.tmp.mkdir()
         return workspace
 
+    def give_to(self, uid: int, gid: int) -> None:
+        """Make the workspace the script's user's. The files ondeck wrote in it (params,
+        a Python script) stay ondeck's, readable: the workspace (mode 0700) is the
+        script user's alone."""
+        for path in self.root.iterdir():
+            if path.is_file():
+                path.chmod(0o644)
+        for directory in (self.root, self.work, self.tmp):
+            os.chown(directory, uid, gid)
+
     @classmethod
     def remove_abandoned(cls, parent: Path, run_id: str, attempt: int) -> None:
         """Remove what a dead worker left of one attempt (``create`` names dirs run-attempt-*)."""

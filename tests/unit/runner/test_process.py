@@ -6,7 +6,9 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +238,60 @@ def test_the_launcher_hides_the_data_directory_other_workspaces_and_other_proces
     assert "Read-only file system" in text and not (data / "planted").exists()
     assert "processes: 4" in text or "processes: 3" in text  # bash, its pipeline: no worker
     assert (data / "master.key").read_text() == "the key"  # hidden, not touched
+
+
+NOBODY = (65534, 65534)
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root can run scripts as another user")
+
+
+@pytest.fixture
+def reachable(tmp_path: Path) -> Iterator[Path]:
+    """A directory any user can reach (pytest's are its own user's alone)."""
+    with tempfile.TemporaryDirectory(prefix="ondeck-test-") as directory:
+        os.chmod(directory, 0o755)
+        yield Path(directory)
+
+
+@as_root
+def test_a_script_runs_as_the_script_user_in_a_workspace_of_its_own(reachable: Path, contained: str) -> None:
+    script = 'id -u; id -G; cat "$ONDECK_PARAMS"; echo; echo {} > "$ONDECK_OUTPUTS"; touch mine "$TMPDIR/t"'
+    attempt = make(reachable, script, params={"x": 1}, isolation=contained, run_as=NOBODY)
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED, text
+    assert text.splitlines()[:3] == ["65534", "65534", '{"x": 1}']
+
+
+@as_root
+def test_a_script_user_cannot_undo_the_hiding(reachable: Path) -> None:
+    """Root keeps the capabilities to unmount what covers the data directory; another user has none."""
+    data = reachable / "data"
+    (data / "workspaces").mkdir(parents=True)
+    (data / "master.key").write_text("the key")
+    script = (
+        'umount -l "$DATA" 2>&1 || true; umount -l /proc 2>&1 || true; cat "$DATA/master.key" 2>&1 || true'
+    )
+    attempt = make(
+        reachable,
+        script,
+        workspace_root=data / "workspaces",
+        isolation=isolation.LAUNCHER,
+        hidden=(data,),
+        run_as=NOBODY,
+        extra_env={"DATA": str(data)},
+    )
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED, text
+    assert "the key" not in text and "No such file" in text
+    assert [line.split(":")[0] for line in text.splitlines()] == ["umount", "umount", "cat"]  # all refused
+
+
+def test_the_script_user_must_exist_and_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isolation.script_user(str(os.geteuid())) == (os.geteuid(), os.getegid())
+    with pytest.raises(ValueError, match="does not exist"):
+        isolation.script_user("no-such-user-here")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ValueError, match="needs ondeck to run as root"):
+        isolation.script_user("nobody")
 
 
 def test_directories_holding_what_scripts_start_with_are_not_hidden(tmp_path: Path) -> None:
