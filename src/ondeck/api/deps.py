@@ -164,7 +164,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def shown(node: Node, *found: Run) -> list[Run]:
     """``runs.shown``: on the event loop when it need not read the store (every run's
     version was seen before), as for nearly every run."""
-    if runs.schemas_known(found):
+    if runs.schemas_known(node.store, found):
         return runs.shown(node.store, found)
     return await call(runs.shown, node.store, found)
 

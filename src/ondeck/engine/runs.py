@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -33,29 +34,34 @@ def get(store: Store, run_id: str, principal: Principal | None = None) -> Run:
     return run
 
 
-# Each version's params schema, or None when it cannot be read: versions never change.
-_schemas: dict[tuple[str, int], Mapping[str, Any] | None] = {}
+# Per store, each version's params schema, or None when it cannot be read: versions
+# never change.
+_schemas: weakref.WeakKeyDictionary[Store, dict[tuple[str, int], Mapping[str, Any] | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def schemas_known(found: Sequence[Run]) -> bool:
+def schemas_known(store: Store, found: Sequence[Run]) -> bool:
     """Whether ``shown`` can show ``found`` without reading the store."""
-    return all((run.automation, run.version) in _schemas for run in found)
+    known = _schemas.get(store, {})
+    return all((run.automation, run.version) in known for run in found)
 
 
 def shown(store: Store, found: Sequence[Run]) -> list[Run]:
     """``found`` as the API shows runs: params the schema marks write-only (``writeOnly``
     or ``format: password``) masked, as in the audit log; the run keeps them to run with
     (and to rerun). Every param is masked when the run's version cannot be read."""
-    missing = {(run.automation, run.version) for run in found} - _schemas.keys()
+    known = _schemas.setdefault(store, {})
+    missing = {(run.automation, run.version) for run in found} - known.keys()
     if missing:
         with store.read() as tx:
             for name, version in missing:
                 stored = tx.automation_version(name, version)
                 try:
-                    _schemas[name, version] = catalog.definition_of(stored).params_schema if stored else None
+                    known[name, version] = catalog.definition_of(stored).params_schema if stored else None
                 except UnloadableDefinition:
-                    _schemas[name, version] = None
-    return [_masked(run, _schemas[run.automation, run.version]) for run in found]
+                    known[name, version] = None
+    return [_masked(run, known[run.automation, run.version]) for run in found]
 
 
 def _masked(run: Run, schema: Mapping[str, Any] | None) -> Run:
