@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ondeck.runner.attempt import PID_MAX
+
 BUNDLED_EXAMPLES = Path(__file__).parent / "examples" / "automations"
 
 
@@ -86,7 +88,7 @@ class Settings(BaseSettings):
 
     limit_memory: str = Field("4GiB", description="RLIMIT_AS default for scripts.")
     limit_cpu: str = Field("1h", description="RLIMIT_CPU default for scripts.")
-    limit_processes: int = Field(4096, ge=1, description="RLIMIT_NPROC default (counts per user).")
+    limit_processes: int = Field(4096, ge=1, le=PID_MAX, description="RLIMIT_NPROC default (per user).")
     limit_file_size: str = Field("1GiB", description="RLIMIT_FSIZE default for scripts.")
 
     @field_validator("script_user")

@@ -8,6 +8,10 @@ from typing import Any
 
 from ondeck.domain import LogChunk, Outcome
 
+# The most processes Linux allows at all (PID_MAX_LIMIT on 64 bits): a larger limit
+# means nothing, and one too large for the launcher's arguments failed every run.
+PID_MAX = 4 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ResourceLimits:

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from ondeck.durations import DAY, YEAR, parse_duration, parse_size, within
+from ondeck.runner.attempt import PID_MAX
 from ondeck.spec.expressions import Expression
 from ondeck.spec.params import check_schema
 from ondeck.spec.python_main import find_main, infer_schema
@@ -84,7 +85,7 @@ class Concurrency(_Strict):
 class Limits(_Strict):
     memory: Size | None = None
     cpu: Period | None = None
-    processes: int | None = Field(None, ge=1)
+    processes: int | None = Field(None, ge=1, le=PID_MAX)
     file_size: Size | None = None
 
 
