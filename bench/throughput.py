@@ -170,10 +170,12 @@ def measure_spawn(count: int) -> dict[str, tuple[list[float], list[float]]]:
     ondeck.runner.isolation) under stdlib asyncio.
     """
     mode = isolation.best()
-    prefix = isolation.command(isolation.GROUP, LIMITS)
     results: dict[str, tuple[list[float], list[float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "script.sh"
+    with tempfile.TemporaryDirectory() as data:
+        tmp = Path(data, "workspace")  # hidden with the rest of the data directory, as a run's is
+        tmp.mkdir()
+        prefix = isolation.command(isolation.GROUP, LIMITS, tmp)
+        script = tmp / "script.sh"
         script.write_text("true\n")
         argv = [*prefix, "bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)]
 
@@ -184,7 +186,7 @@ def measure_spawn(count: int) -> dict[str, tuple[list[float], list[float]]]:
                 process = await asyncio.create_subprocess_exec(
                     *argv,
                     cwd=tmp,
-                    env={"PATH": SAFE_PATH, "HOME": tmp},
+                    env={"PATH": SAFE_PATH, "HOME": str(tmp)},
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
@@ -203,7 +205,7 @@ def measure_spawn(count: int) -> dict[str, tuple[list[float], list[float]]]:
             results["uvloop"] = run(spawn_all(argv))
         results["asyncio"] = asyncio.run(spawn_all(argv))
         if mode != isolation.GROUP:
-            isolated = [*isolation.command(mode, LIMITS), *argv[len(prefix) :]]
+            isolated = [*isolation.command(mode, LIMITS, tmp, [Path(data)]), *argv[len(prefix) :]]
             results[f"asyncio, {mode}"] = asyncio.run(spawn_all(isolated))
     return results
 
