@@ -6,7 +6,10 @@ The script is parsed, never imported: loading a definition must not run its code
 from __future__ import annotations
 
 import ast
+import json
 from typing import Any
+
+from ondeck.storable import value_problems
 
 _TYPES = {
     "str": {"type": "string"},
@@ -72,9 +75,10 @@ def infer_schema(main: ast.FunctionDef) -> dict[str, Any]:
             required.append(arg.arg)
         else:
             try:
-                prop["default"] = ast.literal_eval(default)
+                value = ast.literal_eval(default)
             except ValueError as exc:
                 raise ValueError(f"default of main() argument {arg.arg!r} must be a literal") from exc
+            prop["default"] = _json_default(arg.arg, value)
         properties[arg.arg] = prop
     schema: dict[str, Any] = {"type": "object", "properties": properties}
     if required:
@@ -82,3 +86,15 @@ def infer_schema(main: ast.FunctionDef) -> dict[str, Any]:
     if args.kwarg is None:
         schema["additionalProperties"] = False
     return schema
+
+
+def _json_default(name: str, value: Any) -> Any:
+    """``value`` if JSON can hold it and a store can keep it: a literal may also be
+    bytes, a set or a complex number, or a float too large to be finite (``1e400``)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"default of main() argument {name!r} is not a JSON value") from None
+    for _, problem in value_problems(value):
+        raise ValueError(f"default of main() argument {name!r}: {problem}")
+    return value

@@ -186,3 +186,19 @@ def test_a_process_limit_beyond_what_linux_allows_is_refused() -> None:
     parse_definition({**HELLO, "limits": {"processes": 4 * 1024 * 1024}})
     with pytest.raises(InvalidDefinition, match="limits.processes"):
         parse_definition({**HELLO, "limits": {"processes": 2**64}})
+
+
+@pytest.mark.parametrize(
+    ("default", "problem"),
+    [
+        ("1e400", "not a JSON value"),
+        ("b'x'", "not a JSON value"),
+        ("{1, 2}", "not a JSON value"),
+        ("'a\\x00b'", "NUL"),
+    ],
+)
+def test_a_main_default_json_cannot_hold_is_refused(default: str, problem: str) -> None:
+    """It became the schema's default, which the store then could not keep (a 500)."""
+    script = f"def main(x={default}):\n    return {{}}\n"
+    with pytest.raises(InvalidDefinition, match=problem):
+        parse_definition({"name": "py", "run": {"runtime": "python", "script": script}})
