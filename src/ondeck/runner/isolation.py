@@ -26,6 +26,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -87,7 +88,8 @@ def script_user(name: str) -> tuple[int, int]:
 def hidden(*directories: Path) -> tuple[Path, ...]:
     """Of ``directories`` (ondeck's data directory, the workspaces' root), those to hide
     from scripts: resolved, less any inside another, and less any that holds what a
-    script is started with (Python, this package, the launcher), which it would stop."""
+    script is started with (Python, this package, the launcher), which it would stop,
+    or that everyone may write to (``/tmp``, ``/dev/shm``): other programs use it too."""
     launcher = _launcher_path()
     needed = [Path(sys.prefix), Path(sys.executable), Path(__file__).parents[1]]
     needed += [Path(launcher)] if launcher else []
@@ -98,6 +100,9 @@ def hidden(*directories: Path) -> tuple[Path, ...]:
             continue
         if any(path.resolve().is_relative_to(directory) for path in needed):
             log.warning("%s is not hidden from scripts: it holds what they are started with", directory)
+            continue
+        if directory.exists() and directory.stat().st_mode & stat.S_IWOTH:
+            log.warning("%s is not hidden from scripts: it is shared; give ondeck one of its own", directory)
             continue
         chosen.append(directory)
     return tuple(chosen)

@@ -7,9 +7,9 @@
  * PARENT is the worker's PID: the launcher does not start the program if it
  * finds itself orphaned before it could tie its life to the worker's.
  * Each HIDE directory is covered, for the program only, by an empty read-only
- * tmpfs, except for KEEP (the attempt's workspace), which must lie in one of
- * them if any is given: so the program cannot read ondeck's data directory (the database, the
- * master key) or other runs' workspaces. It also gets a /proc of its own
+ * tmpfs, except for KEEP (the attempt's workspace), bound back in where it lies
+ * in one of them: so the program cannot read ondeck's data directory (the
+ * database, the master key) or other runs' workspaces. It also gets a /proc of its own
  * namespace, so it cannot read the worker's memory or environment there.
  * USER is UID:GID to run the program as (the launcher must run as root), or -
  * to run it as the launcher's own user; a root program keeps the capabilities
@@ -107,7 +107,6 @@ static void contain(const char *keep, char **hide, int hidden) {
     /* Nothing mounted here reaches the host's namespace, nor the other way. */
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("mount --make-rprivate /");
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount /proc");
-    if (hidden == 0) return;
     int kept = open(keep, O_PATH | O_DIRECTORY | O_CLOEXEC); /* before it is covered */
     if (kept < 0) die(keep);
     const char *cover = NULL;
@@ -115,14 +114,12 @@ static void contain(const char *keep, char **hide, int hidden) {
         if (mount("tmpfs", hide[i], "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755") != 0) die(hide[i]);
         if (inside(keep, hide[i])) cover = hide[i];
     }
-    if (!cover) {
-        fprintf(stderr, "ondeck-launch: %s is in none of the hidden directories\n", keep);
-        _exit(FAIL);
+    if (cover) {
+        if (snprintf(target, sizeof target, "%s", keep) >= (int)sizeof target) die("path too long");
+        make_path(target, strlen(cover));
+        snprintf(source, sizeof source, "/proc/self/fd/%d", kept);
+        if (mount(source, keep, NULL, MS_BIND | MS_REC, NULL) != 0) die("bind the workspace");
     }
-    if (snprintf(target, sizeof target, "%s", keep) >= (int)sizeof target) die("path too long");
-    make_path(target, strlen(cover));
-    snprintf(source, sizeof source, "/proc/self/fd/%d", kept);
-    if (mount(source, keep, NULL, MS_BIND | MS_REC, NULL) != 0) die("bind the workspace");
     close(kept);
     for (int i = 0; i < hidden; i++) { /* now the covers can be made read-only */
         unsigned long flags = MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV;

@@ -294,9 +294,27 @@ def test_the_script_user_must_exist_and_needs_root(monkeypatch: pytest.MonkeyPat
         isolation.script_user("nobody")
 
 
-def test_directories_holding_what_scripts_start_with_are_not_hidden(tmp_path: Path) -> None:
+def test_directories_holding_what_scripts_start_with_or_shared_are_not_hidden(tmp_path: Path) -> None:
     venv = Path(sys.prefix)
     assert isolation.hidden(venv.parent, tmp_path / "a", tmp_path / "a" / "b", tmp_path) == (tmp_path,)
+    assert isolation.hidden(Path("/tmp"), Path("/dev/shm"), tmp_path) == (tmp_path,)
+
+
+def test_a_workspace_outside_the_hidden_directories_stays_as_it_is(tmp_path: Path) -> None:
+    """Workspaces on a shared directory (/dev/shm, say): the data directory is hidden alone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "master.key").write_text("the key")
+    attempt = make(
+        tmp_path,
+        'cat "$DATA/master.key" 2>&1 || true; cat "$ONDECK_PARAMS"',
+        params={"x": 1},
+        isolation=isolation.LAUNCHER,
+        hidden=(data,),
+        extra_env={"DATA": str(data)},
+    )
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED and "the key" not in text and '{"x": 1}' in text
 
 
 def test_bash_stops_at_the_first_failure(tmp_path: Path) -> None:

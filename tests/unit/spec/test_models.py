@@ -184,7 +184,7 @@ def test_bundled_examples_are_valid() -> None:
 def test_a_process_limit_beyond_what_linux_allows_is_refused() -> None:
     """One too large for the launcher's arguments failed every run."""
     parse_definition({**HELLO, "limits": {"processes": 4 * 1024 * 1024}})
-    with pytest.raises(InvalidDefinition, match="limits.processes"):
+    with pytest.raises(InvalidDefinition, match=r"limits\.processes"):
         parse_definition({**HELLO, "limits": {"processes": 2**64}})
 
 
