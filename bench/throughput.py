@@ -588,7 +588,7 @@ def main() -> None:
     parser.add_argument(
         "--workspaces",
         metavar="DIR",
-        help="make runs' workspaces under DIR (ONDECK_WORKSPACES_DIR), e.g. /dev/shm for a tmpfs; "
+        help="make runs' workspaces under DIR (ONDECK_WORKSPACES_DIR), e.g. /dev/shm/ondeck for a tmpfs; "
         "default: the data directory, as ondeck does",
     )
     parser.add_argument(
