@@ -49,6 +49,7 @@ class _Active:
         self.key, self.lease = key, lease
         self.stop = asyncio.Event()
         self.lost = False  # the lease lapsed, or may have: the attempt is void
+        self.cancelled = False  # a cancel was asked for
         self._fence: asyncio.TimerHandle | None = None
         self.renewed(since)
 
@@ -58,6 +59,10 @@ class _Active:
         self.cancel_fence()
         delay = since + 2 * self.lease / 3 - time.monotonic()
         self._fence = asyncio.get_running_loop().call_later(delay, self.lose, "it could not be renewed")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.stop.set()
 
     def lose(self, why: str) -> None:
         if not self.lost:
@@ -173,7 +178,7 @@ class Worker:
     def _cancel(self, run_id: str) -> None:
         for (active_id, _), active in self._active.items():
             if active_id == run_id:
-                active.stop.set()
+                active.cancel()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until ``stop`` is set; then stop in-flight attempts."""
@@ -268,7 +273,7 @@ class Worker:
                     continue
                 active.renewed(since)
                 if renewed[key]:
-                    active.stop.set()
+                    active.cancel()
 
     def attempt_for(self, claim: Claim, secrets: dict[str, str]) -> Attempt:
         """Translate a claimed run into the runner's terms (limits, args, budget)."""
@@ -344,12 +349,15 @@ class Worker:
             if flusher is not None:
                 await asyncio.wait({flusher})
         active.cancel_fence()
-        if outcome.status == RunStatus.CANCELLED and active.lost:
-            # Recorded only if the lease held after all (the store was unreachable for a
-            # while); then the run may be retried, as when the reaper ends a lost attempt.
-            outcome = Outcome(RunStatus.FAILED, outcome.exit_code, f"worker {self.id} lost the run's lease")
-        elif outcome.status == RunStatus.CANCELLED and self._stopping:
-            outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
+        if outcome.status == RunStatus.CANCELLED and not active.cancelled:  # stopped by this worker
+            if active.lost:
+                # Recorded only if the lease held after all (the store was unreachable for a
+                # while); then the run may be retried, as when the reaper ends a lost attempt.
+                outcome = Outcome(
+                    RunStatus.FAILED, outcome.exit_code, f"worker {self.id} lost the run's lease"
+                )
+            elif self._stopping:
+                outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
         following: list[Claim] = []
         since = time.monotonic()
         try:

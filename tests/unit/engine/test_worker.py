@@ -362,6 +362,23 @@ def test_a_worker_that_cannot_renew_a_lease_stops_the_attempt_before_the_lease_l
     _run_worker(store, settings, scenario)
 
 
+def test_a_run_cancelled_as_its_worker_stops_ends_cancelled(store: Store, worker: Worker) -> None:
+    """Not failed as one the shutdown stopped (which may be retried)."""
+    define(store, run={"runtime": "bash", "script": "sleep 60"}, retries={"attempts": 3})
+    run = admit(store, TriggerRequest("job")).run
+    claimed = _claim_one(store, worker)
+
+    async def scenario() -> None:
+        key = (claimed.run.id, claimed.run.attempt)
+        worker._active[key] = active = _Active(key, time.monotonic(), worker.lease.total_seconds())
+        worker._stopping = True
+        active.cancel()
+        await worker._execute(claimed)
+
+    asyncio.run(scenario())
+    assert runs.get(store, run.id).status == RunStatus.CANCELLED
+
+
 def test_one_failed_renewal_is_retried_before_the_attempt_would_be_stopped(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
