@@ -18,12 +18,12 @@ _SIZE_FACTORS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000
 
 def parse_duration(value: str | int | float) -> float:
     """Seconds in ``value``: a number of seconds or a string such as ``1h30m``."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like 90s, 10m, 1h")
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return _finite(value)
+    if not isinstance(value, str):  # a bool, or a list or an object from JSON or YAML
+        raise ValueError("a duration is a number of seconds or a string like 90s, 10m, 1h")
     text = value.strip().lower().replace(" ", "")
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return _finite(float(text))

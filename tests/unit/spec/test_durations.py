@@ -28,6 +28,13 @@ def test_parse_duration_rejects_garbage_with_a_hint(text: str) -> None:
         parse_duration(text)
 
 
+@pytest.mark.parametrize("value", [True, [], ["1h"], {}, None])
+def test_a_duration_of_another_type_is_refused_as_a_value_error(value: object) -> None:
+    """A validator's ValueError names the field; any other error was a 500."""
+    with pytest.raises(ValueError, match="a duration is a number of seconds or a string"):
+        parse_duration(value)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("text", "size"), [("512MiB", 512 * 1024**2), ("2GB", 2 * 1000**3), ("10k", 10_000), (7, 7)]
 )

@@ -74,6 +74,9 @@ HUGE = "99999999999d"
         ({"limits": {"cpu": 0.5}}, "limits.cpu", "from 1s"),
         ({"limits": {"memory": "9" * 400 + "TiB"}}, "limits.memory", "a size is at most"),
         ({"limits": {"file_size": 1.5}}, "limits.file_size", "a whole number of bytes"),
+        ({"timeout": []}, "timeout", "a number of seconds or a string"),
+        ({"retries": {"backoff": {}}}, "retries.backoff", "a number of seconds or a string"),
+        ({"rate_limit": {"limit": 1, "per": ["1m"]}}, "rate_limit.per", "a number of seconds or a string"),
     ],
 )
 def test_durations_and_sizes_out_of_bounds_are_refused_naming_the_field(
