@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -175,6 +176,18 @@ def test_urls_and_numbers_past_what_the_store_holds_are_refused(client: httpx.Cl
     for url in ("http://[::1", "http://host:99999/", "http://host:x/"):
         body = {"callback_url": url}
         assert_problem(client.post(f"/automations/{name}/runs", json=body), 400, "callback URL")
+
+
+def test_a_secret_name_or_scope_ending_in_a_newline_is_refused(client: httpx.Client) -> None:
+    """A pattern's $ also matched before a final newline: such a name was stored (a 500 on
+    PostgreSQL at 129 characters), and so was such a scope."""
+    for name in ("A" * 128 + "\n", "NEWLINE\n"):
+        response = client.put(f"/secrets/{quote(name)}", json={"value": "v"})
+        assert_problem(response, 400, "a secret name is")
+    response = client.put("/secrets/NEWLINE", json={"value": "v", "scope": "environment:dev\n"})
+    assert_problem(response, 400, "scope is")
+    assert_problem(client.delete("/secrets/NEWLINE", params={"scope": "automation:x\n"}), 400, "scope is")
+    assert not [s for s in client.get("/secrets").json() if "\n" in s["name"] + s["scope"]]
 
 
 def test_idempotency_key_over_http(client: httpx.Client) -> None:

@@ -28,13 +28,15 @@ class MissingSecret(OndeckError):
 
 def check_scope(scope: str) -> str:
     kind, _, name = scope.partition(":")
-    if scope == GLOBAL or (kind in ("environment", "automation") and re.match(NAME_PATTERN, name)):
+    if scope == GLOBAL or (kind in ("environment", "automation") and re.fullmatch(NAME_PATTERN, name)):
         return scope
     raise InvalidRequest("scope is global, environment:<name> or automation:<name>")
 
 
 def put(store: Store, vault: Vault, principal: Principal, name: str, scope: str, value: str) -> SecretInfo:
-    if not re.match(SECRET_NAME, name):
+    # fullmatch, as for scopes: with re.match a pattern's $ also matches before a final
+    # newline, so "NAME\n" was taken (and, 129 characters long, did not fit the store).
+    if not re.fullmatch(SECRET_NAME, name):
         raise InvalidRequest("a secret name is a letter or _ then letters, digits or _ (an env var name)")
     check_scope(scope)
     if not value or len(value.encode()) > MAX_VALUE:
