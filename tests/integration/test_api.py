@@ -178,6 +178,17 @@ def test_urls_and_numbers_past_what_the_store_holds_are_refused(client: httpx.Cl
         assert_problem(client.post(f"/automations/{name}/runs", json=body), 400, "callback URL")
 
 
+def test_triggering_a_name_no_automation_can_have_is_a_404_and_breaks_no_listing(
+    client: httpx.Client,
+) -> None:
+    """The refusal's audit entry named the automation: past 189 characters it did not fit
+    (a 500 on PostgreSQL)."""
+    for name in ("a" * 300, "é" * 300, "Upper", "x" * 64):
+        response = client.post(f"/automations/{quote(name)}/runs", json={})
+        assert_problem(response, 404, "does not exist")
+    assert client.get("/audit", params={"action": "run.refused"}).status_code == 200
+
+
 def test_a_secret_name_or_scope_ending_in_a_newline_is_refused(client: httpx.Client) -> None:
     """A pattern's $ also matched before a final newline: such a name was stored (a 500 on
     PostgreSQL at 129 characters), and so was such a scope."""

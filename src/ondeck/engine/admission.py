@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,7 +33,7 @@ from ondeck.errors import (
 from ondeck.ids import new_id
 from ondeck.masking import Masker
 from ondeck.spec.expressions import ExpressionError, render
-from ondeck.spec.models import Automation
+from ondeck.spec.models import NAME_PATTERN, Automation
 from ondeck.spec.params import masked, sensitive_values, validate_params
 from ondeck.store.store import IntegrityError, Store, Transaction
 
@@ -115,6 +116,10 @@ def masked_params(automation: Automation | None, params: Any) -> Any:
 def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None = None) -> Admission:
     """Validate, authorise, de-duplicate and queue one run; raise a problem for bad input."""
     policy = policy or AdmissionPolicy()
+    if not re.fullmatch(NAME_PATTERN, request.automation):
+        # Refused unaudited: it names nothing, and the audit entry's target (the name) would
+        # not fit the store when it is long (a 500 on PostgreSQL).
+        raise NotFound(f"automation {request.automation!r} does not exist: no automation has such a name")
     automation: Automation | None = None
     try:
         if request.callback_url is not None:
