@@ -178,6 +178,30 @@ def test_urls_and_numbers_past_what_the_store_holds_are_refused(client: httpx.Cl
         assert_problem(client.post(f"/automations/{name}/runs", json=body), 400, "callback URL")
 
 
+def test_json_nested_too_deep_or_with_too_long_a_number_is_a_400_on_every_route(
+    client: httpx.Client,
+) -> None:
+    """Every route parses JSON as the trigger route does: Python's parser took 900 levels,
+    which validating, rendering or auditing the value then met as a RecursionError (a
+    500), and a number of 5000 digits was a 400 that did not say why."""
+    name = define(client)
+    deep = "[" * 500 + "]" * 500
+    bodies = {
+        ("POST", "/events"): f'{{"source": "deep", "data": {deep}}}',
+        ("PUT", f"/automations/{name}"): f'{{"run": {{"runtime": "bash"}}, "tags": {deep}}}',
+        ("PUT", "/environments/deep"): f'{{"allowed_roles": {deep}}}',
+        ("POST", f"/automations/{name}/runs"): f'{{"params": {{"x": {deep}}}}}',
+    }
+    headers = {"Content-Type": "application/json"}
+    for (method, path), body in bodies.items():
+        response = client.request(method, path, content=body, headers=headers)
+        assert_problem(response, 400, "not valid JSON", "recursion limit exceeded")
+    huge = '{"name": "n", "roles": [], "expires_in": ' + "9" * 5000 + "}"
+    response = client.post("/tokens", content=huge, headers=headers)
+    assert_problem(response, 400, "not valid JSON", "number out of range")
+    assert client.get("/audit").status_code == 200
+
+
 def test_triggering_a_name_no_automation_can_have_is_a_404_and_breaks_no_listing(
     client: httpx.Client,
 ) -> None:

@@ -53,13 +53,18 @@ def check_json(raw: bytes) -> str:
 
 
 class _StrictRequest(Request):
-    """JSON bodies are checked by ``check_json`` before they are parsed."""
+    """JSON bodies are checked by ``check_json`` before they are parsed, and parsed with
+    ``storable.parse_json``, as the trigger route parses its own."""
 
     _parsed: Any
 
     async def json(self) -> Any:
         if not hasattr(self, "_parsed"):
-            self._parsed = json.loads(check_json((await self.body()).removeprefix(b"\xef\xbb\xbf")))
+            text = check_json((await self.body()).removeprefix(b"\xef\xbb\xbf"))
+            try:
+                self._parsed = storable.parse_json(text)
+            except ValueError as exc:  # refused as FastAPI refuses a body that is not JSON
+                raise json.JSONDecodeError(str(exc), text, 0) from None
         return self._parsed
 
 

@@ -17,7 +17,6 @@ delivery started.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,7 +190,7 @@ def _data(headers: Mapping[str, str], body: bytes) -> Any:
     text = text.replace("\x00", "\ufffd")
     if storable.json_problem(text.encode()) is None:
         with contextlib.suppress(ValueError):
-            return json.loads(text)
+            return storable.parse_json(text)
     return {"raw": text}
 
 

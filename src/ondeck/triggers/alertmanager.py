@@ -47,7 +47,7 @@ def decode(body: bytes) -> list[Alert]:
     if problem is not None:
         raise InvalidNotification(f"the body holds text that cannot be stored: {problem}")
     try:
-        payload = json.loads(body)
+        payload = storable.parse_json(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidNotification("the body is not JSON") from exc
     if not isinstance(payload, dict):

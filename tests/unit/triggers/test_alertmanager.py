@@ -91,6 +91,7 @@ def test_without_a_fingerprint_the_labels_identify_the_alert() -> None:
     ("body", "message"),
     [
         (b"not json", "not JSON"),
+        (b"[" * 5000 + b"]" * 5000, "not JSON"),
         (b"[]", "not a JSON object"),
         (json.dumps({**GROUP, "version": "3", "alerts": []}).encode(), "version"),
         (json.dumps({**GROUP, "alerts": None}).encode(), "alerts"),
