@@ -6,9 +6,11 @@ import pytest
 
 from ondeck.errors import InvalidParams
 from ondeck.spec.params import (
+    SCHEMA_DEPTH_MAX,
     check_schema,
     json_pointer,
     masked,
+    nesting,
     sensitive_paths,
     sensitive_values,
     validate_params,
@@ -213,3 +215,19 @@ def test_a_ref_that_does_not_resolve_within_the_schema_is_refused(
 def test_refs_within_the_schema_are_accepted(schema: dict[str, object]) -> None:
     check_schema(schema)
     validate_params(schema, {})
+
+
+def _nested(levels: int) -> dict[str, object]:
+    schema: dict[str, object] = {}
+    for _ in range(levels - 3):  # the object, its properties, then each schema a level
+        schema = {"items": schema}
+    return {"type": "object", "properties": {"x": schema}}
+
+
+def test_a_schema_nested_too_deep_is_refused_before_the_metaschema_recurses_through_it() -> None:
+    """Checking one 200 levels deep ran out of Python's recursion limit: a 500 at its PUT."""
+    assert nesting(_nested(SCHEMA_DEPTH_MAX)) == SCHEMA_DEPTH_MAX
+    check_schema(_nested(SCHEMA_DEPTH_MAX))
+    for levels in (SCHEMA_DEPTH_MAX + 1, 200):
+        with pytest.raises(ValueError, match=f"params nests more than {SCHEMA_DEPTH_MAX} levels"):
+            check_schema(_nested(levels))
