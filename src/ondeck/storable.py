@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pydantic_core
@@ -55,9 +55,29 @@ def json_problem(raw: bytes) -> str | None:
     return None
 
 
+# How deep ``parse_json`` takes JSON (its parser's limit). Answers are written by pydantic,
+# whose serializer stops not far beyond (at 254 levels): a value stored deeper, such as a
+# run's outputs, made every answer that held it a 500.
+DEPTH_MAX = 200
+
+
+def nesting(value: Any) -> int:
+    """How many levels of objects and arrays ``value`` nests (0 for a scalar), counted
+    level by level, without recursion."""
+    depth, level = 0, [value]
+    while containers := [item for item in level if isinstance(item, dict | list)]:
+        depth += 1
+        level = [child for item in containers for child in _members(item)]
+    return depth
+
+
+def _members(container: dict[str, Any] | list[Any]) -> Iterable[Any]:
+    return container.values() if isinstance(container, dict) else container
+
+
 def parse_json(text: str | bytes) -> Any:
     """``text`` parsed as the trigger route parses its body (pydantic's parser): JSON nested
-    more than 200 levels deep, or holding a number of more than 4300 digits, is refused
+    more than ``DEPTH_MAX`` levels deep, or holding a number of more than 4300 digits, is refused
     with a ``ValueError`` that says where. Python's parser took nesting up to its recursion
     limit, and the code that walks a value (validation, rendering, masking) then ran out of
     it: a 500."""

@@ -338,10 +338,15 @@ def _read_outputs(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     problem = storable.json_problem(raw)
     if problem is not None:
         return None, f"outputs file holds text that cannot be stored: {problem}"
+    deep = f"outputs file nests more than {storable.DEPTH_MAX} levels of objects and arrays"
     try:
         value = json.loads(raw.decode("utf-8"), parse_constant=_refuse, parse_float=_finite)
+    except RecursionError:
+        return None, deep
     except (ValueError, UnicodeDecodeError) as exc:
         return None, f"outputs file is not valid JSON: {exc}"
+    if storable.nesting(value) > storable.DEPTH_MAX:
+        return None, deep
     if not isinstance(value, dict):
         return None, "outputs file must hold a JSON object"
     return value, None

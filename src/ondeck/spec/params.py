@@ -19,25 +19,11 @@ from referencing.jsonschema import DRAFT202012
 
 from ondeck.errors import InvalidParams
 from ondeck.masking import MASK, Masker
-from ondeck.storable import value_problems
+from ondeck.storable import nesting, value_problems
 
 # Checking a schema against the metaschema takes a dozen frames per level: one nested far
 # less deep than a JSON body may be (200 levels) ran out of Python's recursion limit.
 SCHEMA_DEPTH_MAX = 64
-
-
-def nesting(value: Any) -> int:
-    """How many levels of objects and arrays ``value`` nests (0 for a scalar), counted
-    level by level, without recursion."""
-    depth, level = 0, [value]
-    while containers := [item for item in level if isinstance(item, dict | list)]:
-        depth += 1
-        level = [child for item in containers for child in _members(item)]
-    return depth
-
-
-def _members(container: dict[str, Any] | list[Any]) -> Iterable[Any]:
-    return container.values() if isinstance(container, dict) else container
 
 
 def check_schema(schema: dict[str, Any]) -> None:

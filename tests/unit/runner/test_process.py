@@ -165,6 +165,19 @@ def test_outputs_with_nan_or_infinity_fail_the_run(tmp_path: Path) -> None:
     assert outcome.error == "outputs file is not valid JSON: 1e400 is too large a number"
 
 
+@pytest.mark.parametrize("levels", [201, 5000])
+def test_outputs_nested_deeper_than_any_answer_can_show_fail_the_run(tmp_path: Path, levels: int) -> None:
+    """Stored, 500 levels made every answer that showed the run a 500, the run list too;
+    5000 were a RecursionError that failed the run as a runner error."""
+    deep = "[" * (levels - 1) + "]" * (levels - 1)
+    outcome, _ = execute(make(tmp_path, f'echo \'{{"a": {deep}}}\' > "$ONDECK_OUTPUTS"'))
+    assert outcome.status == RunStatus.FAILED and outcome.outputs is None
+    assert outcome.error == "outputs file nests more than 200 levels of objects and arrays"
+    at_limit = "[" * 199 + "]" * 199
+    outcome, _ = execute(make(tmp_path, f'echo \'{{"a": {at_limit}}}\' > "$ONDECK_OUTPUTS"'))
+    assert outcome.status == RunStatus.SUCCEEDED and outcome.outputs is not None
+
+
 def test_exit_code_is_recorded(tmp_path: Path, contained: str) -> None:
     outcome, _ = execute(make(tmp_path, "exit 7", isolation=contained))
     assert (outcome.status, outcome.exit_code, outcome.error) == (RunStatus.FAILED, 7, "exit code 7")

@@ -10,11 +10,11 @@ from ondeck.spec.params import (
     check_schema,
     json_pointer,
     masked,
-    nesting,
     sensitive_paths,
     sensitive_values,
     validate_params,
 )
+from ondeck.storable import nesting
 
 SCHEMA = {
     "type": "object",
