@@ -1,6 +1,6 @@
 """How an attempt's process is started: a PID namespace per attempt, so no process of a run can outlive it.
 
-The script is PID 1 of its own namespace: when it exits, or when the process
+The script runs in a PID namespace of its own: when it exits, or when the process
 holding the namespace dies, the kernel kills every process left in there —
 including ones that called ``setsid``, and including when the worker itself is
 killed with ``kill -9``. Resource limits are set before the script starts, so

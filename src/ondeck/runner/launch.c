@@ -20,8 +20,10 @@
  * link, about a millisecond of CPU per run):
  *
  *   - it dies with its parent (the worker), even by SIGKILL;
- *   - the program is PID 1 of a new PID namespace, so when it exits, or when
- *     this launcher dies, the kernel kills every process left in there;
+ *   - the program runs in a new PID namespace, under a first process that
+ *     reaps orphans and ends when the program does; so when the program exits,
+ *     or when this launcher dies, the kernel kills every process left in
+ *     there (the program is not PID 1 itself, which ignores SIGTERM);
  *   - the limits are set before the fork, so the program and all it starts
  *     inherit them;
  *   - in a mount namespace of its own, the HIDE directories but KEEP are
@@ -99,8 +101,8 @@ static void make_path(char *path, size_t top) {
     if (mkdir(path, 0755) != 0 && errno != EEXIST) die(path);
 }
 
-/* In the new mount namespace (called by the program's process, PID 1 of the new
-   PID namespace): a /proc of this namespace, each of `hide` covered but `keep`. */
+/* In the new mount namespace (called by PID 1 of the new PID namespace, before it
+   starts the program): a /proc of this namespace, each of `hide` covered but `keep`. */
 static void contain(const char *keep, char **hide, int hidden) {
     char cwd[PATH_MAX], target[PATH_MAX], source[64];
     if (!getcwd(cwd, sizeof cwd)) die("getcwd");
@@ -188,10 +190,11 @@ int main(int argc, char **argv) {
         write_file("/proc/self/gid_map", map);
     }
 
-    /* The program cannot see its parent from inside the namespace (getppid() is 0), so it
-       learns whether the launcher is still alive from a pipe only the launcher writes to. */
-    int alive[2];
-    if (pipe2(alive, O_CLOEXEC) != 0) die("pipe");
+    /* The namespace's first process cannot see its parent (getppid() is 0), so it learns
+       whether the launcher is still alive from a pipe only the launcher writes to; and it
+       reports how the program ended on another, as it cannot end by the same signal. */
+    int alive[2], report[2];
+    if (pipe2(alive, O_CLOEXEC) != 0 || pipe2(report, O_CLOEXEC) != 0) die("pipe");
     signal(SIGINT, SIG_IGN);
     signal(SIGTERM, SIG_IGN);
     pid_t self = getpid();
@@ -200,24 +203,43 @@ int main(int argc, char **argv) {
     if (child == 0) {
         char byte;
         close(alive[1]);
+        close(report[0]);
         die_with_parent();
         if (fcntl(alive[0], F_SETFL, O_NONBLOCK) != 0) die("fcntl");
         if (read(alive[0], &byte, 1) == 0) _exit(FAIL); /* the launcher died before the prctl */
         contain(argv[7], argv + 8, dashes - 8);
         become(argv[6]);
-        signal(SIGINT, SIG_DFL);
-        signal(SIGTERM, SIG_DFL);
-        char **program = argv + dashes + 1;
-        execvp(program[0], program);
-        fprintf(stderr, "ondeck-launch: cannot run %s: %s\n", program[0], strerror(errno));
-        _exit(errno == ENOENT ? 127 : 126);
+        /* This process is PID 1 of the namespace, which the kernel shields from signals it
+           has no handler for, SIGTERM included: the program is its child, so a timeout's
+           or a cancel's SIGTERM reaches it. This one reaps what is orphaned meanwhile, and
+           ends when the program does, which ends everything left in the namespace. */
+        pid_t program = fork();
+        if (program < 0) die("fork");
+        if (program == 0) {
+            signal(SIGINT, SIG_DFL);
+            signal(SIGTERM, SIG_DFL);
+            char **command = argv + dashes + 1;
+            execvp(command[0], command);
+            fprintf(stderr, "ondeck-launch: cannot run %s: %s\n", command[0], strerror(errno));
+            _exit(errno == ENOENT ? 127 : 126);
+        }
+        int ended;
+        pid_t reaped;
+        while ((reaped = waitpid(-1, &ended, 0)) != program) {
+            if (reaped < 0 && errno != EINTR) die("waitpid");
+        }
+        if (write(report[1], &ended, sizeof ended) != (ssize_t)sizeof ended) _exit(FAIL);
+        _exit(0);
     }
 
     close(alive[0]);
+    close(report[1]);
     int status;
     while (waitpid(child, &status, 0) < 0) {
         if (errno != EINTR) die("waitpid");
     }
+    int reported;
+    if (read(report[0], &reported, sizeof reported) == (ssize_t)sizeof reported) status = reported;
     if (WIFSIGNALED(status)) {
         int sig = WTERMSIG(status);
         signal(sig, SIG_DFL); /* RLIMIT_CORE is 0 already: no core file */

@@ -342,7 +342,7 @@ def test_a_worker_that_cannot_renew_a_lease_stops_the_attempt_before_the_lease_l
 ) -> None:
     """Else, once it lapsed, the reaper could end the attempt and another worker run the
     run again while this attempt still runs."""
-    lease = 3.0
+    lease = 4.5  # the attempt should end at two thirds of it, 3s: a margin for a busy machine
     settings = Settings(data_dir=tmp_path, lease_seconds=lease, kill_grace_seconds=0.2, poll_seconds=120)
     define(store, run={"runtime": "bash", "script": "sleep 60"})
 
@@ -383,8 +383,8 @@ def test_one_failed_renewal_is_retried_before_the_attempt_would_be_stopped(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A moment's outage of the store must not stop every attempt the worker runs."""
-    settings = Settings(data_dir=tmp_path, lease_seconds=3, kill_grace_seconds=0.2, poll_seconds=120)
-    define(store, run={"runtime": "bash", "script": "sleep 4"})
+    settings = Settings(data_dir=tmp_path, lease_seconds=6, kill_grace_seconds=0.2, poll_seconds=120)
+    define(store, run={"runtime": "bash", "script": "sleep 5"})
     renew = queue.renew_leases
     failures: list[str] = []
 
