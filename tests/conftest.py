@@ -44,12 +44,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield from pg_schema_url()
 
 
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    store = Store(database_url)
+def _upgraded(url: str) -> Iterator[Store]:
+    store = Store(url)
     store.upgrade()
     yield store
     store.dispose()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    yield from _upgraded(database_url)
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[Store]:
+    """A store on PostgreSQL alone, for what only it does (another transaction's row locks)."""
+    yield from _upgraded(pg_url)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -384,14 +383,6 @@ def test_a_lapsed_run_whose_end_fails_does_not_keep_the_others_from_being_reaped
     assert runs.get(store, stuck.id).status == RunStatus.RUNNING  # nothing of it was written
     monkeypatch.undo()
     assert finish.reap_expired_leases(store) == [(stuck.id, 1)]
-
-
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[Store]:
-    store = Store(pg_url)
-    store.upgrade()
-    yield store
-    store.dispose()
 
 
 def test_a_lapsed_run_another_reaper_holds_is_skipped_not_waited_for(pg_store: Store) -> None:
