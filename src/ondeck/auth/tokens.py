@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import threading
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from ondeck.auth.principals import ROLES, Principal
+from ondeck.auth.principals import ROLES, SYSTEM, Principal
 from ondeck.domain import TokenRecord, utcnow
 from ondeck.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
 from ondeck.ids import new_id
@@ -54,11 +55,19 @@ def _insert(
     return record
 
 
+# No "/" (it could not be revoked by URL) and no ":" (webhook:…, slack:… are principals
+# ondeck names itself), so a token's name is never mistaken for another's in the audit log.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,99}")
+
+
 def create(
     store: Store, principal: Principal, name: str, roles: list[str], expires_in: float | None = None
 ) -> IssuedToken:
-    if not name or len(name) > 100:
-        raise InvalidRequest("a token name is 1-100 characters")
+    if not _NAME.fullmatch(name) or name == SYSTEM.name:
+        raise InvalidRequest(
+            "a token name is 1-100 letters, digits and . _ @ -, starting with a letter or digit, "
+            f"and not {SYSTEM.name!r}: it names the token's holder in the audit log and in URLs"
+        )
     token = generate()
     expires_at = utcnow() + timedelta(seconds=expires_in) if expires_in else None
     with store.transaction() as tx:

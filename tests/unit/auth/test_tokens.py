@@ -6,7 +6,7 @@ import pytest
 
 from ondeck.auth import tokens
 from ondeck.auth.principals import SYSTEM
-from ondeck.errors import Unauthenticated
+from ondeck.errors import InvalidRequest, Unauthenticated
 from ondeck.store.store import Store
 
 
@@ -57,3 +57,19 @@ def test_a_record_read_before_a_revocation_is_not_cached_after_it(store: Store) 
     assert tokens.authenticate_recent(header) is None
     with pytest.raises(Unauthenticated, match="revoked"):
         tokens.authenticate(store, header)
+
+
+@pytest.mark.parametrize(
+    "name", ["a/b", "webhook:x", "slack:U1", "system", " ", "ops\n", "-x", "a" * 101, ""]
+)
+def test_a_token_name_is_one_its_holder_can_be_told_by(store: Store, name: str) -> None:
+    """One with "/" could not be revoked by URL; "webhook:x" or "system" would read as
+    ondeck's own principals in the audit log."""
+    with pytest.raises(InvalidRequest, match="a token name is"):
+        tokens.create(store, SYSTEM, name, ["viewer"])
+
+
+def test_a_token_name_with_dots_and_at_signs_can_be_revoked(store: Store) -> None:
+    tokens.create(store, SYSTEM, "alice.smith@example.com", ["viewer"])
+    tokens.revoke(store, SYSTEM, "alice.smith@example.com")
+    assert [t.name for t in tokens.listing(store) if t.revoked_at is None] == []
