@@ -84,6 +84,15 @@ def parse_json(text: str | bytes) -> Any:
     return pydantic_core.from_json(text)
 
 
+def load_json(raw: bytes) -> Any:
+    """``raw`` parsed by ``parse_json`` once ``json_problem`` finds nothing in it; a
+    ``ValueError`` says why not."""
+    problem = json_problem(raw)
+    if problem is not None:
+        raise ValueError(f"strings cannot hold {problem}")
+    return parse_json(raw)
+
+
 def url_problem(path: str, query: bytes) -> str | None:
     """Why a request's path or query string cannot be stored or looked up (a NUL), or None."""
     if "\x00" in path:

@@ -188,9 +188,8 @@ def _data(headers: Mapping[str, str], body: bytes) -> Any:
             text = form["payload"][0]
     # NUL, which no store keeps in text, becomes U+FFFD as bytes that are not UTF-8 do.
     text = text.replace("\x00", "\ufffd")
-    if storable.json_problem(text.encode()) is None:
-        with contextlib.suppress(ValueError):
-            return storable.parse_json(text)
+    with contextlib.suppress(ValueError):
+        return storable.load_json(text.encode())
     return {"raw": text}
 
 

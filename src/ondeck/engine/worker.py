@@ -152,7 +152,8 @@ class Worker:
         self.isolation = isolation.best() if settings.isolate else isolation.GROUP
         self._hidden = isolation.hidden(settings.data_dir, settings.workspace_root)
         self._run_as = isolation.script_user(settings.script_user) if settings.script_user else None
-        if self._hidden and (self._run_as or (os.geteuid(), 0))[0] == 0:
+        script_uid = self._run_as[0] if self._run_as else os.geteuid()
+        if self._hidden and script_uid == 0:
             # Root keeps its capabilities in the script's namespaces: it may unmount the
             # cover, or read the disk itself. Only a user without them is kept out.
             log.warning(

@@ -43,13 +43,10 @@ class Alert:
 
 def decode(body: bytes) -> list[Alert]:
     """Every alert of a version 4 notification; ``InvalidNotification`` says what does not fit."""
-    problem = storable.json_problem(body)
-    if problem is not None:
-        raise InvalidNotification(f"the body holds text that cannot be stored: {problem}")
     try:
-        payload = storable.parse_json(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidNotification("the body is not JSON") from exc
+        payload = storable.load_json(body)
+    except ValueError as exc:  # the reason says where, never what: it does not quote the body
+        raise InvalidNotification(f"the body is not JSON ondeck can keep: {exc}") from exc
     if not isinstance(payload, dict):
         raise InvalidNotification("the body is not a JSON object")
     if payload.get("version") != VERSION:
