@@ -150,7 +150,10 @@ class Worker:
         self.lease = timedelta(seconds=settings.lease_seconds)
         self._definitions = DefinitionCache()
         self.isolation = isolation.best() if settings.isolate else isolation.GROUP
-        self._hidden = isolation.hidden(settings.data_dir, settings.workspace_root)
+        # The data directory holds the database, the master key and the admin token; a
+        # SQLite file configured elsewhere holds run params, write-only ones included.
+        stored = [store.file.parent] if store.file is not None else []
+        self._hidden = isolation.hidden(settings.data_dir, settings.workspace_root, *stored)
         self._run_as = isolation.script_user(settings.script_user) if settings.script_user else None
         script_uid = self._run_as[0] if self._run_as else os.geteuid()
         if self._hidden and script_uid == 0:

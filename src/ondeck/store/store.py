@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from psycopg import sql as pgsql
@@ -1092,9 +1093,12 @@ class Store:
         self.engine: Engine = database.create_db_engine(url)
         self.dialect = self.engine.dialect.name
         self._writers: _SqliteWriters | None = None
+        # The SQLite database's file (None for PostgreSQL, or SQLite in memory).
+        self.file: Path | None = None
         if self.dialect == "sqlite":
             file = make_url(url).database
-            self._writers = _SqliteWriters(file if file and file != ":memory:" else None)
+            self.file = Path(file) if file and file != ":memory:" else None
+            self._writers = _SqliteWriters(str(self.file) if self.file else None)
         self._listeners: list[Listener] = []
 
     def upgrade(self) -> None:

@@ -76,6 +76,7 @@ def test_a_transactions_notifications_reach_postgres_listeners_once_each_in_orde
     # only payloads made here count.
     a, b, group, dropped = (f"{name}-{uuid.uuid4().hex}" for name in ("a", "b", "group", "dropped"))
     b += "'; \\ $$"  # quoted as data: the notifications and the commit go as one query
+
     def ours(listener: psycopg.Connection[Any], timeout: float, stop_after: int | None = None) -> list[Any]:
         mine = (a, b, group, dropped)
         found = []

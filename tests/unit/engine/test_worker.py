@@ -439,3 +439,29 @@ def test_an_attempt_whose_run_was_started_again_elsewhere_is_stopped_at_the_next
         await _until("the run is cancelled", lambda: runs.get(store, run.id).status.terminal)
 
     _run_worker(store, settings, scenario)
+
+
+def test_a_sqlite_database_outside_the_data_directory_is_hidden_from_scripts(tmp_path: Path) -> None:
+    """It holds every run's params, write-only ones included, and is not under the data
+    directory that the worker hides anyway."""
+    elsewhere = tmp_path / "db"
+    elsewhere.mkdir()
+    store = Store(f"sqlite:///{elsewhere / 'ondeck.db'}")
+    store.upgrade()
+    try:
+        settings = Settings(data_dir=tmp_path / "data")
+        worker = Worker(store, settings, WakeBus(), Vault([Fernet.generate_key()]))
+        assert worker.isolation == "launcher"  # which hides directories (make install builds it)
+        script = f"ls -a {elsewhere}; test -e {elsewhere}/ondeck.db || echo gone"
+        define(store, run={"runtime": "bash", "script": script})
+        admit(store, TriggerRequest("job"))
+        claimed = _claim_one(store, worker)
+        asyncio.run(_execute(worker, claimed))
+        with store.read() as tx:
+            output = "".join(entry.text for entry in tx.logs_after(claimed.run.id))
+            run = tx.get_run(claimed.run.id)
+            assert run is not None and run.status == RunStatus.SUCCEEDED, (output, run and run.error)
+    finally:
+        store.dispose()
+    assert output.split() == [".", "..", "gone"]  # an empty directory in its place
+    assert (elsewhere / "ondeck.db").stat().st_size > 0
