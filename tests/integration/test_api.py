@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -372,6 +373,8 @@ def test_put_creates_versions_only_on_change(client: httpx.Client) -> None:
 
 
 def test_runs_list_filters_and_paginates_with_link(client: httpx.Client) -> None:
+    other = client.post(f"/automations/{define(client)}/runs").json()["id"]  # filtered out below
+    wait_for_run(client, other)
     name = define(client)
     ids = [client.post(f"/automations/{name}/runs").json()["id"] for _ in range(5)]
     for run_id in ids:
@@ -388,6 +391,18 @@ def test_runs_list_filters_and_paginates_with_link(client: httpx.Client) -> None
             break
         assert 'rel="next"' in response.headers["link"]
     assert seen == sorted(ids, reverse=True)
+    # The Link header's next page keeps the filters: following it alone walks the same pages.
+    followed: list[str] = []
+    response = client.get("/runs", params={"automation": name, "status": "succeeded", "limit": 2})
+    while True:
+        followed += [r["id"] for r in response.json()["items"]]
+        link = response.headers.get("link")
+        if link is None:
+            break
+        target = re.fullmatch(r'<(/api/v1/runs\?[^>]+)>; rel="next"', link)
+        assert target is not None, link
+        response = client.get(client.base_url.join(target.group(1)))
+    assert followed == seen
     succeeded = client.get("/runs", params={"automation": name, "status": "succeeded,failed"}).json()["items"]
     assert len(succeeded) == 5
     assert client.get("/runs", params={"automation": name, "status": "queued"}).json()["items"] == []

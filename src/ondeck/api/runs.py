@@ -191,6 +191,7 @@ def _valid(validate: Callable[[Any], T], value: Any, *loc: str) -> T:
 async def list_runs(
     node: NodeDep,
     principal: ReaderDep,
+    request: Request,
     response: Response,
     automation: str | None = None,
     status: Annotated[list[str], Query(description="Repeat or comma-separate.")] = [],  # noqa: B006
@@ -202,7 +203,9 @@ async def list_runs(
         runs.page, node.store, principal, automation=automation, statuses=statuses, before=cursor, limit=limit
     )
     if next_cursor:
-        response.headers["Link"] = f'</api/v1/runs?cursor={next_cursor}&limit={limit}>; rel="next"'
+        # This request's own query (its filters) with the next cursor, as a path reference.
+        following = request.url.include_query_params(cursor=next_cursor, limit=limit)
+        response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
     return RunPage(items=[RunOut.of(r) for r in await shown(node, *items)], next_cursor=next_cursor)
 
 
