@@ -20,7 +20,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
 import psycopg
-from sqlalchemy import make_url
+
+from ondeck.store.notifier import conninfo
 
 log = logging.getLogger(__name__)
 WORKER_CHANNELS = frozenset({"queue", "cancel"})  # what a worker waits for: runs to claim, runs to stop
@@ -115,8 +116,7 @@ class PostgresListener:
     """
 
     def __init__(self, database_url: str, bus: WakeBus, channels: Iterable[str]) -> None:
-        url = make_url(database_url).set(drivername="postgresql")
-        self._conninfo = url.render_as_string(hide_password=False)
+        self._conninfo = conninfo(database_url)
         self._bus = bus
         self._channels = sorted(channels)
         self._stop = threading.Event()

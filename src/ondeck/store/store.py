@@ -5,7 +5,7 @@ Business rules live in the engine, which composes these queries inside one
 On SQLite, writers take turns through a lock file (SQLite allows one writer anyway;
 its own retries on SQLITE_BUSY sleep up to 100 ms and leave the lock idle).
 On PostgreSQL, claims and reaping use ``FOR UPDATE SKIP LOCKED`` and
-notifications go out with ``NOTIFY`` in the commit's own round trip.
+notifications go out after commit (see ``notifier``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from psycopg import sql as pgsql
 from sqlalchemy import (
     Connection,
     Engine,
@@ -66,6 +65,7 @@ from ondeck.domain import (
 from ondeck.errors import StoreUnavailable
 from ondeck.store import database, direct
 from ondeck.store.direct import Direct
+from ondeck.store.notifier import Notifier
 from ondeck.store.tables import (
     UTCDateTime,
     approval_decisions,
@@ -332,20 +332,6 @@ class Transaction:
         """Wake listeners after commit (in this process, and on PostgreSQL everywhere)."""
         if (channel, payload) not in self.notifications:
             self.notifications.append((channel, payload))
-
-    def commit_notifying(self) -> None:
-        """On PostgreSQL, send the notifications and the commit in one round trip (one
-        simple query, which takes no parameters, so the payloads are quoted by the
-        driver): the commit that follows finds the transaction over and sends nothing.
-        Most transactions of a run notify, so this saves a round trip on most of them."""
-        if self.postgres and self.notifications:
-            driver = self._c.connection.driver_connection
-            notify = pgsql.SQL("NOTIFY {}, {}")
-            notices = [
-                notify.format(pgsql.Identifier(f"ondeck_{channel}"), pgsql.Literal(payload))
-                for channel, payload in self.notifications
-            ]
-            direct.statement(self._c, pgsql.SQL("; ").join([*notices, pgsql.SQL("COMMIT")]).as_string(driver))
 
     def ping(self) -> None:
         self._c.execute(text("SELECT 1"))
@@ -1099,6 +1085,7 @@ class Store:
             file = make_url(url).database
             self.file = Path(file) if file and file != ":memory:" else None
             self._writers = _SqliteWriters(str(self.file) if self.file else None)
+        self._notifier = Notifier(url) if self.dialect == "postgresql" else None
         self._listeners: list[Listener] = []
 
     def upgrade(self) -> None:
@@ -1138,7 +1125,8 @@ class Store:
         ):
             tx = Transaction(connection)
             yield tx
-            tx.commit_notifying()
+        if self._notifier is not None and tx.notifications:
+            self._notifier.send(tx.notifications)
         for channel, payload in tx.notifications:
             for listener in self._listeners:
                 listener(channel, payload)
@@ -1161,6 +1149,8 @@ class Store:
             tx.ping()
 
     def dispose(self) -> None:
+        if self._notifier is not None:
+            self._notifier.close()
         self.engine.dispose()
         if self._writers is not None:
             self._writers.close()

@@ -11,8 +11,10 @@ import uuid
 from typing import Any
 
 import psycopg
+import pytest
 from sqlalchemy import make_url
 
+from ondeck.domain import utcnow
 from ondeck.engine.wakeup import WORKER_CHANNELS, PostgresListener, Relay, WakeBus
 from ondeck.store.store import Store
 
@@ -105,6 +107,37 @@ def test_a_transactions_notifications_reach_postgres_listeners_once_each_in_orde
         store.dispose()
     assert received == [("ondeck_run", a), ("ondeck_queue", group), ("ondeck_run", b)]
     assert local == [("run", a), ("queue", group), ("run", b)]
+
+
+def test_a_notification_that_cannot_be_sent_loses_nothing_else(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Notifications go out after their transaction commits: one PostgreSQL refuses (a
+    payload over its 8000 bytes) is dropped with a warning, and neither its transaction
+    nor the notifications after it are lost."""
+    store = Store(pg_url)
+    store.upgrade()
+    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    later = f"later-{uuid.uuid4().hex}"
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as listener:
+            listener.execute("LISTEN ondeck_run")
+            with store.transaction() as tx:
+                tx.put_environment("kept", {"name": "kept"}, utcnow())
+                tx.notify("run", "x" * 9000)
+            with store.transaction() as tx:
+                tx.notify("run", later)
+            heard: list[str] = []
+            deadline = time.monotonic() + 10.0
+            while not heard and time.monotonic() < deadline:
+                notes = listener.notifies(timeout=max(0.01, deadline - time.monotonic()), stop_after=1)
+                heard += [note.payload for note in notes if note.payload == later]
+        with store.read() as tx:
+            assert tx.environment("kept") is not None
+    finally:
+        store.dispose()
+    assert heard == [later]
+    assert "could not notify run (payload string too long)" in caplog.text
 
 
 def test_a_postgres_listener_hears_only_the_channels_it_listens_to(pg_url: str) -> None:

@@ -1,0 +1,103 @@
+"""PostgreSQL notifications, sent after the transactions that made them commit.
+
+A ``NOTIFY`` inside a transaction makes its commit take a lock that every notifying
+commit in the database takes (PostgreSQL delivers notifications in commit order), and
+hold it through the commit's flush to disk. Nearly every transaction of a run notifies
+(its admission wakes the workers, its start and end wake whoever watches it), so they
+all queued behind one another's flushes: under load, an admission waited milliseconds
+for the lock, and every admission after it for the rows it held meanwhile.
+
+So a process sends its notifications from a thread and a connection of their own, once
+their transaction has committed. That connection's commits do not wait for the disk
+(``synchronous_commit`` off): a notification is a hint, gone with a crash like the
+wake-up it stands for. The lock is then held for a moment, and notifications that come
+meanwhile go out together. One that cannot be sent is dropped with a warning: every wait
+on a notification also polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+
+import psycopg
+from sqlalchemy import make_url
+
+log = logging.getLogger(__name__)
+_NOTIFY = "SELECT pg_notify(c, p) FROM unnest(%(c)s::text[], %(p)s::text[]) AS n(c, p)"
+
+
+def conninfo(database_url: str) -> str:
+    """``database_url`` (SQLAlchemy's form) as psycopg's connection string."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Notifier:
+    """Sends ``(channel, payload)`` notifications, in the order given, on ``ondeck_<channel>``."""
+
+    def __init__(self, database_url: str) -> None:
+        self._conninfo = conninfo(database_url)
+        self._pending: queue.SimpleQueue[list[tuple[str, str]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        self._connection: psycopg.Connection[tuple[object, ...]] | None = None  # the thread's
+
+    def send(self, notifications: Sequence[tuple[str, str]]) -> None:
+        """Queue ``notifications`` (never blocks on the database)."""
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ondeck-notify", daemon=True)
+                self._thread.start()
+        self._pending.put(list(notifications))
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        with self._start:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._pending.put(None)
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        try:
+            while (batch := self._next_batch()) is not None:
+                try:
+                    self._execute(batch)
+                except psycopg.Error:
+                    self._disconnect()
+                    for channel, payload in batch:  # one at a time: one refused costs no other
+                        try:
+                            self._execute([(channel, payload)])
+                        except psycopg.Error as exc:
+                            log.warning("could not notify %s (%s): listeners poll", channel, exc)
+                            self._disconnect()
+        finally:
+            self._disconnect()
+
+    def _execute(self, batch: list[tuple[str, str]]) -> None:
+        if self._connection is None or self._connection.closed:
+            self._connection = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10)
+            self._connection.execute("SET synchronous_commit = off")
+        channels = [f"ondeck_{channel}" for channel, _ in batch]
+        self._connection.execute(_NOTIFY, {"c": channels, "p": [payload for _, payload in batch]})
+
+    def _disconnect(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _next_batch(self) -> list[tuple[str, str]] | None:
+        """What is queued, waiting for some; None once ``close`` was called and all is sent."""
+        batch = self._pending.get()
+        while batch is not None:
+            try:
+                more = self._pending.get_nowait()
+            except queue.Empty:
+                return batch
+            if more is None:
+                self._pending.put(None)  # send this batch first, stop at the next call
+                return batch
+            batch += more
+        return None
