@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from psycopg import sql as pgsql
 from sqlalchemy import (
     Connection,
     Engine,
@@ -162,12 +163,9 @@ _COUNT_LOGS = (
 )
 _INSERT_LOGS = insert(log_entries)
 _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1))
-_INSERT_AUDIT = Direct(insert(audit_entries).returning(audit_entries.c.id))
-# In psycopg's parameter style: it runs on the driver (the function: migration 0005).
-_APPEND_AUDIT = (
-    "SELECT entry_id, entry_prev_hash, entry_hash FROM ondeck_append_audit("
-    "%(lock)s, %(at)s, %(actor)s, %(action)s, %(target)s, %(detail)s, %(content)s)"
-)
+_INSERT_AUDIT = Direct(insert(audit_entries))
+# Sent with the commit, as literals (see ``Transaction.commit``; the function: migration 0005).
+_APPEND_AUDIT = pgsql.SQL("SELECT FROM ondeck_append_audit({}, {}, {}, {}, {}, {}, {})")
 _COUNT_RATE = {
     name: Direct(
         dialect.insert(rate_counters)
@@ -327,6 +325,21 @@ class Transaction:
         self._c = connection
         self.postgres = connection.dialect.name == "postgresql"
         self.notifications: list[tuple[str, str]] = []
+        self._audit: list[pgsql.Composable] = []  # PostgreSQL's appends, made at commit
+
+    def commit(self) -> None:
+        """Commit; on PostgreSQL, with the audit appends in the same round trip.
+
+        An append takes the chain's lock, which every append needs and which is held until
+        commit: sent with the commit in one query (so with values as literals, quoted by the
+        driver), the lock is held for the append and the commit's flush alone, not also for
+        a round trip back here and the wait for this thread's turn at the interpreter lock.
+        A failing append fails the commit, as it would have failed its statement."""
+        if self._audit:
+            driver = self._c.connection.driver_connection
+            query = pgsql.SQL("; ").join([*self._audit, pgsql.SQL("COMMIT")]).as_string(driver)
+            self._audit.clear()
+            direct.statement(self._c, query)  # the transaction's own commit then has nothing to do
 
     def notify(self, channel: str, payload: str) -> None:
         """Wake listeners after commit (in this process, and on PostgreSQL everywhere)."""
@@ -728,22 +741,22 @@ class Transaction:
 
     def append_audit(
         self, actor: str, action: str, target: str, detail: dict[str, Any], now: datetime
-    ) -> AuditEntry:
+    ) -> None:
         """Append to the chain; appends are serialised so the chain never forks (on
-        PostgreSQL by a lock held until commit, in the one statement that appends)."""
+        PostgreSQL by a lock held until commit, in the one statement that appends, which
+        goes with the commit)."""
         if now.utcoffset() != timedelta(0):  # the hash covers its text, which must read back the same
             raise ValueError("an audit entry's time must be timezone-aware UTC")
         body = canonical_detail(detail)
-        values = {"at": now, "actor": actor, "action": action, "target": target, "detail": body}
         if self.postgres:
             content = chain_content(now, actor, action, target, body)
-            appended = {**values, "lock": _AUDIT_LOCK, "content": content}
-            entry_id, prev_hash, digest = direct.first_row(self._c, _APPEND_AUDIT, appended)
+            arguments = (_AUDIT_LOCK, now, actor, action, target, body, content)
+            self._audit.append(_APPEND_AUDIT.format(*map(pgsql.Literal, arguments)))
         else:  # SQLite's writers take turns already
             prev_hash = _LAST_AUDIT_HASH.scalar(self._c, {}) or GENESIS
             digest = chain_hash(prev_hash, now, actor, action, target, body)
-            entry_id = _INSERT_AUDIT.scalar(self._c, {**values, "prev_hash": prev_hash, "hash": digest})
-        return AuditEntry(int(entry_id), now, actor, action, target, detail, prev_hash, digest)
+            values = {"at": now, "actor": actor, "action": action, "target": target, "detail": body}
+            _INSERT_AUDIT.execute(self._c, {**values, "prev_hash": prev_hash, "hash": digest})
 
     def audit_entries(
         self,
@@ -1125,6 +1138,7 @@ class Store:
         ):
             tx = Transaction(connection)
             yield tx
+            tx.commit()
         if self._notifier is not None and tx.notifications:
             self._notifier.send(tx.notifications)
         for channel, payload in tx.notifications:
