@@ -62,9 +62,11 @@ from ondeck.domain import (
     SecretInfo,
     TokenRecord,
     Transition,
+    utcnow,
 )
 from ondeck.errors import StoreUnavailable
 from ondeck.store import database, direct
+from ondeck.store.clock import DatabaseClock
 from ondeck.store.direct import Direct
 from ondeck.store.notifier import Notifier
 from ondeck.store.tables import (
@@ -321,8 +323,10 @@ def _version(row: Any) -> AutomationVersion:
 class Transaction:
     """Queries bound to one open database transaction."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, now: Callable[[], datetime]) -> None:
         self._c = connection
+        self.now = now
+        """The time leases are reckoned in (``Store.now``)."""
         self.postgres = connection.dialect.name == "postgresql"
         self.notifications: list[tuple[str, str]] = []
         self._audit: list[pgsql.Composable] = []  # PostgreSQL's appends, made at commit
@@ -1087,10 +1091,13 @@ class _SqliteWriters:
 class Store:
     """Owns the engine; hands out transactions; tells listeners what changed."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, clock: Callable[[], datetime] = utcnow) -> None:
+        """``clock`` is this host's clock, UTC (the test suite shifts it to play a skewed host)."""
         self.url = url
         self.engine: Engine = database.create_db_engine(url)
         self.dialect = self.engine.dialect.name
+        self._local_clock = clock
+        self._database_clock = DatabaseClock(clock) if self.dialect == "postgresql" else None
         self._writers: _SqliteWriters | None = None
         # The SQLite database's file (None for PostgreSQL, or SQLite in memory).
         self.file: Path | None = None
@@ -1103,6 +1110,31 @@ class Store:
 
     def upgrade(self) -> None:
         database.upgrade(self.engine)
+
+    def now(self) -> datetime:
+        """The time every lease is written and judged in. On PostgreSQL, the database's
+        clock, which the hosts that hold leases and those that reap them share (see
+        ``store.clock``), read at the first call if ``sync_clock`` was not called yet. On
+        SQLite, which is one host's, this host's."""
+        if self._database_clock is None:
+            return self._local_clock()
+        if not self._database_clock.measured:
+            self.sync_clock()
+        return self._database_clock.now()
+
+    def sync_clock(self) -> timedelta:
+        """Read the database's clock again, for ``now``; returns how far it is ahead of this
+        host's (zero on SQLite). Called now and then by whatever holds or judges leases."""
+        if self._database_clock is None:
+            return timedelta(0)
+        with self._translate_errors(), self.engine.connect() as connection:
+            return self._database_clock.measure(connection)
+
+    @property
+    def clock_offset(self) -> timedelta | None:
+        """The database's clock minus this host's at the last reading; None before one
+        (and always on SQLite)."""
+        return self._database_clock.offset if self._database_clock is not None else None
 
     def is_current(self) -> bool:
         return database.is_current(self.engine)
@@ -1136,7 +1168,7 @@ class Store:
             self.engine.connect().execution_options(ondeck_write=True) as connection,
             connection.begin(),
         ):
-            tx = Transaction(connection)
+            tx = Transaction(connection, self.now)
             yield tx
             tx.commit()
         if self._notifier is not None and tx.notifications:
@@ -1149,7 +1181,7 @@ class Store:
     def read(self) -> Iterator[Transaction]:
         """A read-only snapshot; never blocks writers on either backend."""
         with self._translate_errors(), self.engine.connect() as connection, connection.begin():
-            yield Transaction(connection)
+            yield Transaction(connection, self.now)
 
     @contextmanager
     def _translate_errors(self) -> Iterator[None]:
