@@ -89,6 +89,9 @@ class Node:
         self.bus.bind(asyncio.get_running_loop())
         self.store.subscribe(self.bus.from_thread)
         await blocking.run(self.store.upgrade)
+        # Read the database's clock before any lease is written or judged, and tell the
+        # operator at start if this host's is off.
+        await blocking.run(self.store.sync_clock)
         if self.load_automations:
             await blocking.run(self._load_automations)
             token = await blocking.run(

@@ -110,14 +110,19 @@ def reap_expired_leases(store: Store, limit: int = 100) -> list[tuple[str, int]]
 
     Each in a transaction of its own: a run whose end cannot be written is logged and left
     for the next pass, and does not keep the others from ending.
+
+    Leases are judged in the store's time, which their workers wrote them in, read
+    afresh for each pass (``Store.sync_clock``): never in this host's, which may be
+    ahead of the workers' and would end healthy attempts.
     """
-    now = utcnow()
+    store.sync_clock()
+    cutoff, now = store.now(), utcnow()
     with store.read() as tx:
-        lapsed = tx.expired_leases(now, limit)
+        lapsed = tx.expired_leases(cutoff, limit)
     reaped = []
     for run_id in lapsed:
         try:
-            ended = _reap(store, run_id, now)
+            ended = _reap(store, run_id, cutoff, now)
         except StoreUnavailable:
             raise
         except Exception:
@@ -128,9 +133,11 @@ def reap_expired_leases(store: Store, limit: int = 100) -> list[tuple[str, int]]
     return reaped
 
 
-def _reap(store: Store, run_id: str, now: datetime) -> tuple[str, int] | None:
+def _reap(store: Store, run_id: str, cutoff: datetime, now: datetime) -> tuple[str, int] | None:
+    """End ``run_id``'s attempt if its lease still lapsed before ``cutoff`` (store time);
+    ``now`` (this host's) dates the end."""
     with store.transaction() as tx:
-        run = tx.lock_expired_lease(run_id, now)
+        run = tx.lock_expired_lease(run_id, cutoff)
         if run is None:  # renewed or ended meanwhile, or another reaper has it
             return None
         automation = _definition(tx, run)

@@ -88,7 +88,7 @@ def still_held(store: Store, claims: list[Claim], lease: timedelta) -> list[Clai
     attempt under the lease that claim set, which no other claim, even by another of
     this worker's slots, can have set. Each run is read locked, so a commit still under
     way (its answer lost) is waited for rather than missed."""
-    until = utcnow() + lease / 2
+    until = store.now() + lease / 2
     with store.transaction() as tx:
         return [
             claim
@@ -123,8 +123,12 @@ def claim_in(
     It reads ``spare`` candidates beyond the capacity: room to skip runs whose key
     this batch just filled, and to tell whether more are due. Each is parsed and,
     on PostgreSQL, locked (a write), so a claim that needs neither reads none.
+
+    The lease runs in the store's time (``Store.now``), which the reaper judges it by,
+    not in this host's.
     """
     now = utcnow()
+    expires = tx.now() + lease
     claims: list[Claim] = []
     window = capacity + spare
     candidates = tx.queued_candidates(group, now, window)
@@ -142,7 +146,7 @@ def claim_in(
             run.concurrency_key, run.concurrency_limit or 1, run.id
         ):
             continue
-        started = _start_attempt(tx, run, worker, now, now + lease)
+        started = _start_attempt(tx, run, worker, now, expires)
         if started is not None:
             claims.append(Claim(started, automation, worker))
     return claims, len(candidates) == window
@@ -198,5 +202,5 @@ def renew_leases(
     the worker stops it. A run it no longer runs (its end failed to record, say) keeps
     its lease only until it lapses, so the reaper ends it."""
     with store.transaction() as tx:
-        renewed = tx.renew_leases(worker, held, utcnow() + lease)
+        renewed = tx.renew_leases(worker, held, store.now() + lease)
     return {(run_id, attempt): cancel for run_id, attempt, cancel in renewed}

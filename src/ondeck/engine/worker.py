@@ -248,6 +248,8 @@ class Worker:
     async def _heartbeat(self) -> None:
         """Renew the leases every third of a lease, and soon again after a renewal failed;
         stop the attempts whose lease is gone (see ``_Active``), and those asked to cancel.
+        Each beat, busy or idle, reads the store's clock again, which claims and renewals
+        write leases in (``Store.now``).
 
         The renewal runs on a thread even on SQLite, where it could wait for the write
         lock as long as the busy timeout: the event loop must stay free meanwhile, so an
@@ -257,6 +259,10 @@ class Worker:
         delay = period
         while True:
             await asyncio.sleep(delay)
+            try:
+                await self.call(self.store.sync_clock)
+            except Exception:
+                log.warning("reading the database's clock failed; the last reading serves", exc_info=True)
             held = dict(self._active)
             if not held:
                 delay = period
