@@ -170,7 +170,9 @@ def _admit_version(
     environment = environments.resolve(store, automation, params)
     authorize_run(request.principal, automation.name, automation.access, params, environment)
     hidden = sensitive_values(automation.params_schema, params)
-    run = _new_run(request, automation, version, params, environment.name if environment else None, hidden)
+    environment_name = environment.name if environment else None
+    # Due at once in the store's time, which workers on other hosts judge it by.
+    run = _new_run(request, automation, version, params, environment_name, hidden, store.now())
     approval = approvals.requirement(automation, environment, params, run.created_at)
     run = replace(run, approval=approval)
     fingerprint = _fingerprint(request.params)
@@ -189,6 +191,7 @@ def _new_run(
     params: dict[str, Any],
     environment: str | None,
     hidden: list[str],
+    due: datetime,
 ) -> Run:
     """The run as admitted. A concurrency key that holds a value of ``hidden`` (the
     write-only params) is kept as its digest: it is shown with the run, and still
@@ -214,7 +217,7 @@ def _new_run(
         worker_group=automation.worker_group,
         trigger=request.trigger,
         created_at=now,
-        not_before=now,
+        not_before=due,
         priority=automation.priority,
         concurrency_key=key,
         concurrency_limit=concurrency.limit if concurrency else None,

@@ -188,7 +188,7 @@ def _end_attempt(
             reason,
             lease=lease,
             with_attempt=ended,
-            not_before=now + timedelta(seconds=delay),
+            not_before=tx.now() + timedelta(seconds=delay),  # in the time claims judge it by
             **released,
             **result,
         )

@@ -124,14 +124,15 @@ def claim_in(
     this batch just filled, and to tell whether more are due. Each is parsed and,
     on PostgreSQL, locked (a write), so a claim that needs neither reads none.
 
-    The lease runs in the store's time (``Store.now``), which the reaper judges it by,
-    not in this host's.
+    Whether a run is due and when its lease ends are in the store's time (``Store.now``),
+    which the hosts that queued the run and that reap leases reckon in too, not in this
+    host's.
     """
-    now = utcnow()
-    expires = tx.now() + lease
+    now, store_now = utcnow(), tx.now()
+    expires = store_now + lease
     claims: list[Claim] = []
     window = capacity + spare
-    candidates = tx.queued_candidates(group, now, window)
+    candidates = tx.queued_candidates(group, store_now, window)
     for run in candidates:
         if len(claims) == capacity:
             if tx.postgres:  # SQLite has no such locks: nobody to wake, here or elsewhere

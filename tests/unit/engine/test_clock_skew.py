@@ -14,7 +14,7 @@ import pytest
 
 from ondeck import blocking
 from ondeck.auth.principals import SYSTEM
-from ondeck.domain import RunStatus
+from ondeck.domain import Outcome, RunStatus
 from ondeck.engine import finish, queue, runs
 from ondeck.engine.admission import TriggerRequest, admit
 from ondeck.settings import Settings
@@ -84,6 +84,30 @@ def test_a_lease_lapsed_by_the_databases_clock_is_reaped_whatever_the_reapers_cl
         tx.update_run(run.id, lease_expires_at=database_now() - timedelta(seconds=1))
     assert finish.reap_expired_leases(host(skew)) == [(run.id, 1)]
     assert runs.get(pg_store, run.id).status == RunStatus.FAILED
+
+
+def test_a_run_admitted_on_a_host_ahead_is_due_at_once_for_a_worker_behind(
+    pg_store: Store, host: Host
+) -> None:
+    """Reckoned in each host's own time, it would wait two minutes for its first worker."""
+    define(pg_store)
+    run = admit(host(MINUTE), TriggerRequest("job")).run
+    assert [c.run.id for c in claim(host(-MINUTE))] == [run.id]
+
+
+def test_a_retry_waits_out_its_backoff_whatever_the_clocks_of_the_hosts_that_end_and_claim_it(
+    pg_store: Store, host: Host
+) -> None:
+    """The attempt ended on a host behind: a worker ahead must not start the retry two
+    minutes before its backoff is over, nor one behind it two minutes after."""
+    define(pg_store, retries={"attempts": 2, "backoff": "20s"})
+    run = admit(pg_store, TriggerRequest("job")).run
+    (first,) = claim(host(-MINUTE))
+    assert finish.finish(host(-MINUTE), first, Outcome(RunStatus.FAILED, 1, "exit code 1"))
+    assert claim(host(MINUTE)) == []
+    with pg_store.transaction() as tx:  # as if its backoff were over
+        tx.update_run(run.id, not_before=database_now() - timedelta(seconds=1))
+    assert [c.run.attempt for c in claim(host(-MINUTE))] == [2]
 
 
 def test_each_pass_of_the_reaper_reads_the_databases_clock_again(pg_store: Store, pg_url: str) -> None:
