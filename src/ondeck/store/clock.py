@@ -1,4 +1,4 @@
-"""The clock leases are reckoned in: on PostgreSQL, the database's.
+"""The clock leases and due times are reckoned in: on PostgreSQL, the database's.
 
 A lease is written by the worker that holds it and judged by a reaper, often on
 other hosts. Were each to read its own host's clock, a skew or a step between two
@@ -44,8 +44,6 @@ class DatabaseClock:
         self._pin: tuple[datetime, float] | None = None
         self.offset: timedelta | None = None
         """The database's clock minus this host's, at the last reading."""
-        self.uncertainty: timedelta | None = None
-        """Half the round trip of the last reading: how far off ``now`` may be."""
         self._warned: timedelta | None = None
 
     @property
@@ -61,7 +59,8 @@ class DatabaseClock:
     def measure(self, connection: Connection) -> timedelta:
         """Read the database's clock over ``connection``; returns the offset from this host's."""
         with self._lock:
-            best: tuple[float, datetime, float, datetime] | None = None  # round trip, reading
+            # The round trip, the database's time, and the monotonic and local times at its midpoint.
+            best: tuple[float, datetime, float, datetime] | None = None
             for _ in range(_SAMPLES):
                 local, sent = self._local(), time.monotonic()
                 database: datetime = connection.execute(_READ).scalar_one()
@@ -72,7 +71,7 @@ class DatabaseClock:
             assert best is not None
             trip, database, midpoint, local = best
             self._pin = (database, midpoint)
-            self.offset, self.uncertainty = database - local, timedelta(seconds=trip / 2)
+            self.offset = database - local
             self._tell(self.offset)
             return self.offset
 

@@ -326,7 +326,7 @@ class Transaction:
     def __init__(self, connection: Connection, now: Callable[[], datetime]) -> None:
         self._c = connection
         self.now = now
-        """The time leases are reckoned in (``Store.now``)."""
+        """The time leases and due times are reckoned in (``Store.now``)."""
         self.postgres = connection.dialect.name == "postgresql"
         self.notifications: list[tuple[str, str]] = []
         self._audit: list[pgsql.Composable] = []  # PostgreSQL's appends, made at commit
@@ -1112,8 +1112,8 @@ class Store:
         database.upgrade(self.engine)
 
     def now(self) -> datetime:
-        """The time every lease is written and judged in. On PostgreSQL, the database's
-        clock, which the hosts that hold leases and those that reap them share (see
+        """The time every lease, and when each queued run is due, is written and judged
+        in. On PostgreSQL, the database's clock, which every host shares (see
         ``store.clock``), read at the first call if ``sync_clock`` was not called yet. On
         SQLite, which is one host's, this host's."""
         if self._database_clock is None:
