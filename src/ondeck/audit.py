@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 GENESIS = "0" * 64
+ACTOR_MAX = 100  # the store's column, as a principal's name
 
 
 @dataclass(frozen=True)

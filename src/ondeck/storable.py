@@ -15,6 +15,7 @@ JSON input is also parsed with one parser (``parse_json``), whose limits every r
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -91,6 +92,19 @@ def load_json(raw: bytes) -> Any:
     if problem is not None:
         raise ValueError(f"strings cannot hold {problem}")
     return parse_json(raw)
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters (a column's width), as it is if it fits.
+
+    Text a sender chose (an event's id, a Slack user id) may be longer: it keeps its start,
+    to be recognised, and ends in the SHA-256 of the whole, so that two texts alike in
+    their first characters still differ.
+    """
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return f"{text[: limit - len(digest) - 1]}~{digest}"
 
 
 def url_problem(path: str, query: bytes) -> str | None:

@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
+from ondeck import storable
 from ondeck.auth import tokens
 from ondeck.auth.principals import SYSTEM
 from ondeck.engine import catalog, chatops
@@ -253,6 +254,22 @@ def test_unmapped_or_inactive_users_are_refused_politely_and_start_nothing(chat:
     assert len(chat.runs_of("greet")) == before
     refused = chat.admin.get("/audit", params={"action": "slack.refused", "actor": f"slack:{STRANGER}"})
     assert refused.json()["items"], "a refused Slack user is audited"
+
+
+def test_an_unlinked_user_with_an_over_long_id_is_refused_and_audited_under_a_shortened_id(
+    chat: Slack,
+) -> None:
+    """The audit log keeps 100 characters of an actor: PostgreSQL refused a longer
+    ``slack:<user id>``, and the user was told something went wrong inside ondeck."""
+    ids = ["U" + "X" * 299, "U" + "X" * 298 + "Y"]  # alike in their first 299 characters
+    for user in ids:
+        reply = chat.post("run greet msg=hi", user_id=user).json()
+        assert reply["response_type"] == "ephemeral" and "is not linked" in reply["text"], reply
+    actors = [storable.bounded(f"slack:{user}", 100) for user in ids]
+    assert len(set(actors)) == 2 and all(len(actor) == 100 for actor in actors)
+    for user, actor in zip(ids, actors, strict=True):
+        found = chat.admin.get("/audit", params={"action": "slack.refused", "actor": actor}).json()
+        assert [entry["detail"]["user_id"] for entry in found["items"]] == [user]
 
 
 def test_a_bad_missing_or_stale_signature_is_401_and_starts_nothing(chat: Slack) -> None:

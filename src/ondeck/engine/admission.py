@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from ondeck import storable
 from ondeck.auth.policy import authorize_run
 from ondeck.auth.principals import SYSTEM, Principal
 from ondeck.domain import Run, RunStatus, utcnow
@@ -88,16 +89,9 @@ def parse_idempotency_key(header: str) -> str:
 
 
 def stored_idempotency_key(key: str) -> str:
-    """``key`` as the store keeps it, in at most ``IDEMPOTENCY_KEY_MAX`` characters.
-
-    A key derived from what a sender sent (an event's source and id, a delivery id) may
-    be longer: it keeps its start, to be recognised, and ends in the SHA-256 of the whole,
-    so that two keys alike in their first characters still differ.
-    """
-    if len(key) <= IDEMPOTENCY_KEY_MAX:
-        return key
-    digest = hashlib.sha256(key.encode()).hexdigest()
-    return f"{key[: IDEMPOTENCY_KEY_MAX - len(digest) - 1]}~{digest}"
+    """``key`` as the store keeps it, in at most ``IDEMPOTENCY_KEY_MAX`` characters: a key
+    derived from what a sender sent (an event's source and id, a delivery id) may be longer."""
+    return storable.bounded(key, IDEMPOTENCY_KEY_MAX)
 
 
 def _fingerprint(params: dict[str, Any]) -> str:

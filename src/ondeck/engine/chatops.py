@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ondeck import storable
+from ondeck.audit import ACTOR_MAX
 from ondeck.auth import tokens
 from ondeck.auth.principals import Principal
 from ondeck.domain import Run, RunStatus, utcnow
@@ -220,13 +222,15 @@ def _not_linked(request: SlashCommand, token_name: str | None) -> str:
 
 
 def _audit_refusal(store: Store, request: SlashCommand, command: Command, token_name: str | None) -> None:
+    """Audited as ``slack:<user id>``, shortened to fit when the signed form's user id is
+    long (the store refused it: the command failed); the detail keeps the whole id."""
     reason = "not linked" if token_name is None else f"token {token_name!r} is not active"
     with store.transaction() as tx:
         tx.append_audit(
-            f"slack:{request.user_id}",
+            storable.bounded(f"slack:{request.user_id}", ACTOR_MAX),
             "slack.refused",
             f"slack:{command.verb}",
-            {"user_name": request.user_name, "reason": reason},
+            {"user_id": request.user_id, "user_name": request.user_name, "reason": reason},
             utcnow(),
         )
 
