@@ -289,6 +289,24 @@ def test_a_bad_missing_or_stale_signature_is_401_and_starts_nothing(chat: Slack)
     assert len(chat.runs_of("greet")) == before
 
 
+def test_a_form_holding_a_nul_is_a_400_naming_the_field_and_starts_nothing(chat: Slack) -> None:
+    """No store keeps a NUL: as an unlinked user's id, PostgreSQL refused the audit entry
+    (and SQLite kept it)."""
+    before = len(chat.runs_of("greet"))
+    for text, user, field in (
+        ("run greet msg=hi", "UNUL\x00", "user_id"),
+        ("run greet msg=a\x00b", OPS, "text"),
+    ):
+        response = chat.post(text, user_id=user)
+        assert response.status_code == 400, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert (
+            response.json()["detail"]
+            == f"the form's field {field!r}: text cannot hold a NUL character (\\u0000)"
+        )
+    assert len(chat.runs_of("greet")) == before
+
+
 def test_status_list_and_help(chat: Slack) -> None:
     run_id = _run_id(chat.post("run greet msg=status-check").json()["text"])
     wait_for_run(chat.admin, run_id)

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ondeck.spec.params import coerce_text
+from ondeck.storable import value_problems
 
 TOLERANCE_SECONDS = 5 * 60
 VERSION = "v0"
@@ -93,6 +94,10 @@ def read_form(body: bytes) -> SlashCommand:
     form: dict[str, str] = {}
     for key, value in pairs:
         form.setdefault(key, value)
+    # Slack never sends a NUL; no store can keep one (the audit log refused it as an actor).
+    for path, problem in value_problems(form):
+        field = f"field {path[0]!r}" if path else "field names"
+        raise CommandError(f"the form's {field}: {problem}")
     if not form.get("user_id"):
         raise CommandError("the form has no user_id")
     return SlashCommand(
