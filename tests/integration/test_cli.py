@@ -114,6 +114,33 @@ def test_automations_validate_and_apply(examples_server: Server, tmp_path: Path)
     assert ondeck(examples_server, "automations", "apply", str(bad)).returncode == 1
 
 
+def test_a_file_nested_10000_levels_deep_is_an_error_naming_it_for_validate_and_server_start(
+    examples_server: Server, tmp_path: Path
+) -> None:
+    """PyYAML recurses once per level: validate printed a RecursionError's traceback, and
+    a server given such a file did not start."""
+    automations = tmp_path / "automations"
+    automations.mkdir()
+    (automations / "good.yaml").write_text("name: beside-deep\nrun: {runtime: bash, script: 'true'}\n")
+    deep = automations / "deep.yaml"
+    deep.write_text("name: deep\nrun: {runtime: bash, script: 'true'}\ntags: " + "[" * 10_000 + "]" * 10_000)
+    result = ondeck(examples_server, "automations", "validate", str(automations))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"error: {deep}: invalid YAML: nested more than 200 levels")
+    assert "Traceback" not in result.stderr
+
+    data = tmp_path / "data"
+    data.mkdir()
+    server = Server(base_env(data, f"sqlite:///{data / 'ondeck.db'}", automations), data / "server.log")
+    server.start()
+    try:
+        with server.client() as client:
+            assert [a["name"] for a in client.get("/automations").json()["items"]] == ["beside-deep"]
+        assert f"automation not loaded: {deep}: invalid YAML: nested more than 200 levels" in server.log()
+    finally:
+        server.stop()
+
+
 def test_automations_show_lists_triggers_with_next_fire(examples_server: Server) -> None:
     shown = ondeck(examples_server, "automations", "show", "nightly-report")
     assert shown.returncode == 0, shown.stderr

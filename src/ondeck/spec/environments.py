@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ondeck.errors import InvalidDefinition
-from ondeck.spec.loader import errors_from_validation
+from ondeck.spec.loader import errors_from_validation, load_yaml
 from ondeck.spec.models import NAME_PATTERN, Period
 
 FILE_NAME = "environments.yaml"
@@ -50,7 +50,7 @@ def load_environments(directory: Path) -> list[Environment]:
     if not path.is_file():
         return []
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise InvalidDefinition(f"{path}: invalid YAML: {exc}") from exc
     items = data.get("environments") if isinstance(data, dict) else None

@@ -8,10 +8,14 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, Event
 
 from ondeck.errors import InvalidDefinition
 from ondeck.spec.models import Automation
-from ondeck.storable import value_problems
+from ondeck.storable import DEPTH_MAX, value_problems
+
+TOO_DEEP = f"nested more than {DEPTH_MAX} levels of mappings and lists deep"
+_OPEN = -1  # the height of what an anchor names until it is whole
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,50 @@ def summarize(exc: ValidationError) -> str:
     return "; ".join(f"{e.field}: {e.message}" if e.field else e.message for e in errors)
 
 
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as YAML (safely); a ``yaml.YAMLError`` if it nests mappings and lists
+    more than ``DEPTH_MAX`` levels deep, as JSON input may not.
+
+    PyYAML builds a value recursively, a few calls per level: 10,000 nested lists ran out
+    of Python's stack (a RecursionError, before anything was validated). So the nesting is
+    measured first, from the parser's events (which come without recursion), an alias
+    counting as deep as what it names: a chain of them nests as deep as the lists they
+    form, and one inside what it names would nest without end.
+    """
+    stack: list[tuple[str | None, int]] = []  # per mapping or list open: its anchor, its deepest child
+    heights: dict[str, int] = {}  # per anchor: how deep what it names nests; _OPEN until it closes
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, CollectionStartEvent):
+            if len(stack) == DEPTH_MAX:
+                raise _too_deep(TOO_DEEP, event)
+            if event.anchor is not None:
+                heights[event.anchor] = _OPEN
+            stack.append((event.anchor, 0))
+            continue
+        if isinstance(event, CollectionEndEvent):
+            anchor, deepest = stack.pop()
+            height = deepest + 1
+            if anchor is not None:
+                heights[anchor] = height
+        elif isinstance(event, AliasEvent):
+            height = heights.get(event.anchor or "", 0)
+            if height == _OPEN:
+                raise _too_deep(f"*{event.anchor} is inside what it names: {TOO_DEEP}", event)
+            if len(stack) + height > DEPTH_MAX:
+                raise _too_deep(TOO_DEEP, event)
+        else:
+            continue
+        if stack:
+            stack[-1] = (stack[-1][0], max(stack[-1][1], height))
+    return yaml.safe_load(text)
+
+
+def _too_deep(problem: str, event: Event) -> yaml.YAMLError:
+    mark = event.start_mark
+    where = f", at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return yaml.YAMLError(problem + where)
+
+
 def parse_definition(data: Any, file: str = "<request>") -> Automation:
     """Validate a definition (already parsed from YAML or JSON)."""
     if not isinstance(data, dict):
@@ -63,7 +111,7 @@ def load_file(path: Path) -> Automation:
     """Parse one YAML file; ``run.file`` is read relative to it and inlined."""
     file = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidDefinition(f"{file}: cannot read: {exc}", errors=[]) from exc
     except yaml.YAMLError as exc:

@@ -3,9 +3,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ondeck.errors import InvalidDefinition
-from ondeck.spec.loader import load_directory, load_file, parse_definition
+from ondeck.spec.environments import load_environments
+from ondeck.spec.loader import load_directory, load_file, load_yaml, parse_definition
+from ondeck.storable import DEPTH_MAX, nesting
 
 HELLO = {"name": "hello", "run": {"runtime": "bash", "script": "echo hi"}}
 
@@ -174,6 +177,52 @@ def test_directory_load_reports_each_broken_file_and_duplicates(tmp_path: Path) 
     assert "bad.yaml: timeout" in text
     assert "broken.yml" in text and "invalid YAML" in text
     assert "already defined" in text
+
+
+def _alias_chain(levels: int) -> str:
+    """A mapping of lists, each but the first holding the one before it: YAML nested
+    ``levels`` deep with no deep text."""
+    return "x0: &a0 []\n" + "".join(f"x{i}: &a{i} [*a{i - 1}]\n" for i in range(1, levels - 1))
+
+
+def test_yaml_nests_as_deep_as_json_input_may_and_no_deeper() -> None:
+    def nested(levels: int) -> list[str]:
+        flow_maps = "{a: " * levels + "1" + "}" * levels
+        block_maps = "".join(f"{'  ' * i}a:\n" for i in range(levels - 1)) + "  " * (levels - 1) + "a: 1\n"
+        return ["[" * levels + "]" * levels, flow_maps, block_maps, _alias_chain(levels)]
+
+    for text in nested(DEPTH_MAX):
+        assert nesting(load_yaml(text)) == DEPTH_MAX
+    for text in nested(DEPTH_MAX + 1):
+        with pytest.raises(yaml.YAMLError, match=f"nested more than {DEPTH_MAX} levels"):
+            load_yaml(text)
+    with pytest.raises(yaml.YAMLError, match=r"\*a is inside what it names"):
+        load_yaml("x: &a [1, [*a]]")
+
+
+def test_a_file_nested_10000_levels_deep_is_a_load_error_naming_it(tmp_path: Path) -> None:
+    """PyYAML's composer recurses once per level: such a file was a RecursionError (a
+    traceback from validate, and a server that did not start), as were an alias chain
+    and an alias inside what it names (when validated)."""
+    header = "run: {runtime: bash, script: 'true'}\n"
+    (tmp_path / "good.yaml").write_text("name: good\n" + header)
+    (tmp_path / "lists.yaml").write_text("name: lists\n" + header + "tags: " + "[" * 10_000 + "]" * 10_000)
+    (tmp_path / "maps.yaml").write_text(
+        "name: maps\n" + header + "params: " + "{a: " * 10_000 + "1" + "}" * 10_000
+    )
+    (tmp_path / "aliases.yaml").write_text("name: aliases\n" + header + _alias_chain(10_000))
+    (tmp_path / "cycle.yaml").write_text("name: cycle\n" + header + "tags: &t [*t]\n")
+    (tmp_path / "environments.yaml").write_text("environments: " + "[" * 10_000 + "]" * 10_000)
+    automations, problems = load_directory(tmp_path)
+    assert [a.name for a in automations] == ["good"]
+    assert sorted(p.split(":")[0] for p in problems) == [
+        str(tmp_path / name) for name in ("aliases.yaml", "cycle.yaml", "lists.yaml", "maps.yaml")
+    ]
+    assert all("invalid YAML: " in p and f"nested more than {DEPTH_MAX} levels" in p for p in problems)
+    with pytest.raises(
+        InvalidDefinition, match=f"environments.yaml: invalid YAML: nested more than {DEPTH_MAX}"
+    ):
+        load_environments(tmp_path)
 
 
 def test_bundled_examples_are_valid() -> None:
