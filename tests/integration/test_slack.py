@@ -279,6 +279,8 @@ def test_a_bad_missing_or_stale_signature_is_401_and_starts_nothing(chat: Slack)
         chat.post("run greet msg=x", secret=SECRET[::-1]),
         chat.post("run greet msg=x", tamper=True),
         chat.post("run greet msg=x", timestamp=stale),
+        chat.post("run greet msg=x", timestamp="9" * 400),  # past 308 digits: a 500, and past 4300
+        chat.post("run greet msg=x", timestamp="9" * 5000),
         httpx.post(f"{chat.server.url}/chatops/slack", content=b"user_id=UOPS0001&text=run+greet+msg%3Dx"),
     ):
         assert response.status_code == 401, response.text

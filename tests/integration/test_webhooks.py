@@ -415,6 +415,10 @@ def test_standard_webhook_is_deduplicated_by_message_id(admin: httpx.Client, out
     assert run["params"] == {"order": "A-17"} and run["idempotency_key"] == f"standard:{message_id}"
     forged = standard_webhooks.headers(standard_webhooks.new_secret(), unique("msg"), body)
     assert_problem(outside.post(f"/hooks/{hook_id}", content=body, headers=forged), 401)
+    for stamp in ("9" * 400, "9" * 5000):  # past 308 digits, comparing it with the clock was a 500
+        huge = {**standard_webhooks.headers(secret, unique("msg"), body), "webhook-timestamp": stamp}
+        refusal = assert_problem(outside.post(f"/hooks/{hook_id}", content=body, headers=huge), 401)
+        assert refusal["detail"] == "webhook-timestamp is not a Unix time in seconds"
     assert len(runs_of(admin, name)) == 1
 
 

@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 
 from ondeck.spec.params import coerce_text
 from ondeck.storable import value_problems
+from ondeck.triggers.standard_webhooks import unix_time
 
 TOLERANCE_SECONDS = 5 * 60
 VERSION = "v0"
@@ -60,10 +61,11 @@ def verify(
     """
     if not timestamp or not signature:
         raise SignatureError(f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER} header")
-    if not (timestamp.isascii() and timestamp.isdigit()):
+    stamp = unix_time(timestamp)
+    if stamp is None:
         raise SignatureError(f"{TIMESTAMP_HEADER} is not a Unix time")
     current = time.time() if now is None else now
-    if abs(current - int(timestamp)) > TOLERANCE_SECONDS:
+    if abs(current - stamp) > TOLERANCE_SECONDS:
         raise SignatureError(f"{TIMESTAMP_HEADER} is outside the 5-minute tolerance (replay?)")
     expected = sign(secret, timestamp, body).encode()
     if not hmac.compare_digest(expected, signature.encode("utf-8", "replace")):

@@ -83,9 +83,11 @@ def test_missing_headers_are_rejected(timestamp: str | None, signature: str | No
 
 
 @pytest.mark.parametrize(
-    "timestamp", [" 1531420618", "+1531420618", "1531420618.0", "1_531_420_618", "\u0661\u0665"]
+    "timestamp",
+    [" 1531420618", "+1531420618", "1531420618.0", "1_531_420_618", "\u0661\u0665", "9" * 400, "9" * 5000],
 )
 def test_only_a_plain_digit_timestamp_is_accepted(timestamp: str) -> None:
+    """Past 4300 digits ``int`` raised, and past 308 comparing it with the clock did (a 500)."""
     # Each would be signed correctly, so the format check is the one that refuses.
     signature = slack.sign(DOC_SECRET, timestamp, DOC_BODY)
     with pytest.raises(slack.SignatureError, match="not a Unix time"):

@@ -114,6 +114,15 @@ def test_standard_rejects_stale_and_future_timestamps_and_missing_headers() -> N
         assert "missing" in refused("standard", SW_SECRET, headers, SW_BODY, SW_TIMESTAMP)
 
 
+@pytest.mark.parametrize("stamp", ["9" * 400, "9" * 5000, "+1700000000", " 1700000000", "1_700_000_000"])
+def test_standard_takes_only_plain_digits_as_its_timestamp(stamp: str) -> None:
+    """Past 4300 digits ``int`` raised, and past 308 comparing it with the clock did (a 500)."""
+    headers = sw_headers(webhook_timestamp=stamp)
+    assert refused("standard", SW_SECRET, headers, SW_BODY, SW_TIMESTAMP) == (
+        "webhook-timestamp is not a Unix time in seconds"
+    )
+
+
 def test_standard_secret_must_be_whsec_base64() -> None:
     for secret in ("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_not base64!", "whsec_"):
         with pytest.raises(UnusableSecret) as caught:
@@ -166,7 +175,15 @@ def test_hmac_rejects_stale_timestamps_even_when_correctly_signed() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    ["", "v1=abc", "t=1700000000", "t=soon,v1=abc", "t=-5,v1=abc", "t=1700000000,t=1700000000,v1=abc"],
+    [
+        "",
+        "v1=abc",
+        "t=1700000000",
+        "t=soon,v1=abc",
+        "t=-5,v1=abc",
+        "t=1700000000,t=1700000000,v1=abc",
+        f"t={'9' * 5000},v1=abc",
+    ],
 )
 def test_hmac_rejects_malformed_headers(header: str) -> None:
     headers = {"x-ondeck-signature": header} if header else {}
