@@ -261,6 +261,11 @@ def test_alertmanager_notification_starts_a_run_per_matching_alert_and_repeats_s
     assert_problem(
         outside.post(f"/hooks/{hook_id}", content=body, headers=basic("alertmanager", "nope")), 401
     )
+    # A header's bytes are read as Latin-1: base64 refused the é with a ValueError, a 500.
+    not_ascii = {"Authorization": "Basic \u00e9".encode("latin-1")}
+    refusal = assert_problem(outside.post(f"/hooks/{hook_id}", content=body, headers=not_ascii), 401)
+    assert refusal["detail"] == "the Basic credentials are not base64 of user:password"
+    assert [r["id"] for r in runs_of(admin, name)] == [run["id"]]
 
 
 def test_resolved_alert_triggers_its_own_rule(admin: httpx.Client, outside: httpx.Client) -> None:

@@ -223,6 +223,7 @@ def test_alertmanager_rejects_wrong_or_malformed_credentials() -> None:
     refused("alertmanager", TOKEN, {"authorization": basic(TOKEN, "password")}, b"{}")  # secret as the user
     refused("alertmanager", "other:" + TOKEN, {"authorization": basic("alertmanager", "x")}, b"{}")
     assert "base64" in refused("alertmanager", TOKEN, {"authorization": "Basic ???"}, b"{}")
+    assert "base64" in refused("alertmanager", TOKEN, {"authorization": "Basic \u00e9"}, b"{}")
     refused("alertmanager", TOKEN, {"authorization": f"Token {TOKEN}"}, b"{}")
 
 
