@@ -29,7 +29,7 @@ from ondeck.engine.admission import AdmissionPolicy
 from ondeck.engine.wakeup import WORKER_CHANNELS, PostgresListener, Relay, WakeBus
 from ondeck.engine.worker import Worker, reap_forever
 from ondeck.errors import InvalidDefinition
-from ondeck.settings import Settings
+from ondeck.settings import TOKEN_FILE, Settings
 from ondeck.spec.environments import load_environments
 from ondeck.spec.loader import load_directory
 from ondeck.store.store import Store
@@ -101,7 +101,7 @@ class Node:
                 # Printed, not logged: log lines are kept and shipped, this must not be.
                 print(
                     f"\nondeck: first start. Admin token (shown once; also saved to "
-                    f"{self.settings.data_dir / tokens.TOKEN_FILE}):\n\n    {token}\n",
+                    f"{self.settings.data_dir / TOKEN_FILE}):\n\n    {token}\n",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -15,6 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ondeck.runner.attempt import PID_MAX
 
+# Where a server saves the admin token it made at first start, in its data directory (the
+# CLI on the same host reads it from there).
+TOKEN_FILE = "admin-token"
+
 BUNDLED_EXAMPLES = Path(__file__).parent / "examples" / "automations"
 
 

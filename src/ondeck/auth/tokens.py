@@ -20,11 +20,11 @@ from ondeck.auth.principals import ROLES, SYSTEM, Principal
 from ondeck.domain import TokenRecord, utcnow
 from ondeck.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
 from ondeck.ids import new_id
+from ondeck.settings import TOKEN_FILE
 from ondeck.store.store import Store, Transaction
 
 PREFIX = "odk_"
 BOOTSTRAP_NAME = "admin"
-TOKEN_FILE = "admin-token"
 _TOUCH_EVERY = timedelta(minutes=1)
 
 
