@@ -152,8 +152,11 @@ class Worker:
         self.isolation = isolation.best() if settings.isolate else isolation.GROUP
         # The data directory holds the database, the master key and the admin token; a
         # SQLite file configured elsewhere holds run params, write-only ones included.
-        stored = [store.file.parent] if store.file is not None else []
-        self._hidden = isolation.hidden(settings.data_dir, settings.workspace_root, *stored)
+        directories = [settings.data_dir, settings.workspace_root]
+        if store.file is not None and not store.file.resolve().is_relative_to(settings.data_dir.resolve()):
+            elsewhere = isolation.database_directory(store.file)
+            directories += [elsewhere] if elsewhere is not None else []
+        self._hidden = isolation.hidden(*directories)
         self._run_as = isolation.script_user(settings.script_user) if settings.script_user else None
         script_uid = self._run_as[0] if self._run_as else os.geteuid()
         if self._hidden and script_uid == 0:

@@ -85,6 +85,24 @@ def script_user(name: str) -> tuple[int, int]:
     return ids
 
 
+def database_directory(database: Path) -> Path | None:
+    """The directory of a SQLite ``database`` configured outside the data directory, to
+    hide from scripts with it, if it holds nothing but that database's files (hiding a
+    directory hides all of it: a home directory, say); None, with a warning, otherwise."""
+    directory = database.resolve().parent
+    own = {database.name + suffix for suffix in ("", "-wal", "-shm", "-journal", "-writer.lock")}
+    others = [entry.name for entry in directory.iterdir() if entry.name not in own]
+    if others:
+        log.warning(
+            "%s is not hidden from scripts: it holds more than the database (%s); "
+            "give the database a directory of its own",
+            directory,
+            ", ".join(sorted(others)[:3]) + (", …" if len(others) > 3 else ""),
+        )
+        return None
+    return directory
+
+
 def hidden(*directories: Path) -> tuple[Path, ...]:
     """Of ``directories`` (ondeck's data directory, the workspaces' root), those to hide
     from scripts: resolved, less any inside another, and less any that holds what a

@@ -441,18 +441,24 @@ def test_an_attempt_whose_run_was_started_again_elsewhere_is_stopped_at_the_next
     _run_worker(store, settings, scenario)
 
 
-def test_a_sqlite_database_outside_the_data_directory_is_hidden_from_scripts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["its-own-directory", "a-shared-directory"])
+def test_a_sqlite_database_outside_the_data_directory_is_hidden_from_scripts_in_a_directory_of_its_own(
+    tmp_path: Path, shared: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """It holds every run's params, write-only ones included, and is not under the data
-    directory that the worker hides anyway."""
+    directory that the worker hides anyway. Hiding hides the whole directory, so one that
+    holds anything else (a home directory, say) is left visible, with a warning."""
     elsewhere = tmp_path / "db"
     elsewhere.mkdir()
+    if shared:
+        (elsewhere / "notes.txt").write_text("a user's own file")
     store = Store(f"sqlite:///{elsewhere / 'ondeck.db'}")
     store.upgrade()
     try:
         settings = Settings(data_dir=tmp_path / "data")
         worker = Worker(store, settings, WakeBus(), Vault([Fernet.generate_key()]))
         assert worker.isolation == "launcher"  # which hides directories (make install builds it)
-        script = f"ls -a {elsewhere}; test -e {elsewhere}/ondeck.db || echo gone"
+        script = f"ls {elsewhere}; test -e {elsewhere}/ondeck.db || echo gone"
         define(store, run={"runtime": "bash", "script": script})
         admit(store, TriggerRequest("job"))
         claimed = _claim_one(store, worker)
@@ -463,5 +469,9 @@ def test_a_sqlite_database_outside_the_data_directory_is_hidden_from_scripts(tmp
             assert run is not None and run.status == RunStatus.SUCCEEDED, (output, run and run.error)
     finally:
         store.dispose()
-    assert output.split() == [".", "..", "gone"]  # an empty directory in its place
+    if shared:
+        assert "notes.txt" in output.split() and "ondeck.db" in output.split()
+        assert "it holds more than the database (notes.txt)" in caplog.text
+    else:
+        assert output.split() == ["gone"]  # an empty directory in its place
     assert (elsewhere / "ondeck.db").stat().st_size > 0
