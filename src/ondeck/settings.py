@@ -18,6 +18,7 @@ from ondeck.runner.attempt import PID_MAX
 # Where a server saves the admin token it made at first start, in its data directory (the
 # CLI on the same host reads it from there).
 TOKEN_FILE = "admin-token"
+RATE_LIMIT = "6000/1m"  # ONDECK_RATE_LIMIT's default
 
 BUNDLED_EXAMPLES = Path(__file__).parent / "examples" / "automations"
 
@@ -76,7 +77,7 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(None, description="Use this value as the bootstrap admin token.")
     token: str | None = Field(None, description="The CLI's API token.")
     master_key: str | None = Field(None, description="Fernet key(s) for secrets; default a key file.")
-    rate_limit: str | None = Field("6000/1m", description="Per-principal trigger limit; empty disables.")
+    rate_limit: str | None = Field(RATE_LIMIT, description="Per-principal trigger limit; empty disables.")
     callback_secret: str | None = Field(
         None, description="whsec_… key signing callbacks; default a key file."
     )
@@ -107,7 +108,9 @@ class Settings(BaseSettings):
     @field_validator("rate_limit")
     @classmethod
     def _valid_rate_limit(cls, value: str | None) -> str | None:
-        from ondeck.engine.limits import parse_global_limit  # the engine, only when one is set
+        if value in (RATE_LIMIT, "", None):  # no need to load the engine (the CLI starts faster)
+            return value
+        from ondeck.engine.limits import parse_global_limit
 
         parse_global_limit(value)
         return value
