@@ -159,7 +159,10 @@ def _backoff(first: float, attempt: int) -> float:
 
 
 def _claim(store: Store, limit: int) -> list[dict[str, Any]]:
-    now = utcnow()
+    """Due deliveries, held from other senders for ``HOLD``: when they are due and until
+    when they are held is reckoned in the store's time (``Store.now``), which every host
+    shares, so a sender whose clock runs ahead cannot take one another holds."""
+    now = store.now()
     with store.transaction() as tx:
         return tx.claim_deliveries(now, now + HOLD, limit)
 
@@ -179,7 +182,7 @@ def _record(
     elif (error and error.startswith("refused:")) or now - delivery["created_at"] >= GIVE_UP_AFTER:
         outcome = {"status": "failed", "last_error": error or f"HTTP {status_code}"}
     else:
-        retry_at = now + timedelta(seconds=_backoff(first_retry, number))
+        retry_at = store.now() + timedelta(seconds=_backoff(first_retry, number))
         outcome = {
             "status": "pending",
             "next_attempt_at": retry_at,

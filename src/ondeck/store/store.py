@@ -914,7 +914,7 @@ class Transaction:
                 payload=payload,
                 status="pending",
                 attempts=0,
-                next_attempt_at=now,
+                next_attempt_at=self.now(),  # due now in the time senders judge it in
                 created_at=now,
             )
         )

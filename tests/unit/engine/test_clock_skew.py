@@ -14,9 +14,10 @@ import pytest
 
 from ondeck import blocking
 from ondeck.auth.principals import SYSTEM
-from ondeck.domain import Outcome, RunStatus
-from ondeck.engine import finish, queue, runs
+from ondeck.domain import Outcome, RunStatus, utcnow
+from ondeck.engine import finish, outbox, queue, runs
 from ondeck.engine.admission import TriggerRequest, admit
+from ondeck.ids import new_id
 from ondeck.settings import Settings
 from ondeck.store.store import Store
 from tests.unit.engine.test_lifecycle import LEASE, claim, define
@@ -172,3 +173,17 @@ def test_a_run_on_a_worker_behind_a_reaper_that_is_ahead_runs_once(
 
     _run_worker(worker, settings, scenario)
     assert reaped == []
+
+
+def test_deliveries_are_due_and_held_by_the_databases_clock(pg_store: Store, host: Host) -> None:
+    """A callback is sent by whichever process claims it first and held from the others
+    for a while: a sender whose clock runs ahead past the hold would send it again, and
+    one whose clock is behind would leave a new one waiting for as long."""
+    define(pg_store)
+    run = admit(pg_store, TriggerRequest("job")).run
+    with pg_store.transaction() as tx:
+        tx.insert_delivery(new_id(), run.id, "http://127.0.0.1:9/hook", "callback", {}, utcnow())
+    behind, ahead = host(-2 * MINUTE), host(2 * MINUTE)
+    (claimed,) = outbox._claim(behind, 10)
+    assert claimed["run_id"] == run.id
+    assert outbox._claim(ahead, 10) == []  # held by the first sender, whatever this host's clock says
