@@ -8,13 +8,15 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
-from yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, Event
+from yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, Event, ScalarEvent
 
 from ondeck.errors import InvalidDefinition
 from ondeck.spec.models import Automation
 from ondeck.storable import DEPTH_MAX, value_problems
 
 TOO_DEEP = f"nested more than {DEPTH_MAX} levels of mappings and lists deep"
+VALUES_MAX = 1_000_000  # a definition holds hundreds
+TOO_MANY = f"more than {VALUES_MAX:,} values once its aliases are expanded"
 _OPEN = -1  # the height of what an anchor names until it is whole
 
 
@@ -46,43 +48,66 @@ def summarize(exc: ValidationError) -> str:
 
 def load_yaml(text: str) -> Any:
     """``text`` parsed as YAML (safely); a ``yaml.YAMLError`` if it nests mappings and lists
-    more than ``DEPTH_MAX`` levels deep, as JSON input may not.
+    more than ``DEPTH_MAX`` levels deep, as JSON input may not, or if it holds more than
+    ``VALUES_MAX`` values once its aliases are expanded.
 
     PyYAML builds a value recursively, a few calls per level: 10,000 nested lists ran out
     of Python's stack (a RecursionError, before anything was validated). So the nesting is
     measured first, from the parser's events (which come without recursion), an alias
     counting as deep as what it names: a chain of them nests as deep as the lists they
-    form, and one inside what it names would nest without end.
+    form, and one inside what it names would nest without end. An alias also counts as
+    many values as what it names: a few lines of aliases of aliases name billions, which
+    PyYAML shares but everything that walks the definition afterwards goes through.
     """
-    stack: list[tuple[str | None, int]] = []  # per mapping or list open: its anchor, its deepest child
-    heights: dict[str, int] = {}  # per anchor: how deep what it names nests; _OPEN until it closes
+    stack: list[_Open] = []  # per mapping or list open
+    named: dict[str, tuple[int, int]] = {}  # per anchor: how deep and how many values; _OPEN until whole
+    values = 0  # so far, aliases expanded
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, CollectionStartEvent):
             if len(stack) == DEPTH_MAX:
-                raise _too_deep(TOO_DEEP, event)
+                raise _refusal(TOO_DEEP, event)
             if event.anchor is not None:
-                heights[event.anchor] = _OPEN
-            stack.append((event.anchor, 0))
+                named[event.anchor] = (_OPEN, 0)
+            stack.append(_Open(event.anchor))
             continue
         if isinstance(event, CollectionEndEvent):
-            anchor, deepest = stack.pop()
-            height = deepest + 1
-            if anchor is not None:
-                heights[anchor] = height
+            closed = stack.pop()
+            height, count = closed.deepest + 1, closed.values + 1
+            if closed.anchor is not None:
+                named[closed.anchor] = (height, count)
+            values += 1  # its own values were counted as they came
         elif isinstance(event, AliasEvent):
-            height = heights.get(event.anchor or "", 0)
+            height, count = named.get(event.anchor or "", (0, 1))
             if height == _OPEN:
-                raise _too_deep(f"*{event.anchor} is inside what it names: {TOO_DEEP}", event)
+                raise _refusal(f"*{event.anchor} is inside what it names: {TOO_DEEP}", event)
             if len(stack) + height > DEPTH_MAX:
-                raise _too_deep(TOO_DEEP, event)
+                raise _refusal(TOO_DEEP, event)
+            values += count
+        elif isinstance(event, ScalarEvent):
+            height, count = 0, 1
+            if event.anchor is not None:
+                named[event.anchor] = (height, count)
+            values += count
         else:
             continue
+        if values > VALUES_MAX:
+            raise _refusal(TOO_MANY, event)
         if stack:
-            stack[-1] = (stack[-1][0], max(stack[-1][1], height))
+            stack[-1].deepest = max(stack[-1].deepest, height)
+            stack[-1].values += count
     return yaml.safe_load(text)
 
 
-def _too_deep(problem: str, event: Event) -> yaml.YAMLError:
+@dataclass
+class _Open:
+    """A mapping or list being parsed: its anchor, its deepest child, the values in it."""
+
+    anchor: str | None
+    deepest: int = 0
+    values: int = 0
+
+
+def _refusal(problem: str, event: Event) -> yaml.YAMLError:
     mark = event.start_mark
     where = f", at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return yaml.YAMLError(problem + where)

@@ -200,6 +200,22 @@ def test_yaml_nests_as_deep_as_json_input_may_and_no_deeper() -> None:
         load_yaml("x: &a [1, [*a]]")
 
 
+def test_yaml_whose_aliases_expand_past_a_million_values_is_refused(tmp_path: Path) -> None:
+    """Nine lines of aliases of aliases name a billion values ("billion laughs"): PyYAML
+    shares them, but validating, hashing or storing the definition walks every one, so a
+    server would hang at start on such a file, and validate with it."""
+    laughs = 'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 9)
+    )
+    with pytest.raises(yaml.YAMLError, match="more than 1,000,000 values once its aliases are expanded"):
+        load_yaml(laughs)
+    fine = "".join(f"x{i}: &x{i} [*x{i - 1}, *x{i - 1}]\n" for i in range(1, 17))
+    assert str(load_yaml("x0: &x0 [1]\n" + fine)["x16"]).count("1") == 2**16  # half a million in all
+    (tmp_path / "laughs.yaml").write_text("name: laughs\nrun: {runtime: bash, script: 'true'}\n" + laughs)
+    automations, problems = load_directory(tmp_path)
+    assert automations == [] and "laughs.yaml" in problems[0] and "1,000,000 values" in problems[0]
+
+
 def test_a_file_nested_10000_levels_deep_is_a_load_error_naming_it(tmp_path: Path) -> None:
     """PyYAML's composer recurses once per level: such a file was a RecursionError (a
     traceback from validate, and a server that did not start), as were an alias chain
