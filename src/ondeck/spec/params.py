@@ -85,8 +85,12 @@ def _apply_defaults(schema: dict[str, Any], value: Any) -> None:
 @functools.lru_cache(maxsize=512)
 def _validator(schema: str) -> Draft202012Validator:
     """One validator per schema text: building one (its reference registry) costs more
-    than validating a typical run's params with it, and a built one is immutable."""
-    return Draft202012Validator(json.loads(schema))
+    than validating a typical run's params with it, and a built one is immutable.
+
+    Its registry is empty: without one, jsonschema fetches a ``$ref`` to a URL from the
+    network, from the server, at every trigger. ``check_schema`` refuses such a schema
+    already; this keeps one stored or built some other way from reaching out."""
+    return Draft202012Validator(json.loads(schema), registry=Registry())
 
 
 def json_pointer(parts: Iterable[str | int]) -> str:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import http.server
 import re
+import threading
 
 import pytest
+from referencing.exceptions import Unresolvable
 
 from ondeck.errors import InvalidParams
 from ondeck.spec.params import (
@@ -231,3 +234,34 @@ def test_a_schema_nested_too_deep_is_refused_before_the_metaschema_recurses_thro
     for levels in (SCHEMA_DEPTH_MAX + 1, 200):
         with pytest.raises(ValueError, match=f"params nests more than {SCHEMA_DEPTH_MAX} levels"):
             check_schema(_nested(levels))
+
+
+def test_validating_never_fetches_a_ref_from_the_network() -> None:
+    """``check_schema`` refuses a ``$ref`` to a URL; were one to reach the validator all
+    the same (stored under an older release, say), jsonschema's default would fetch it,
+    from the server, at every trigger."""
+    fetched: list[str] = []
+
+    class Schemas(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetched.append(self.path)
+            body = b'{"type": "string"}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Schemas) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/name.json"
+        schema = {"type": "object", "properties": {"name": {"$ref": url}}}
+        try:
+            with pytest.raises(Unresolvable, match=r"name\.json"):
+                validate_params(schema, {"name": "x"})
+        finally:
+            server.shutdown()
+    assert fetched == []
