@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, text
 
@@ -63,7 +63,8 @@ class DatabaseClock:
             best: tuple[float, datetime, float, datetime] | None = None
             for _ in range(_SAMPLES):
                 local, sent = self._local(), time.monotonic()
-                database: datetime = connection.execute(_READ).scalar_one()
+                # In UTC: a session time zone with summer time would make now() add wall-clock time.
+                database: datetime = connection.execute(_READ).scalar_one().astimezone(UTC)
                 returned = time.monotonic()
                 trip = returned - sent
                 if best is None or trip < best[0]:
