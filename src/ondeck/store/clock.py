@@ -8,12 +8,15 @@ the database's time, which every host shares.
 
 Asking the database for the time at each claim or renewal would cost a round trip
 each. Instead the clock is read now and then (``measure``): the database's time,
-taken at the midpoint of the query's round trip, is pinned to this process's
-``time.monotonic``, and ``now`` adds the monotonic time since. The wall clock of
-this host plays no part, so a step of it (NTP, an operator) between two readings
-moves nothing; only the monotonic clock's rate, off by parts per million, adds up
-between readings. The difference from this host's wall clock is kept to be shown,
-and a large one is logged so that operators learn of it.
+taken at the midpoint of the query's round trip, is pinned to this host's
+monotonic clock, and ``now`` adds the time since. The wall clock of this host plays
+no part, so a step of it (NTP, an operator) between two readings moves nothing; only
+the monotonic clock's rate, off by parts per million, adds up between readings. On
+Linux that clock is ``CLOCK_BOOTTIME``, which, unlike ``time.monotonic``, keeps
+counting while the host is suspended (a laptop's lid, a paused virtual machine):
+otherwise ``now`` would lag the database by the pause until the next reading.
+The difference from this host's wall clock is kept to be shown, and a large one
+is logged so that operators learn of it.
 """
 
 from __future__ import annotations
@@ -34,13 +37,21 @@ _READ = text("SELECT clock_timestamp()")
 _SAMPLES = 3  # the reading of the fastest round trip is kept: its midpoint is surest
 
 
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)  # BOOTTIME: Linux
+
+
+def _elapsed() -> float:
+    """Seconds on this host's monotonic clock, suspensions included where it can tell."""
+    return time.clock_gettime(_CLOCK)
+
+
 class DatabaseClock:
     """The database's time, read without a round trip once ``measure`` has pinned it."""
 
     def __init__(self, local: Callable[[], datetime]) -> None:
         self._local = local
         self._lock = threading.Lock()
-        # (database time, time.monotonic() when it was that time); None until measured.
+        # (database time, _elapsed() when it was that time); None until measured.
         self._pin: tuple[datetime, float] | None = None
         self.offset: timedelta | None = None
         """The database's clock minus this host's, at the last reading."""
@@ -54,18 +65,18 @@ class DatabaseClock:
         pin = self._pin
         assert pin is not None, "the database's clock is read before it was measured"
         at, since = pin
-        return at + timedelta(seconds=time.monotonic() - since)
+        return at + timedelta(seconds=_elapsed() - since)
 
     def measure(self, connection: Connection) -> timedelta:
         """Read the database's clock over ``connection``; returns the offset from this host's."""
         with self._lock:
-            # The round trip, the database's time, and the monotonic and local times at its midpoint.
+            # The round trip, the database's time, and the elapsed and local times at its midpoint.
             best: tuple[float, datetime, float, datetime] | None = None
             for _ in range(_SAMPLES):
-                local, sent = self._local(), time.monotonic()
+                local, sent = self._local(), _elapsed()
                 # In UTC: a session time zone with summer time would make now() add wall-clock time.
                 database: datetime = connection.execute(_READ).scalar_one().astimezone(UTC)
-                returned = time.monotonic()
+                returned = _elapsed()
                 trip = returned - sent
                 if best is None or trip < best[0]:
                     best = (trip, database, (sent + returned) / 2, local + timedelta(seconds=trip / 2))

@@ -4,6 +4,8 @@ this host's says. A skewed host is played by a store given a shifted local clock
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,6 +14,7 @@ import psycopg
 import pytest
 
 from ondeck.domain import utcnow
+from ondeck.store import clock
 from ondeck.store.store import Store
 from tests.support import PG_ADMIN
 
@@ -115,3 +118,14 @@ def test_on_sqlite_the_stores_time_is_this_hosts(tmp_path: Path) -> None:
         assert abs(store.now() - (utcnow() - MINUTE)) < CLOSE
     finally:
         store.dispose()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="CLOCK_BOOTTIME is Linux's")
+def test_the_time_since_a_reading_counts_while_the_host_is_suspended() -> None:
+    """A suspension cannot be played here; what can be checked is that the clock the
+    reading is pinned to is the one that counts it (time.monotonic stops meanwhile, so
+    after a laptop's lid or a paused VM, leases were written in a time lagging the
+    database's by the pause until the next reading)."""
+    assert clock._CLOCK == time.CLOCK_BOOTTIME
+    before = time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert before <= clock._elapsed() <= time.clock_gettime(time.CLOCK_BOOTTIME)
