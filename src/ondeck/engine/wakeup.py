@@ -143,6 +143,9 @@ class PostgresListener:
             except psycopg.Error as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
                 self._stop.wait(1.0)
+            except Exception:  # a bug or a lack of memory must not end wake-ups for good
+                log.exception("listening failed; reconnecting")
+                self._stop.wait(1.0)
 
 
 class Relay:
