@@ -96,7 +96,7 @@ static long check(long result) {
     return result;
 }
 
-static void exit_now(int code) {
+__attribute__((noreturn)) static void exit_now(int code) {
     for (;;) SYS(exit_group, code);
 }
 
@@ -469,8 +469,24 @@ static int launch(int argc, char **argv, char **envp) {
     return (status >> 8) & 0xff;
 }
 
+/* The compiler may call these for copies and zeroing of its own, even with -fno-builtin;
+   volatile, so that it does not make calls to them of these very loops. */
+void *memcpy(void *to, const void *from, unsigned long n) {
+    volatile char *t = to;
+    const volatile char *f = from;
+    while (n--) *t++ = *f++;
+    return to;
+}
+
+void *memset(void *to, int byte, unsigned long n) {
+    volatile char *t = to;
+    while (n--) *t++ = (char)byte;
+    return to;
+}
+
 /* The entry point: no C library sets anything up, the stack holds argc, argv, envp. */
-__attribute__((used)) static void start(long *stack) {
+__attribute__((noreturn, used)) void start(long *stack);
+void start(long *stack) {
     int argc = (int)stack[0];
     char **argv = (char **)(stack + 1);
     exit_now(launch(argc, argv, argv + argc + 1));
