@@ -142,15 +142,19 @@ class Direct:
 
 
 @contextmanager
-def _driver_cursor(connection: Connection, sql: str, values: Any) -> Iterator[Any]:
-    """The connection's DBAPI cursor; driver errors come back as SQLAlchemy's."""
+def _driver_cursor(connection: Connection, sql: str, values: Any, shown: str | None = None) -> Iterator[Any]:
+    """The connection's DBAPI cursor; driver errors come back as SQLAlchemy's, naming the
+    statement as ``shown`` if given (one with values in its text, which the error would
+    quote, ``hide_parameters`` or not)."""
     dbapi = connection.dialect.loaded_dbapi
     cursor = connection.connection.cursor()
     try:
         yield cursor
     except dbapi.Error as exc:
         hide = connection.engine.hide_parameters
-        raise DBAPIError.instance(sql, values, exc, dbapi.Error, hide, dialect=connection.dialect) from exc
+        raise DBAPIError.instance(
+            sql if shown is None else shown, values, exc, dbapi.Error, hide, dialect=connection.dialect
+        ) from exc
     finally:
         cursor.close()
 
@@ -163,10 +167,11 @@ def first_row(connection: Connection, sql: str, parameters: Any) -> Any:
         return cursor.fetchone()
 
 
-def statement(connection: Connection, sql: str, parameters: Any = None) -> None:
+def statement(connection: Connection, sql: str, parameters: Any = None, *, shown: str | None = None) -> None:
     """One statement without results, straight on the driver, in the driver's own
-    parameter style (``parameters`` as the driver takes them)."""
-    with _driver_cursor(connection, sql, parameters) as cursor:
+    parameter style (``parameters`` as the driver takes them); an error names it as
+    ``shown`` if given."""
+    with _driver_cursor(connection, sql, parameters, shown) as cursor:
         if parameters is None:
             cursor.execute(sql)
         else:

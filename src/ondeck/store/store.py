@@ -338,12 +338,15 @@ class Transaction:
         commit: sent with the commit in one query (so with values as literals, quoted by the
         driver), the lock is held for the append and the commit's flush alone, not also for
         a round trip back here and the wait for this thread's turn at the interpreter lock.
-        A failing append fails the commit, as it would have failed its statement."""
+        A failing append fails the commit, as it would have failed its statement; its
+        error names the statement without the values, which may be params (see
+        ``database.create_db_engine``)."""
         if self._audit:
             driver = self._c.connection.driver_connection
             query = pgsql.SQL("; ").join([*self._audit, pgsql.SQL("COMMIT")]).as_string(driver)
+            shown = f"{'SELECT FROM ondeck_append_audit(…); ' * len(self._audit)}COMMIT"
             self._audit.clear()
-            direct.statement(self._c, query)  # the transaction's own commit then has nothing to do
+            direct.statement(self._c, query, shown=shown)  # the transaction's commit then has nothing to do
 
     def notify(self, channel: str, payload: str) -> None:
         """Wake listeners after commit (in this process, and on PostgreSQL everywhere)."""

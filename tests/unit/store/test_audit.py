@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+from sqlalchemy.exc import DBAPIError
+
 from ondeck.audit import first_broken
 from ondeck.domain import utcnow
 from ondeck.store.store import Store
@@ -31,3 +34,12 @@ def test_concurrent_appends_make_one_unbroken_chain(store: Store) -> None:
         chain = tx.audit_chain()
     assert len(chain) == threads * each
     assert first_broken(chain) is None
+
+
+def test_a_failing_append_names_its_statement_without_the_values(pg_store: Store) -> None:
+    """On PostgreSQL the appends go with the commit as one query, values in its text: an
+    error quoting it would carry the entry (params, say) into the logs, past
+    hide_parameters."""
+    with pytest.raises(DBAPIError) as raised, pg_store.transaction() as tx:
+        tx.append_audit("x" * 101, "test.append", "t", {"param": "the-value"}, utcnow())  # actor: 100 at most
+    assert "the-value" not in str(raised.value) and "x" * 101 not in str(raised.value)
