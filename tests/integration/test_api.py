@@ -443,6 +443,29 @@ def test_sse_stream_of_a_finished_run_replays_everything_then_ends(client: httpx
     assert body.rstrip().splitlines()[-1] == 'data: {"status": "succeeded", "exit_code": 0}'
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /api/v1/automations/x/runs HTTP/1.1\r\nContent-Length: " + b"9" * 100 + b"\r\n\r\n{}",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+)
+def test_a_request_too_malformed_to_reach_the_api_is_refused_as_a_problem(
+    server: Server, request_bytes: bytes
+) -> None:
+    """The HTTP server refuses it before any route; it answered in plain text."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        response = b""
+        while chunk := sock.recv(4096):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"content-type: application/problem+json" in head.lower()
+    problem = json.loads(body)
+    assert problem["status"] == 400 and "does not parse" in problem["detail"]
+
+
 def test_health_and_openapi(server: Server) -> None:
     with httpx.Client(base_url=server.url) as client:
         assert client.get("/healthz").json() == {"status": "ok"}

@@ -16,11 +16,15 @@ log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
 
 
+def problem_body(status: int, code: str, title: str, detail: str, **ext: Any) -> dict[str, Any]:
+    # Extensions never override the standard members.
+    return {**ext, "type": f"/problems/{code}", "title": title, "status": status, "detail": detail}
+
+
 def problem(
     status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None, **ext: Any
 ) -> JSONResponse:
-    # Extensions never override the standard members.
-    body = {**ext, "type": f"/problems/{code}", "title": title, "status": status, "detail": detail}
+    body = problem_body(status, code, title, detail, **ext)
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
