@@ -21,7 +21,7 @@ from ondeck.errors import OndeckError
 from ondeck.ids import new_id
 from ondeck.runner import isolation
 from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
-from ondeck.runner.process import run_attempt
+from ondeck.runner.process import python_unusable, run_attempt
 from ondeck.runner.workspace import Workspace
 from ondeck.settings import Settings
 from ondeck.spec.expressions import ExpressionError, render
@@ -159,6 +159,14 @@ class Worker:
         self._hidden = isolation.hidden(*directories)
         self._run_as = isolation.script_user(settings.script_user) if settings.script_user else None
         script_uid = self._run_as[0] if self._run_as else os.geteuid()
+        unusable = python_unusable(self.isolation, self._run_as) if self._run_as else None
+        if unusable is not None:
+            log.warning(
+                "python automations cannot start as the script user %s (%s): install ondeck and "
+                "its Python where that user can read them",
+                settings.script_user,
+                unusable,
+            )
         if self._hidden and script_uid == 0:
             # Root keeps its capabilities in the script's namespaces: it may unmount the
             # cover, or read the disk itself. Only a user without them is kept out.

@@ -149,14 +149,20 @@ def _probe(mode: str) -> str | None:
         return "ondeck-launch is not installed (make install builds it)"
     if mode == NAMESPACE and not _namespace_prefix():
         return "setpriv or unshare not found"
+    return trial(mode, ["true"])
+
+
+def trial(mode: str, program: Sequence[str], user: tuple[int, int] | None = None) -> str | None:
+    """Start ``program`` isolated by ``mode``, as ``user`` if given, as a run would start
+    (in a workspace, with a directory around it hidden); None if it succeeded, else why not."""
     try:
         with tempfile.TemporaryDirectory() as hide:
             keep = Path(hide, "workspace")
             keep.mkdir()
             probe = subprocess.run(
-                [*command(mode, _PROBE_LIMITS, keep, [Path(hide)]), "true"],
+                [*command(mode, _PROBE_LIMITS, keep, [Path(hide)], user), *program],
                 capture_output=True,
-                timeout=10,
+                timeout=30,
                 check=False,
                 cwd=keep,
             )

@@ -98,6 +98,18 @@ def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
     return [*prefix, *program]
 
 
+def python_unusable(
+    mode: str, user: tuple[int, int], python: str = sys.executable, entry: Path = _ENTRY
+) -> str | None:
+    """Why ``python`` automations cannot start as ``user`` (``ONDECK_SCRIPT_USER``) here,
+    None if they can: that user must be able to run the interpreter they start with and
+    read its library and this package, which a Python in a private home directory (as
+    pyenv installs it), or a virtualenv there, does not allow."""
+    check = "import sys; open(sys.argv[1], 'rb').close()"
+    problem = isolation.trial(mode, [python, "-I", "-c", check, str(entry)], user)
+    return None if problem is None else problem.splitlines()[-1]
+
+
 def _prepare(attempt: Attempt) -> tuple[Workspace, list[str]]:
     """Make the workspace with the params file and the script in it; return it and the command."""
     workspace = Workspace.create(attempt.workspace_root, attempt.run_id, attempt.number)

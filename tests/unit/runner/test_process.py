@@ -276,6 +276,23 @@ def test_a_script_runs_as_the_script_user_in_a_workspace_of_its_own(reachable: P
 
 
 @as_root
+def test_whether_python_automations_can_start_as_the_script_user_is_found_out(
+    reachable: Path, contained: str
+) -> None:
+    """Installed where that user cannot read (a Python or virtualenv in root's home, say),
+    every python run would fail; the worker warns at start instead (see Worker)."""
+    python = "/usr/bin/python3"  # the system's, which anyone may run
+    entry = reachable / "entry.py"
+    entry.write_text("")
+    assert process.python_unusable(contained, NOBODY, python, entry) is None
+    private = reachable / "private"
+    private.mkdir(mode=0o700)
+    (private / "entry.py").write_text("")
+    problem = process.python_unusable(contained, NOBODY, python, private / "entry.py")
+    assert problem is not None and "Permission denied" in problem
+
+
+@as_root
 def test_a_script_user_cannot_undo_the_hiding(reachable: Path) -> None:
     """Root keeps the capabilities to unmount what covers the data directory; another user has none."""
     data = reachable / "data"
