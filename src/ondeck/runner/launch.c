@@ -50,6 +50,7 @@
 
 #define FAIL 125 /* as unshare and env do when they cannot start the program */
 #define PATH_MAX 4096
+#define NAME_MAX 255
 
 typedef unsigned long long u64;
 
@@ -120,13 +121,13 @@ static int starts(const char *text, const char *prefix, unsigned long n) {
     return 1;
 }
 
-/* Append `text` to the buffer `out` of `size` at `*at`; false when it does not fit. */
+/* Append as much of `text` as fits to the buffer `out` of `size` at `*at` (below `size`);
+   false when not all of it did. */
 static int put(char *out, unsigned long size, unsigned long *at, const char *text) {
-    unsigned long n = length(text);
-    if (*at + n >= size) return 0;
-    for (unsigned long i = 0; i < n; i++) out[(*at)++] = text[i];
+    unsigned long i = 0;
+    for (; text[i] && *at + 1 < size; i++) out[(*at)++] = text[i];
     out[*at] = '\0';
-    return 1;
+    return !text[i];
 }
 
 static const char *decimal(u64 value, char buffer[24]) {
@@ -164,26 +165,46 @@ static const char *error_text(int code) {
     case ELOOP: return "Too many levels of symbolic links";
     case ENOSYS: return "Function not implemented";
     case EUSERS: return "Too many users";
+    case EINTR: return "Interrupted system call";
+    case ENXIO: return "No such device or address";
+    case ENODEV: return "No such device";
+    case EOPNOTSUPP: return "Operation not supported";
+    case ESTALE: return "Stale file handle";
+    case ETIMEDOUT: return "Connection timed out";
     default: return 0;
     }
 }
 
-/* "ondeck-launch: " and the parts to stderr, then a newline. */
+/* "ondeck-launch: " and the parts to stderr, then a newline; a part of over 1000
+   bytes (a path, a program's name) cut to that, so that what follows it still shows. */
 static void say(const char *a, const char *b, const char *c, const char *d) {
-    char line[PATH_MAX + 256];
+    char line[4 * 1024 + 64];
     unsigned long at = 0;
     const char *parts[] = {"ondeck-launch: ", a, b, c, d};
-    for (int i = 0; i < 5; i++)
-        if (parts[i] && !put(line, sizeof line - 1, &at, parts[i])) break;
+    for (int i = 0; i < 5; i++) {
+        if (!parts[i]) continue;
+        unsigned long end = at + 1000 < sizeof line - 8 ? at + 1000 : sizeof line - 8;
+        if (!put(line, end + 1, &at, parts[i])) put(line, sizeof line, &at, "...");
+    }
     line[at++] = '\n';
     SYS(write, 2, line, at);
 }
 
+/* The last error as strerror would tell it ("error N" for one it does not know). */
+static const char *last_error(char buffer[32]) {
+    const char *text = error_text(err);
+    if (text) return text;
+    char digits[24];
+    unsigned long at = 0;
+    put(buffer, 32, &at, "error ");
+    put(buffer, 32, &at, decimal((u64)err, digits));
+    return buffer;
+}
+
 /* "what: the last error" and exit. */
 static void die(const char *what) {
-    char number[24];
-    const char *text = error_text(err);
-    say(what, ": ", text ? text : "error ", text ? 0 : decimal((u64)err, number));
+    char text[32];
+    say(what, ": ", last_error(text), 0);
     exit_now(FAIL);
 }
 
@@ -245,7 +266,7 @@ static void exec_script(const char *file, char **argv, char **envp) {
     shell[0] = "/bin/sh";
     shell[1] = (char *)file;
     for (int i = 1; i <= count; i++) shell[i + 1] = argv[i];
-    SYS(execve, "/bin/sh", shell, envp);
+    check(SYS(execve, "/bin/sh", shell, envp));
 }
 
 /* execvp: `argv[0]` looked up in $PATH unless it names a path; -1 and err if it cannot run. */
@@ -253,14 +274,27 @@ static void exec_program(char **argv, char **envp) {
     const char *name = argv[0];
     int slash = 0;
     for (const char *c = name; *c; c++) slash |= *c == '/';
+    if (!*name) {
+        err = ENOENT;
+        return;
+    }
     if (slash) {
         if (check(SYS(execve, name, argv, envp)) < 0 && err == ENOEXEC) exec_script(name, argv, envp);
         return;
     }
+    if (length(name) > NAME_MAX) {
+        err = ENAMETOOLONG;
+        return;
+    }
     const char *path = "/bin:/usr/bin"; /* glibc's, when PATH is unset */
-    for (char **variable = envp; *variable; variable++)
-        if (starts(*variable, "PATH=", 5)) path = *variable + 5;
+    for (char **variable = envp; *variable; variable++) {
+        if (starts(*variable, "PATH=", 5)) {
+            path = *variable + 5; /* the first, as getenv finds */
+            break;
+        }
+    }
     int denied = 0;
+    err = ENOENT;
     for (const char *start = path;; start++) {
         const char *end = start;
         while (*end && *end != ':') end++;
@@ -279,7 +313,7 @@ static void exec_program(char **argv, char **envp) {
         if (!*end) break;
         start = end;
     }
-    err = denied ? EACCES : ENOENT;
+    if (denied) err = EACCES; /* else the last one's */
 }
 
 /* --- the launcher ----------------------------------------------------------------- */
@@ -292,6 +326,7 @@ static int inside(const char *inner, const char *outer) {
 
 /* Make each directory of `path` below `top` (which exists), as mkdir -p would. */
 static void make_path(char *path, unsigned long top) {
+    if (!path[top]) return; /* `path` is `top` itself */
     for (char *slash = path + top + 1; *slash; slash++) {
         if (*slash != '/') continue;
         *slash = '\0';
@@ -348,8 +383,11 @@ static void become(char *user) {
         exit_now(FAIL);
     }
     *colon = '\0';
-    long uid = (long)(unsigned)number(user);
-    long gid = (long)(unsigned)number(colon + 1);
+    u64 uid = number(user), gid = number(colon + 1);
+    if (uid >= 0xffffffffULL || gid >= 0xffffffffULL) { /* -1 would keep the ids, more wrap around */
+        say("not a user or group id: ", uid >= 0xffffffffULL ? user : colon + 1, 0, 0);
+        exit_now(FAIL);
+    }
     if (check(SYS(setgroups, 0, 0)) < 0) die("setgroups");
     if (check(SYS(setresgid, gid, gid, gid)) < 0) die("setresgid");
     if (check(SYS(setresuid, uid, uid, uid)) < 0) die("setresuid");
@@ -370,8 +408,9 @@ static int launch(int argc, char **argv, char **envp) {
     int dashes = 8;
     while (dashes < argc && !same(argv[dashes], "--")) dashes++;
     if (dashes + 1 >= argc || argv[7][0] != '/') {
-        say("usage: ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE USER KEEP [HIDE...] -- PROGRAM [ARG...]",
-            0, 0, 0);
+        static const char usage[] =
+            "usage: ondeck-launch PARENT MEMORY CPU PROCESSES FILE_SIZE USER KEEP [HIDE...] -- PROGRAM [ARG...]\n";
+        SYS(write, 2, usage, sizeof usage - 1);
         return FAIL;
     }
     for (int i = 8; i < dashes; i++) {
@@ -440,8 +479,8 @@ static int launch(int argc, char **argv, char **envp) {
             ignore(SIGTERM, 0);
             char **command = argv + dashes + 1;
             exec_program(command, envp);
-            const char *text = error_text(err);
-            say("cannot run ", command[0], ": ", text ? text : "error");
+            char text[32];
+            say("cannot run ", command[0], ": ", last_error(text));
             exit_now(err == ENOENT ? 127 : 126);
         }
         int ended = 0, reaped;
@@ -478,6 +517,17 @@ void *memcpy(void *to, const void *from, unsigned long n) {
     return to;
 }
 
+void *memmove(void *to, const void *from, unsigned long n) {
+    volatile char *t = to;
+    const volatile char *f = from;
+    if (t < f) {
+        while (n--) *t++ = *f++;
+    } else {
+        while (n--) t[n] = f[n];
+    }
+    return to;
+}
+
 void *memset(void *to, int byte, unsigned long n) {
     volatile char *t = to;
     while (n--) *t++ = (char)byte;
@@ -493,7 +543,7 @@ void start(long *stack) {
 }
 
 #if defined(__x86_64__)
-__asm__(".globl _start\n_start:\n xor %rbp, %rbp\n mov %rsp, %rdi\n and $-16, %rsp\n call start\n hlt\n");
+__asm__(".text\n.globl _start\n.type _start, %function\n_start:\n xor %rbp, %rbp\n mov %rsp, %rdi\n and $-16, %rsp\n call start\n hlt\n");
 #else
-__asm__(".globl _start\n_start:\n mov x29, #0\n mov x30, #0\n mov x0, sp\n bl start\n");
+__asm__(".text\n.globl _start\n.type _start, %function\n_start:\n mov x29, #0\n mov x30, #0\n mov x0, sp\n bl start\n");
 #endif

@@ -216,6 +216,17 @@ def test_the_launcher_does_not_start_the_program_once_its_worker_is_gone(tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("ids", [(2**32, 2**32), (2**32 - 1, 0)])
+def test_the_launcher_refuses_ids_that_would_keep_or_wrap_to_root(
+    tmp_path: Path, ids: tuple[int, int]
+) -> None:
+    """Cut to 32 bits, 2**32 is uid 0; -1 leaves the ids as they are (root's, capabilities and all)."""
+    argv = isolation.command(isolation.LAUNCHER, LIMITS, tmp_path, user=ids)
+    result = subprocess.run([*argv, "id", "-u"], capture_output=True, timeout=10, check=False, cwd=tmp_path)
+    assert result.returncode == 125 and b"not a user or group id" in result.stderr
+    assert result.stdout == b""
+
+
 def test_the_launcher_hides_the_data_directory_other_workspaces_and_other_processes(
     tmp_path: Path,
 ) -> None:
