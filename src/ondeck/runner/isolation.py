@@ -80,6 +80,8 @@ def script_user(name: str) -> tuple[int, int]:
         if not name.isdigit():
             raise ValueError(f"script user {name!r} does not exist") from None
         ids = int(name), int(name)
+    if max(ids) >= 2**32 - 1:  # -1 changes no id, and more would wrap around (to root, for one)
+        raise ValueError(f"script user {name!r} is not a valid user id")
     if os.geteuid() not in (0, ids[0]):
         raise ValueError(f"running scripts as {name!r} needs ondeck to run as root")
     return ids

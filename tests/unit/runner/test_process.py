@@ -329,6 +329,9 @@ def test_a_script_user_cannot_undo_the_hiding(reachable: Path) -> None:
 
 def test_the_script_user_must_exist_and_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isolation.script_user(str(os.geteuid())) == (os.geteuid(), os.getegid())
+    for wrapping in (2**32 - 1, 2**32):
+        with pytest.raises(ValueError, match="not a valid user id"):
+            isolation.script_user(str(wrapping))
     with pytest.raises(ValueError, match="does not exist"):
         isolation.script_user("no-such-user-here")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
