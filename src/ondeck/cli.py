@@ -219,6 +219,8 @@ def _finish(api: Api, run: dict[str, Any], wait: bool, follow: bool, as_json: bo
                 f"run {run['id']} {run['status']}" + (f": {run['error']}" if run.get("error") else ""),
                 err=True,
             )
+            if run.get("outputs"):  # beside the status: stdout is the run's own (--follow)
+                typer.echo(f"  outputs: {json.dumps(run['outputs'])}", err=True)
         if run["status"] != "succeeded":
             raise typer.Exit(EXIT_RUN_FAILED)
         return

@@ -56,6 +56,15 @@ def test_python_main_params_are_typed_from_the_schema(examples_server: Server) -
     assert run["params"]["warn_percent"] == 0 and run["outputs"]["warning"] is True
 
 
+def test_waiting_for_a_run_shows_its_outputs_beside_its_status(examples_server: Server) -> None:
+    result = ondeck(examples_server, "run", "disk-report", "-p", "path=/", "--wait")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # a run's own output only, with --follow
+    status, outputs = result.stderr.splitlines()[-2:]
+    assert status.endswith(" succeeded")
+    assert json.loads(outputs.removeprefix("  outputs: "))["path"] == "/"
+
+
 def test_bad_param_is_a_clear_error(examples_server: Server) -> None:
     result = ondeck(examples_server, "run", "hello", "-p", "greeting=yo")
     assert result.returncode == 3
