@@ -1,7 +1,7 @@
 """The HTTP/1.1 protocol the server speaks: uvicorn's (on httptools), but for its answer
-to a request too malformed to reach the application at all (a request line or header
-that does not parse, a ``Content-Length`` of a hundred digits, an upgrade it does not
-serve). uvicorn gives that one as plain text; every error leaves the API as
+to a request too malformed to reach the application at all (a request line, header or
+body framing that does not parse: a ``Content-Length`` of a hundred digits, a bad chunk
+size). uvicorn gives that one as plain text; every error leaves the API as
 ``application/problem+json``, so this one does too.
 """
 
@@ -15,9 +15,7 @@ from ondeck.api.problems import MEDIA_TYPE, problem_body
 
 # uvicorn's messages, and what they mean to a client.
 _DETAILS = {
-    "Invalid HTTP request received.": (
-        "the request is not valid HTTP/1.1: its request line or one of its headers does not parse"
-    ),
+    "Invalid HTTP request received.": ("the request is not valid HTTP/1.1 and could not be parsed"),
 }
 
 

@@ -100,12 +100,14 @@ class Notifier:
         else:
             log.warning("could not send %d notification(s) (%s): listeners poll", len(batch), error)
             return
-        for channel, payload in batch:  # one at a time, so one refused costs no other
+        for sent, (channel, payload) in enumerate(batch):  # one at a time: one refused costs no other
             try:
                 self._execute([(channel, payload)])
             except psycopg.Error as exc:
                 log.warning("could not notify %s (%s): listeners poll", channel, exc)
                 if not self._usable():
+                    if sent + 1 < len(batch):
+                        log.warning("dropped %d more notification(s): listeners poll", len(batch) - sent - 1)
                     self._disconnect()
                     return
 
