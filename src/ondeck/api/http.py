@@ -15,7 +15,7 @@ from ondeck.api.problems import MEDIA_TYPE, problem_body
 
 # uvicorn's messages, and what they mean to a client.
 _DETAILS = {
-    "Invalid HTTP request received.": ("the request is not valid HTTP/1.1 and could not be parsed"),
+    "Invalid HTTP request received.": "the request is not valid HTTP/1.1 and could not be parsed",
 }
 
 
