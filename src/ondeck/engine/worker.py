@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from ondeck.runner.workspace import Workspace
 from ondeck.settings import Settings
 from ondeck.spec.expressions import ExpressionError, render
 from ondeck.spec.params import sensitive_values
+from ondeck.store import clock
 from ondeck.store.store import Store
 from ondeck.vault import Vault
 
@@ -43,6 +44,11 @@ class _Active:
     its output finds the lease gone: by the time the lease lapses, the reaper may end the
     attempt and another worker start the run again, so the attempt must be over by then
     (the kill grace period is shorter than the third of the lease that is left).
+
+    That moment, the fence, is reckoned on the clock leases are (``clock.elapsed``), which
+    counts on while the host is suspended; the event loop's timers do not, so the worker
+    checks the fences itself every ``step`` seconds (``Worker._watch_fences``) and each
+    fence stands a step early.
     """
 
     def __init__(self, key: tuple[str, int], since: float, lease: float) -> None:
@@ -50,15 +56,18 @@ class _Active:
         self.stop = asyncio.Event()
         self.lost = False  # the lease lapsed, or may have: the attempt is void
         self.cancelled = False  # a cancel was asked for
-        self._fence: asyncio.TimerHandle | None = None
+        self.fence = math.inf
         self.renewed(since)
 
+    @staticmethod
+    def step(lease: float) -> float:
+        """How often the fences of attempts under ``lease`` are checked."""
+        return min(1.0, lease / 30)
+
     def renewed(self, since: float) -> None:
-        """The lease holds for a lease from ``since`` (``time.monotonic``, taken before the
+        """The lease holds for a lease from ``since`` (``clock.elapsed``, taken before the
         write that set it)."""
-        self.cancel_fence()
-        delay = since + 2 * self.lease / 3 - time.monotonic()
-        self._fence = asyncio.get_running_loop().call_later(delay, self.lose, "it could not be renewed")
+        self.fence = since + 2 * self.lease / 3 - self.step(self.lease)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -71,8 +80,8 @@ class _Active:
         self.stop.set()
 
     def cancel_fence(self) -> None:
-        if self._fence is not None:
-            self._fence.cancel()
+        """The attempt is over: only its end is left to write."""
+        self.fence = math.inf
 
 
 class _LogBuffer:
@@ -198,6 +207,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until ``stop`` is set; then stop in-flight attempts."""
         heartbeat = asyncio.create_task(self._heartbeat())
+        fences = asyncio.create_task(self._watch_fences())
         log.info(
             "worker %s started (group %s, concurrency %d, isolation: %s)",
             self.id,
@@ -223,6 +233,7 @@ class Worker:
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.settings.kill_grace_seconds + 10)
             heartbeat.cancel()
+            fences.cancel()
             log.info("worker %s stopped", self.id)
 
     async def _claim(self) -> bool:
@@ -234,7 +245,7 @@ class Worker:
             self._backlog = True
             self._woken_while_full += 1
             return False
-        since = time.monotonic()
+        since = clock.elapsed()
         try:
             claims, more = await self.call(
                 queue.claim, self.store, self.id, self.group, free, self.lease, self._definitions
@@ -255,6 +266,16 @@ class Worker:
             task = asyncio.create_task(self._execute(claim))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _watch_fences(self) -> None:
+        """Stop the attempts whose fence has passed (see ``_Active``)."""
+        lease = self.lease.total_seconds()
+        while True:
+            await asyncio.sleep(_Active.step(lease))
+            now = clock.elapsed()
+            for active in list(self._active.values()):
+                if now >= active.fence:
+                    active.lose("it could not be renewed")
 
     async def _heartbeat(self) -> None:
         """Renew the leases every third of a lease, and soon again after a renewal failed;
@@ -278,14 +299,14 @@ class Worker:
             if not held:
                 delay = period
                 continue
-            since = time.monotonic()
+            since = clock.elapsed()
             try:
                 renewed = await blocking.run(queue.renew_leases, self.store, self.id, self.lease, list(held))
             except Exception:
                 log.exception("renewing leases failed; retrying soon")
                 delay = period / 4  # a few tries before two thirds of a lease have passed
                 continue
-            delay = max(0.0, period - (time.monotonic() - since))
+            delay = max(0.0, period - (clock.elapsed() - since))
             for key, active in held.items():
                 if self._active.get(key) is not active:
                     continue  # ended meanwhile
@@ -380,7 +401,7 @@ class Worker:
             elif self._stopping:
                 outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
         following: list[Claim] = []
-        since = time.monotonic()
+        since = clock.elapsed()
         try:
             following = await self._record(claim, outcome, await buffer.take_rest())
         finally:
@@ -397,7 +418,7 @@ class Worker:
         for half a lease while the store fails. If it never lands, the lease lapses and the
         reaper ends the attempt as lost, and may retry a run that in fact succeeded: so a
         short outage of the store must not get that far."""
-        deadline = time.monotonic() + self.lease.total_seconds() / 2
+        deadline = clock.elapsed() + self.lease.total_seconds() / 2
         delay = 0.05
         while True:
             try:
@@ -414,7 +435,7 @@ class Worker:
                 await self.call(finish.finish, self.store, claim, outcome, chunks)
                 return []
             except Exception:
-                if time.monotonic() + delay > deadline:
+                if clock.elapsed() + delay > deadline:
                     log.exception("run %s: recording the result failed; the reaper will end it", claim.run.id)
                     return []
                 log.warning("run %s: recording the result failed; retrying", claim.run.id, exc_info=True)

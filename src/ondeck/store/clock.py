@@ -40,7 +40,7 @@ _SAMPLES = 3  # the reading of the fastest round trip is kept: its midpoint is s
 _CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)  # BOOTTIME: Linux
 
 
-def _elapsed() -> float:
+def elapsed() -> float:
     """Seconds on this host's monotonic clock, suspensions included where it can tell."""
     return time.clock_gettime(_CLOCK)
 
@@ -51,7 +51,7 @@ class DatabaseClock:
     def __init__(self, local: Callable[[], datetime]) -> None:
         self._local = local
         self._lock = threading.Lock()
-        # (database time, _elapsed() when it was that time); None until measured.
+        # (database time, elapsed() when it was that time); None until measured.
         self._pin: tuple[datetime, float] | None = None
         self.offset: timedelta | None = None
         """The database's clock minus this host's, at the last reading."""
@@ -65,7 +65,7 @@ class DatabaseClock:
         pin = self._pin
         assert pin is not None, "the database's clock is read before it was measured"
         at, since = pin
-        return at + timedelta(seconds=_elapsed() - since)
+        return at + timedelta(seconds=elapsed() - since)
 
     def measure(self, connection: Connection) -> timedelta:
         """Read the database's clock over ``connection``; returns the offset from this host's."""
@@ -73,10 +73,10 @@ class DatabaseClock:
             # The round trip, the database's time, and the elapsed and local times at its midpoint.
             best: tuple[float, datetime, float, datetime] | None = None
             for _ in range(_SAMPLES):
-                local, sent = self._local(), _elapsed()
+                local, sent = self._local(), elapsed()
                 # In UTC: a session time zone with summer time would make now() add wall-clock time.
                 database: datetime = connection.execute(_READ).scalar_one().astimezone(UTC)
-                returned = _elapsed()
+                returned = elapsed()
                 trip = returned - sent
                 if best is None or trip < best[0]:
                     best = (trip, database, (sent + returned) / 2, local + timedelta(seconds=trip / 2))

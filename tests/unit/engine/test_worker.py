@@ -24,6 +24,7 @@ from ondeck.engine.wakeup import WakeBus
 from ondeck.engine.worker import Worker, _Active
 from ondeck.errors import StoreUnavailable
 from ondeck.settings import Settings
+from ondeck.store import clock
 from ondeck.store.store import Store, Transaction
 from ondeck.vault import Vault
 from tests.unit.engine.test_lifecycle import LEASE, define
@@ -221,7 +222,7 @@ def _lose_the_next_commits_answer(
 async def _execute(worker: Worker, claimed: queue.Claim) -> None:
     """Execute ``claimed`` as ``Worker._start`` has it do."""
     key = (claimed.run.id, claimed.run.attempt)
-    worker._active[key] = _Active(key, time.monotonic(), worker.lease.total_seconds())
+    worker._active[key] = _Active(key, clock.elapsed(), worker.lease.total_seconds())
     await worker._execute(claimed)
 
 
@@ -370,13 +371,39 @@ def test_a_run_cancelled_as_its_worker_stops_ends_cancelled(store: Store, worker
 
     async def scenario() -> None:
         key = (claimed.run.id, claimed.run.attempt)
-        worker._active[key] = active = _Active(key, time.monotonic(), worker.lease.total_seconds())
+        worker._active[key] = active = _Active(key, clock.elapsed(), worker.lease.total_seconds())
         worker._stopping = True
         active.cancel()
         await worker._execute(claimed)
 
     asyncio.run(scenario())
     assert runs.get(store, run.id).status == RunStatus.CANCELLED
+
+
+def test_an_attempt_is_stopped_soon_after_a_suspend_outlasted_its_lease(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host slept (a paused virtual machine, say) past the lease: meanwhile other hosts
+    saw it lapse and may run the run again, so this attempt must stop at once on waking,
+    not when the worker's next heartbeat comes round (the event loop's timers did not count
+    the pause). The suspend is shown by moving the clock leases are reckoned on, which
+    counts on through one (CLOCK_BOOTTIME), while the loop's clock stands."""
+    lease = 30.0  # the heartbeat renews every 10 s: it must not be what stops the attempt
+    settings = Settings(data_dir=tmp_path, lease_seconds=lease, kill_grace_seconds=0.2, poll_seconds=120)
+    define(store, run={"runtime": "bash", "script": "sleep 60"})
+    elapsed = clock.elapsed
+
+    async def scenario() -> None:
+        run = admit(store, TriggerRequest("job")).run
+        await _until("the run starts", lambda: runs.get(store, run.id).status == RunStatus.RUNNING)
+        monkeypatch.setattr(clock, "elapsed", lambda: elapsed() + lease)  # asleep for a lease
+        woke = time.monotonic()
+        await _until("the run ends", lambda: runs.get(store, run.id).status.terminal, seconds=8)
+        assert time.monotonic() - woke < 8 < lease / 3
+        (attempt,) = runs.detail(store, SYSTEM, run.id).attempts
+        assert attempt.status == RunStatus.FAILED and "lost the run's lease" in (attempt.error or "")
+
+    _run_worker(store, settings, scenario)
 
 
 def test_one_failed_renewal_is_retried_before_the_attempt_would_be_stopped(

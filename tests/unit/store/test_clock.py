@@ -128,4 +128,4 @@ def test_the_time_since_a_reading_counts_while_the_host_is_suspended() -> None:
     database's by the pause until the next reading)."""
     assert clock._CLOCK == time.CLOCK_BOOTTIME
     before = time.clock_gettime(time.CLOCK_BOOTTIME)
-    assert before <= clock._elapsed() <= time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert before <= clock.elapsed() <= time.clock_gettime(time.CLOCK_BOOTTIME)
