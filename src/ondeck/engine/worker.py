@@ -277,9 +277,16 @@ class Worker:
                 if now >= active.fence:
                     active.lose("it could not be renewed")
 
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep ``seconds`` by the lease clock: a suspend of the host counts (see ``_Active``)."""
+        until = clock.elapsed() + seconds
+        while (left := until - clock.elapsed()) > 0:
+            await asyncio.sleep(min(left, _Active.step(self.lease.total_seconds())))
+
     async def _heartbeat(self) -> None:
         """Renew the leases every third of a lease, and soon again after a renewal failed;
         stop the attempts whose lease is gone (see ``_Active``), and those asked to cancel.
+        The beats keep to the lease clock, so the first after a suspend comes at once.
         Each beat, busy or idle, reads the store's clock again, which claims and renewals
         write leases in (``Store.now``).
 
@@ -290,7 +297,7 @@ class Worker:
         period = self.lease.total_seconds() / 3
         delay = period
         while True:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             try:
                 await self.call(self.store.sync_clock)
             except Exception:

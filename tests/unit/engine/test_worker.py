@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -402,6 +403,33 @@ def test_an_attempt_is_stopped_soon_after_a_suspend_outlasted_its_lease(
         assert time.monotonic() - woke < 8 < lease / 3
         (attempt,) = runs.detail(store, SYSTEM, run.id).attempts
         assert attempt.status == RunStatus.FAILED and "lost the run's lease" in (attempt.error or "")
+
+    _run_worker(store, settings, scenario)
+
+
+def test_leases_are_renewed_soon_after_a_suspend_that_left_them_time(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suspend past a heartbeat but short of the fence: the heartbeat comes on waking, so
+    the attempt goes on rather than being stopped at its fence (shown as above)."""
+    lease = 30.0  # the heartbeat is due every 10 s, the fence 19 s after a renewal
+    settings = Settings(data_dir=tmp_path, lease_seconds=lease, kill_grace_seconds=0.2, poll_seconds=120)
+    define(store, run={"runtime": "bash", "script": "sleep 60"})
+    elapsed, slept = clock.elapsed, [0.0]
+    monkeypatch.setattr(clock, "elapsed", lambda: elapsed() + slept[0])
+
+    async def scenario() -> None:
+        run = admit(store, TriggerRequest("job")).run
+        await _until("the run starts", lambda: runs.get(store, run.id).status == RunStatus.RUNNING)
+        for _ in range(2):  # 24 s asleep in all since the claim: past its fence, were it not renewed
+            leased = runs.get(store, run.id).lease_expires_at
+            slept[0] += 12
+            renewed = functools.partial(lambda was: runs.get(store, run.id).lease_expires_at != was, leased)
+            await _until("the lease is renewed", renewed, 5)
+        assert runs.get(store, run.id).status == RunStatus.RUNNING
+        runs.cancel(store, SYSTEM, run.id)
+        await _until("the run is cancelled", lambda: runs.get(store, run.id).status.terminal)
+        assert runs.get(store, run.id).status == RunStatus.CANCELLED
 
     _run_worker(store, settings, scenario)
 
