@@ -225,6 +225,10 @@ def _new_run(
     )
 
 
+class _Superseded(Exception):
+    """The version a run is admitted under is no longer the automation's current one."""
+
+
 def _write(
     store: Store,
     run: Run,
@@ -234,53 +238,63 @@ def _write(
     request: TriggerRequest,
 ) -> Admission | None:
     now = run.created_at
-    with store.transaction() as tx:
-        if tx.current_version(run.automation) != run.version:
-            return None
-        if run.idempotency_key is not None:
-            found = tx.find_idempotency(run.automation, run.idempotency_key, now)
-            if found is not None:
-                return _replay(tx, found, fingerprint)
-            tx.save_idempotency(
-                run.automation, run.idempotency_key, fingerprint, run.id, now + policy.idempotency_ttl, now
+    try:
+        with store.transaction() as tx:
+            tx.require_version(run.automation, run.version, _Superseded())
+            if run.idempotency_key is not None:
+                found = tx.find_idempotency(run.automation, run.idempotency_key, now)
+                if found is not None:
+                    return _replay(tx, found, fingerprint)
+                tx.save_idempotency(
+                    run.automation,
+                    run.idempotency_key,
+                    fingerprint,
+                    run.id,
+                    now + policy.idempotency_ttl,
+                    now,
+                )
+            status, reason = RunStatus.QUEUED, "admitted"
+            if automation.concurrency is not None and run.concurrency_key is not None:
+                status, reason = _apply_concurrency(
+                    tx, run, automation.concurrency.policy, automation.concurrency.limit
+                )
+            if status == RunStatus.QUEUED and run.approval is not None:
+                status, reason = (
+                    RunStatus.WAITING_APPROVAL,
+                    f"waiting for approval ({approvals.describe(run.approval)})",
+                )
+            extra: dict[str, Any] = (
+                {"finished_at": now, "error": reason} if status == RunStatus.REJECTED else {}
             )
-        status, reason = RunStatus.QUEUED, "admitted"
-        if automation.concurrency is not None and run.concurrency_key is not None:
-            status, reason = _apply_concurrency(
-                tx, run, automation.concurrency.policy, automation.concurrency.limit
+            # Pending only within this transaction: the run is written in the status decided.
+            triggered = f"triggered via {run.trigger} by {run.principal}"
+            admitted = states.admit(tx, run, status, triggered, reason, automation, **extra)
+            if request.schedule_fire is not None:
+                tx.insert_fire(*request.schedule_fire, run.id)
+            if status == RunStatus.QUEUED:
+                tx.notify("queue", run.worker_group)
+            # Last, with the audit append: both lock a row (or the chain) that every admission
+            # needs until commit, so taking them late keeps admissions from queueing on them
+            # (on PostgreSQL both go with the commit). A refusal here, or from the commit,
+            # rolls back everything above.
+            _check_limits(tx, run, automation, policy)
+            tx.append_audit(
+                run.principal or "system",
+                "run.triggered",
+                f"run:{run.id}",
+                {
+                    "automation": run.automation,
+                    "version": run.version,
+                    "via": run.trigger,
+                    "params": masked_params(automation, request.params),
+                    "decision": str(status),
+                    "reason": reason,
+                },
+                now,
             )
-        if status == RunStatus.QUEUED and run.approval is not None:
-            status, reason = (
-                RunStatus.WAITING_APPROVAL,
-                f"waiting for approval ({approvals.describe(run.approval)})",
-            )
-        extra: dict[str, Any] = {"finished_at": now, "error": reason} if status == RunStatus.REJECTED else {}
-        # Pending only within this transaction: the run is written in the status decided.
-        triggered = f"triggered via {run.trigger} by {run.principal}"
-        admitted = states.admit(tx, run, status, triggered, reason, automation, **extra)
-        if request.schedule_fire is not None:
-            tx.insert_fire(*request.schedule_fire, run.id)
-        if status == RunStatus.QUEUED:
-            tx.notify("queue", run.worker_group)
-        # Last, with the audit append: both lock a row (or the chain) that every admission
-        # needs until commit, so taking them late keeps admissions from queueing on them.
-        # A refusal here rolls back everything above.
-        _check_limits(tx, run, automation, policy)
-        tx.append_audit(
-            run.principal or "system",
-            "run.triggered",
-            f"run:{run.id}",
-            {
-                "automation": run.automation,
-                "version": run.version,
-                "via": run.trigger,
-                "params": masked_params(automation, request.params),
-                "decision": str(status),
-                "reason": reason,
-            },
-            now,
-        )
-        return Admission(admitted)
+            return Admission(admitted)
+    except _Superseded:
+        return None
 
 
 def _check_limits(tx: Transaction, run: Run, automation: Automation, policy: AdmissionPolicy) -> None:

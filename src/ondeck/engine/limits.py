@@ -24,14 +24,15 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 def check_rate(tx: Transaction, key: str, limit: int, per: float, now: datetime, what: str) -> None:
+    """Count the trigger against ``limit`` per ``per`` for ``key``: ``RateLimited`` if it is
+    one too many, raised now or, on PostgreSQL, by the commit (``Transaction.count_within``)."""
     epoch = now.timestamp()
     window = int(epoch // per * per)
-    if tx.count_in_window(key, window) > limit:
-        retry_after = max(1, math.ceil(window + per - epoch))
-        raise RateLimited(
-            f"rate limit for {what} is {limit} per {format_duration(per)}; retry in {retry_after}s",
-            retry_after,
-        )
+    retry_after = max(1, math.ceil(window + per - epoch))
+    refusal = RateLimited(
+        f"rate limit for {what} is {limit} per {format_duration(per)}; retry in {retry_after}s", retry_after
+    )
+    tx.count_within(key, window, limit, refusal)
 
 
 def parse_global_limit(text: str | None) -> tuple[int, float] | None:

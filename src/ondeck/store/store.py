@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from psycopg import sql as pgsql
 from sqlalchemy import (
     Connection,
@@ -47,8 +48,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from ondeck.audit import GENESIS, AuditEntry, canonical_detail, chain_content, chain_hash
 from ondeck.domain import (
@@ -166,17 +167,26 @@ _COUNT_LOGS = (
 _INSERT_LOGS = insert(log_entries)
 _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1))
 _INSERT_AUDIT = Direct(insert(audit_entries))
-# Sent with the commit, as literals (see ``Transaction.commit``; the function: migration 0005).
-_APPEND_AUDIT = pgsql.SQL("SELECT FROM ondeck_append_audit({}, {}, {}, {}, {}, {}, {})")
-_COUNT_RATE = {
-    name: Direct(
-        dialect.insert(rate_counters)
-        .values(key=bindparam("key"), window=bindparam("window"), count=1)
-        .on_conflict_do_update(index_elements=["key", "window"], set_={"count": rate_counters.c.count + 1})
-        .returning(rate_counters.c.count)
-    )
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+
+
+def _call(function: str, arguments: int) -> tuple[pgsql.SQL, str]:
+    """A call of ``function`` taking ``arguments``, sent with the commit with its values as
+    literals (see ``Transaction.commit``), and how an error names it. The functions: see
+    migrations 0005 and 0006; a check that fails raises ``_REFUSED``, its message the tag
+    it was given."""
+    return pgsql.SQL(f"SELECT FROM {function}({', '.join(['{}'] * arguments)})"), f"SELECT FROM {function}(…)"
+
+
+_APPEND_AUDIT = _call("ondeck_append_audit", 7)
+_COUNT_RATE_AT_COMMIT = _call("ondeck_count_rate", 4)
+_REQUIRE_VERSION = _call("ondeck_require_version", 3)
+_REFUSED = "OD001"
+_COUNT_RATE = Direct(  # SQLite's
+    sqlite.insert(rate_counters)
+    .values(key=bindparam("key"), window=bindparam("window"), count=1)
+    .on_conflict_do_update(index_elements=["key", "window"], set_={"count": rate_counters.c.count + 1})
+    .returning(rate_counters.c.count)
+)
 
 
 @dataclass(frozen=True)
@@ -329,24 +339,44 @@ class Transaction:
         """The time leases and due times are reckoned in (``Store.now``)."""
         self.postgres = connection.dialect.name == "postgresql"
         self.notifications: list[tuple[str, str]] = []
-        self._audit: list[pgsql.Composable] = []  # PostgreSQL's appends, made at commit
+        # PostgreSQL's audit appends and checks, made at commit: each with its name in errors.
+        self._at_commit: list[tuple[pgsql.Composable, str]] = []
+        self._refusals: list[Exception] = []  # what a check that fails at commit raises, by tag
 
     def commit(self) -> None:
-        """Commit; on PostgreSQL, with the audit appends in the same round trip.
+        """Commit; on PostgreSQL, with the checks (``count_within``, ``require_version``)
+        and audit appends in the same round trip.
 
         An append takes the chain's lock, which every append needs and which is held until
-        commit: sent with the commit in one query (so with values as literals, quoted by the
-        driver), the lock is held for the append and the commit's flush alone, not also for
-        a round trip back here and the wait for this thread's turn at the interpreter lock.
-        A failing append fails the commit, as it would have failed its statement; its
-        error names the statement without the values, which may be params (see
-        ``database.create_db_engine``)."""
-        if self._audit:
+        commit, as a rate counter's row is locked for every trigger it counts: sent with the
+        commit in one query (so with values as literals, quoted by the driver), the lock is
+        held for the statement and the commit's flush alone, not also for a round trip back
+        here and the wait for this thread's turn at the interpreter lock. A check that fails
+        fails the commit, and its refusal is raised; a failing append fails the commit, as
+        it would have failed its statement. The error names the statements without their
+        values, which may be params (see ``database.create_db_engine``)."""
+        if self._at_commit:
             driver = self._c.connection.driver_connection
-            query = pgsql.SQL("; ").join([*self._audit, pgsql.SQL("COMMIT")]).as_string(driver)
-            shown = f"{'SELECT FROM ondeck_append_audit(…); ' * len(self._audit)}COMMIT"
-            self._audit.clear()
-            direct.statement(self._c, query, shown=shown)  # the transaction's commit then has nothing to do
+            statements = [statement for statement, _ in self._at_commit]
+            query = pgsql.SQL("; ").join([*statements, pgsql.SQL("COMMIT")]).as_string(driver)
+            shown = "; ".join([*(name for _, name in self._at_commit), "COMMIT"])
+            self._at_commit.clear()
+            try:  # the transaction's own commit then has nothing to do
+                direct.statement(self._c, query, shown=shown)
+            except DBAPIError as exc:
+                refused = exc.orig
+                if not isinstance(refused, psycopg.Error) or refused.sqlstate != _REFUSED:
+                    raise
+                raise self._refusals[int(refused.diag.message_primary or "")] from None
+
+    def _call_at_commit(self, call: tuple[pgsql.SQL, str], *arguments: Any) -> None:
+        statement, name = call
+        self._at_commit.append((statement.format(*map(pgsql.Literal, arguments)), name))
+
+    def _check_at_commit(self, check: tuple[pgsql.SQL, str], refusal: Exception, *arguments: Any) -> None:
+        """Call ``check`` with the commit, which raises ``refusal`` if it fails."""
+        self._call_at_commit(check, *arguments, str(len(self._refusals)))
+        self._refusals.append(refusal)
 
     def notify(self, channel: str, payload: str) -> None:
         """Wake listeners after commit (in this process, and on PostgreSQL everywhere)."""
@@ -366,6 +396,14 @@ class Transaction:
         """The number of the current version of ``name`` (None if there is no such automation)."""
         value = _CURRENT_VERSION_NUMBER.scalar(self._c, {"name": name})
         return None if value is None else int(value)
+
+    def require_version(self, name: str, version: int, refusal: Exception) -> None:
+        """Raise ``refusal`` unless ``version`` is the current version of ``name``: on
+        PostgreSQL from ``commit``, as of the commit."""
+        if self.postgres:
+            self._check_at_commit(_REQUIRE_VERSION, refusal, name, version)
+        elif self.current_version(name) != version:
+            raise refusal
 
     def automation_version(self, name: str, version: int) -> AutomationVersion | None:
         row = self._c.execute(_VERSION, {"name": name, "version": version}).first()
@@ -757,8 +795,7 @@ class Transaction:
         body = canonical_detail(detail)
         if self.postgres:
             content = chain_content(now, actor, action, target, body)
-            arguments = (_AUDIT_LOCK, now, actor, action, target, body, content)
-            self._audit.append(_APPEND_AUDIT.format(*map(pgsql.Literal, arguments)))
+            self._call_at_commit(_APPEND_AUDIT, _AUDIT_LOCK, now, actor, action, target, body, content)
         else:  # SQLite's writers take turns already
             prev_hash = _LAST_AUDIT_HASH.scalar(self._c, {}) or GENESIS
             digest = chain_hash(prev_hash, now, actor, action, target, body)
@@ -833,9 +870,13 @@ class Transaction:
 
     # --- rate limits and circuit breakers ------------------------------------
 
-    def count_in_window(self, key: str, window: int) -> int:
-        """Add one to the counter of ``key`` for ``window``; returns the new count (atomic)."""
-        return int(_COUNT_RATE[self._c.dialect.name].scalar(self._c, {"key": key, "window": window}))
+    def count_within(self, key: str, window: int, limit: int, refusal: Exception) -> None:
+        """Add one to the counter of ``key`` for ``window``, and raise ``refusal`` if that
+        takes it over ``limit``: on PostgreSQL from ``commit``, which counts."""
+        if self.postgres:
+            self._check_at_commit(_COUNT_RATE_AT_COMMIT, refusal, key, window, limit)
+        elif int(_COUNT_RATE.scalar(self._c, {"key": key, "window": window})) > limit:
+            raise refusal
 
     def purge_counters(self, before_window: int) -> None:
         self._c.execute(delete(rate_counters).where(rate_counters.c.window < before_window))

@@ -21,6 +21,7 @@ from ondeck.errors import (
     InvalidParams,
     InvalidRequest,
     NotFound,
+    RateLimited,
     UnloadableDefinition,
 )
 from ondeck.spec.loader import parse_definition
@@ -89,6 +90,24 @@ def test_params_refused_by_a_version_another_process_replaced_are_judged_by_the_
     finally:
         other.dispose()
     assert admit(store, TriggerRequest("job", {})).run.version == 2
+
+
+def test_a_trigger_over_a_rate_limit_is_refused_by_that_limit_and_not_counted(store: Store) -> None:
+    """The limits are counted in the admission's transaction (on PostgreSQL, by its commit):
+    the refusal names the limit that was reached, and the refused trigger writes no run
+    and uses up no limit's window."""
+    define(store, rate_limit={"limit": 2, "per": "1d", "scope": "automation"})
+    define(store, name="other")
+    policy = AdmissionPolicy(global_rate_limit=(3, 86400))  # windows of a day: one holds the test
+    for _ in range(2):
+        admit(store, TriggerRequest("job"), policy)
+    with pytest.raises(RateLimited, match=r"rate limit for 'job' is 2 per 1d; retry in \d+s"):
+        admit(store, TriggerRequest("job"), policy)
+    admit(store, TriggerRequest("other"), policy)  # the principal's third: the refused one was not counted
+    with pytest.raises(RateLimited, match="rate limit for principal system is 3 per 1d"):
+        admit(store, TriggerRequest("other"), policy)
+    written, _ = runs.page(store, SYSTEM, automation=None, statuses=[], before=None, limit=10)
+    assert sorted(run.automation for run in written) == ["job", "job", "other"]
 
 
 def test_invalid_params_write_nothing(store: Store) -> None:
