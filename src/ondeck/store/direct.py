@@ -145,12 +145,17 @@ class Direct:
 def _driver_cursor(connection: Connection, sql: str, values: Any, shown: str | None = None) -> Iterator[Any]:
     """The connection's DBAPI cursor; driver errors come back as SQLAlchemy's, naming the
     statement as ``shown`` if given (one with values in its text, which the error would
-    quote, ``hide_parameters`` or not)."""
+    quote, ``hide_parameters`` or not). Then the driver's own message is cut to its first
+    line too: PostgreSQL's may go on to quote the statement (``LINE 1: …``) or the row it
+    refused (``DETAIL: Failing row contains …``)."""
     dbapi = connection.dialect.loaded_dbapi
     cursor = connection.connection.cursor()
     try:
         yield cursor
     except dbapi.Error as exc:
+        primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+        if shown is not None and primary is not None:
+            exc.args = (primary,)
         hide = connection.engine.hide_parameters
         raise DBAPIError.instance(
             sql if shown is None else shown, values, exc, dbapi.Error, hide, dialect=connection.dialect

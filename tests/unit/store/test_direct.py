@@ -6,7 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.exc import DBAPIError
 
+from ondeck.store import direct
 from ondeck.store.direct import Direct
 from ondeck.store.store import IntegrityError, Store
 from ondeck.store.tables import audit_entries, automation_versions, runs
@@ -114,3 +116,13 @@ def test_a_batch_of_rows_is_written_in_one_call_with_their_values_processed(stor
             select(automation_versions.c.definition).order_by(automation_versions.c.version)
         ).scalars()
         assert list(stored) == [{"v": 1}, {"v": 2}, {"v": 3}]
+
+
+def test_an_error_in_a_statement_shown_otherwise_quotes_none_of_it(pg_store: Store) -> None:
+    """PostgreSQL's message for a statement with values in its text may quote it (here
+    ``LINE 1: SELECT 'the-value' +``): the error names it as it is shown, and says what
+    went wrong."""
+    with pytest.raises(DBAPIError) as raised, pg_store.transaction() as tx:
+        direct.statement(tx._c, "SELECT 'the-value' +", shown="SELECT …")
+    assert "the-value" not in str(raised.value)
+    assert "syntax error at end of input" in str(raised.value) and "SELECT …" in str(raised.value)
