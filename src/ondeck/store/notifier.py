@@ -59,10 +59,9 @@ class Notifier:
         with self._start:
             if self._closed:
                 return
-            if self._thread is None or not self._thread.is_alive():  # the first, or one that died
-                self._thread = threading.Thread(target=self._run, name="ondeck-notify", daemon=True)
-                self._thread.start()
             self._pending.put(list(notifications))
+            if self._thread is None:  # the first, or one that died (see ``_run``)
+                self._spawn()
 
     def close(self) -> None:
         """Send what is queued, then stop."""
@@ -83,6 +82,18 @@ class Notifier:
                     self._disconnect()
         finally:
             self._disconnect()
+            # Should this thread die nonetheless, the next ``send`` starts another, and one
+            # starts now for what was queued meanwhile.
+            with self._start:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                    if not self._closed and not self._pending.empty():
+                        self._spawn()
+
+    def _spawn(self) -> None:
+        """Start the sending thread (with ``_start`` held)."""
+        self._thread = threading.Thread(target=self._run, name="ondeck-notify", daemon=True)
+        self._thread.start()
 
     def _send(self, batch: list[tuple[str, str]]) -> None:
         # A connection lost since the last batch (a restart, an idle timeout) is replaced

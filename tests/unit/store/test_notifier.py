@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import TypeAlias
 
 import psycopg
 import pytest
@@ -21,8 +22,11 @@ def channel() -> str:
     return f"test{uuid.uuid4().hex[:12]}"  # channels are the database's: one of this test's own
 
 
+Listener: TypeAlias = psycopg.Connection[tuple[object, ...]]
+
+
 @pytest.fixture
-def listener(channel: str, pg_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+def listener(channel: str, pg_url: str) -> Iterator[Listener]:
     with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
         connection.execute(f"LISTEN ondeck_{channel}")
         yield connection
@@ -35,7 +39,7 @@ def notifier(pg_url: str) -> Iterator[Notifier]:
     notifier.close()
 
 
-def received(listener: psycopg.Connection[tuple[object, ...]], count: int) -> list[str]:
+def received(listener: Listener, count: int) -> list[str]:
     payloads: list[str] = []
     deadline = time.monotonic() + 10
     while len(payloads) < count and time.monotonic() < deadline:
@@ -43,14 +47,14 @@ def received(listener: psycopg.Connection[tuple[object, ...]], count: int) -> li
     return payloads
 
 
-def test_notifications_arrive_in_the_order_sent(notifier: Notifier, listener, channel: str) -> None:  # type: ignore[no-untyped-def]
+def test_notifications_arrive_in_the_order_sent(notifier: Notifier, listener: Listener, channel: str) -> None:
     notifier.send([(channel, "1"), (channel, "2")])
     notifier.send([(channel, "3")])
     assert received(listener, 3) == ["1", "2", "3"]
 
 
-def test_one_notification_refused_costs_no_other(  # type: ignore[no-untyped-def]
-    notifier: Notifier, listener, channel: str, caplog: pytest.LogCaptureFixture
+def test_one_notification_refused_costs_no_other(
+    notifier: Notifier, listener: Listener, channel: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="ondeck.store.notifier"):
         notifier.send([(channel, "before"), (channel, "x" * 9000), (channel, "after")])  # over 8000 bytes
@@ -58,8 +62,8 @@ def test_one_notification_refused_costs_no_other(  # type: ignore[no-untyped-def
     assert "could not notify" in caplog.text and "too long" in caplog.text
 
 
-def test_a_connection_lost_meanwhile_is_replaced_without_losing_the_next(  # type: ignore[no-untyped-def]
-    notifier: Notifier, listener, channel: str
+def test_a_connection_lost_meanwhile_is_replaced_without_losing_the_next(
+    notifier: Notifier, listener: Listener, channel: str
 ) -> None:
     """A restart or an idle timeout ends the notifier's connection while it waits."""
     notifier.send([(channel, "first")])
@@ -72,8 +76,8 @@ def test_a_connection_lost_meanwhile_is_replaced_without_losing_the_next(  # typ
     assert received(listener, 1) == ["second"]
 
 
-def test_a_fault_that_is_no_database_error_costs_its_batch_alone(  # type: ignore[no-untyped-def]
-    notifier: Notifier, listener, channel: str, monkeypatch: pytest.MonkeyPatch
+def test_a_fault_that_is_no_database_error_costs_its_batch_alone(
+    notifier: Notifier, listener: Listener, channel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug or a lack of memory while sending must not end wake-ups for good."""
     real, faulted = Notifier._execute, threading.Event()
@@ -87,6 +91,26 @@ def test_a_fault_that_is_no_database_error_costs_its_batch_alone(  # type: ignor
     monkeypatch.setattr(Notifier, "_execute", execute)
     notifier.send([(channel, "lost to the fault")])
     assert faulted.wait(10)
+    notifier.send([(channel, "sent")])
+    assert received(listener, 1) == ["sent"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death shown
+def test_a_sending_thread_that_dies_is_replaced_for_what_comes_next(
+    notifier: Notifier, listener: Listener, channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an error that is no ``Exception`` gets past the thread's own handling."""
+    real, died = Notifier._execute, threading.Event()
+
+    def execute(self: Notifier, batch: list[tuple[str, str]]) -> None:
+        if not died.is_set():
+            died.set()
+            raise SystemExit  # ends the thread, silently
+        real(self, batch)
+
+    monkeypatch.setattr(Notifier, "_execute", execute)
+    notifier.send([(channel, "lost with the thread")])
+    assert died.wait(10)
     notifier.send([(channel, "sent")])
     assert received(listener, 1) == ["sent"]
 
@@ -105,7 +129,9 @@ def test_a_database_out_of_reach_drops_each_batch_with_one_warning(
     assert len(warnings) == 1 and warnings[0].startswith("could not send 3 notification(s)"), warnings
 
 
-def test_nothing_is_sent_once_closed(pg_url: str, notifier: Notifier, listener, channel: str) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_is_sent_once_closed(
+    pg_url: str, notifier: Notifier, listener: Listener, channel: str
+) -> None:
     notifier.close()
     notifier.send([(channel, "late")])
     assert notifier._thread is None  # nor anything queued for one
