@@ -77,41 +77,32 @@ def test_a_connection_lost_meanwhile_is_replaced_without_losing_the_next(
     assert received(listener, 1) == ["second"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death
+@pytest.mark.parametrize(
+    "fault",
+    [RuntimeError("a bug"), SystemExit()],  # the second gets past the thread's own handling and ends it
+    ids=["a-fault-it-survives", "a-fault-that-ends-the-thread"],
+)
 def test_a_fault_that_is_no_database_error_costs_its_batch_alone(
-    notifier: Notifier, listener: Listener, channel: str, monkeypatch: pytest.MonkeyPatch
+    notifier: Notifier,
+    listener: Listener,
+    channel: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: BaseException,
 ) -> None:
-    """A bug or a lack of memory while sending must not end wake-ups for good."""
+    """A bug or a lack of memory while sending must not end wake-ups for good: the thread
+    goes on, or, should it die, the next ``send`` (even in its last moments) starts another."""
     real, faulted = Notifier._execute, threading.Event()
 
     def execute(self: Notifier, batch: list[tuple[str, str]]) -> None:
         if not faulted.is_set():
             faulted.set()
-            raise RuntimeError("a fault")
+            raise fault
         real(self, batch)
 
     monkeypatch.setattr(Notifier, "_execute", execute)
     notifier.send([(channel, "lost to the fault")])
     assert faulted.wait(10)
-    notifier.send([(channel, "sent")])
-    assert received(listener, 1) == ["sent"]
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death shown
-def test_a_sending_thread_that_dies_is_replaced_for_what_comes_next(
-    notifier: Notifier, listener: Listener, channel: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Only an error that is no ``Exception`` gets past the thread's own handling."""
-    real, died = Notifier._execute, threading.Event()
-
-    def execute(self: Notifier, batch: list[tuple[str, str]]) -> None:
-        if not died.is_set():
-            died.set()
-            raise SystemExit  # ends the thread, silently
-        real(self, batch)
-
-    monkeypatch.setattr(Notifier, "_execute", execute)
-    notifier.send([(channel, "lost with the thread")])
-    assert died.wait(10)
     notifier.send([(channel, "sent")])
     assert received(listener, 1) == ["sent"]
 
