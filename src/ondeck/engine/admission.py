@@ -119,7 +119,7 @@ def admit(store: Store, request: TriggerRequest, policy: AdmissionPolicy | None 
         if request.callback_url is not None:
             outbox.check_url(request.callback_url)
         # The version this process read last, without a read; the write checks that it is
-        # still current (on PostgreSQL as of that statement: an apply committing alongside
+        # still current (on PostgreSQL as of the commit: an apply committing alongside
         # may land just after, as it always could), and a refusal is only given once a
         # fresh read agrees. Otherwise the run is admitted again under the newer version.
         for _ in range(_CATALOG_TRIES):
@@ -298,7 +298,12 @@ def _write(
 
 
 def _check_limits(tx: Transaction, run: Run, automation: Automation, policy: AdmissionPolicy) -> None:
+    """The circuit breaker, then the rate limits. On PostgreSQL the rate limits are counted
+    by the commit, after the breaker has had its say: so the breaker goes first on both
+    backends, and a trigger refused by both gets the breaker's 503 on either."""
     now = run.created_at
+    if automation.circuit_breaker is not None:
+        limits.check_breaker(tx, automation.name, run.id, now)
     principal = run.principal or "system"
     if policy.global_rate_limit is not None:
         count, per = policy.global_rate_limit
@@ -310,8 +315,6 @@ def _check_limits(tx: Transaction, run: Run, automation: Automation, policy: Adm
         else:
             key, what = automation.name, f"{automation.name!r}"
         limits.check_rate(tx, key, rule.limit, rule.per, now, what)
-    if automation.circuit_breaker is not None:
-        limits.check_breaker(tx, automation.name, run.id, now)
 
 
 def _audit_refusal(

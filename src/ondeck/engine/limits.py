@@ -21,6 +21,7 @@ from ondeck.spec.models import CircuitBreaker, RateLimit
 from ondeck.store.store import Transaction
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+_COUNT_MAX = 2**31 - 1  # rate_counters.count
 
 
 def check_rate(tx: Transaction, key: str, limit: int, per: float, now: datetime, what: str) -> None:
@@ -32,7 +33,9 @@ def check_rate(tx: Transaction, key: str, limit: int, per: float, now: datetime,
     refusal = RateLimited(
         f"rate limit for {what} is {limit} per {format_duration(per)}; retry in {retry_after}s", retry_after
     )
-    tx.count_within(key, window, limit, refusal)
+    # Counts are 32-bit integers: a limit beyond them never refuses (and, as a literal of
+    # another type, would match no function on PostgreSQL).
+    tx.count_within(key, window, min(limit, _COUNT_MAX), refusal)
 
 
 def parse_global_limit(text: str | None) -> tuple[int, float] | None:

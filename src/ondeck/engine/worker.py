@@ -56,6 +56,7 @@ class _Active:
         self.stop = asyncio.Event()
         self.lost = False  # the lease lapsed, or may have: the attempt is void
         self.cancelled = False  # a cancel was asked for
+        self.ended = False  # only its end is left to write
         self.fence = math.inf
         self.renewed(since)
 
@@ -66,8 +67,13 @@ class _Active:
 
     def renewed(self, since: float) -> None:
         """The lease holds for a lease from ``since`` (``clock.elapsed``, taken before the
-        write that set it)."""
-        self.fence = since + 2 * self.lease / 3 - self.step(self.lease)
+        write that set it). A fence that has passed stays passed: the attempt is void."""
+        if not (self.lost or self.ended):
+            self.fence = since + 2 * self.lease / 3 - self.step(self.lease)
+
+    def check_fence(self, now: float) -> None:
+        if now >= self.fence:
+            self.lose("it could not be renewed")
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -81,6 +87,7 @@ class _Active:
 
     def cancel_fence(self) -> None:
         """The attempt is over: only its end is left to write."""
+        self.ended = True
         self.fence = math.inf
 
 
@@ -272,10 +279,12 @@ class Worker:
         lease = self.lease.total_seconds()
         while True:
             await asyncio.sleep(_Active.step(lease))
-            now = clock.elapsed()
-            for active in list(self._active.values()):
-                if now >= active.fence:
-                    active.lose("it could not be renewed")
+            self._check_fences()
+
+    def _check_fences(self) -> None:
+        now = clock.elapsed()
+        for active in list(self._active.values()):
+            active.check_fence(now)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep ``seconds`` by the lease clock: a suspend of the host counts (see ``_Active``)."""
@@ -302,7 +311,10 @@ class Worker:
                 await self.call(self.store.sync_clock)
             except Exception:
                 log.warning("reading the database's clock failed; the last reading serves", exc_info=True)
-            held = dict(self._active)
+            # A fence passed while the host was suspended stops its attempt before any
+            # renewal could revive it, whichever of this and ``_watch_fences`` wakes first.
+            self._check_fences()
+            held = {key: active for key, active in self._active.items() if not active.lost}
             if not held:
                 delay = period
                 continue

@@ -364,10 +364,17 @@ class Transaction:
             try:  # the transaction's own commit then has nothing to do
                 direct.statement(self._c, query, shown=shown)
             except DBAPIError as exc:
-                refused = exc.orig
-                if not isinstance(refused, psycopg.Error) or refused.sqlstate != _REFUSED:
+                refusal = self._refusal(exc.orig)
+                if refusal is None:
                     raise
-                raise self._refusals[int(refused.diag.message_primary or "")] from None
+                raise refusal from None
+
+    def _refusal(self, error: BaseException | None) -> Exception | None:
+        """The refusal a check of this transaction left for ``error``, if it is one's."""
+        if not isinstance(error, psycopg.Error) or error.sqlstate != _REFUSED:
+            return None
+        tag = error.diag.message_primary or ""
+        return self._refusals[int(tag)] if tag.isdigit() and int(tag) < len(self._refusals) else None
 
     def _call_at_commit(self, call: tuple[pgsql.SQL, str], *arguments: Any) -> None:
         statement, name = call

@@ -104,10 +104,18 @@ def test_a_trigger_over_a_rate_limit_is_refused_by_that_limit_and_not_counted(st
     with pytest.raises(RateLimited, match=r"rate limit for 'job' is 2 per 1d; retry in \d+s"):
         admit(store, TriggerRequest("job"), policy)
     admit(store, TriggerRequest("other"), policy)  # the principal's third: the refused one was not counted
-    with pytest.raises(RateLimited, match="rate limit for principal system is 3 per 1d"):
-        admit(store, TriggerRequest("other"), policy)
+    define(store, name="roomy", rate_limit={"limit": 100, "per": "1d", "scope": "automation"})
+    for name in ("other", "roomy"):  # refused by the principal's limit alone, the automation's or none
+        with pytest.raises(RateLimited, match="rate limit for principal system is 3 per 1d"):
+            admit(store, TriggerRequest(name), policy)
     written, _ = runs.page(store, SYSTEM, automation=None, statuses=[], before=None, limit=10)
     assert sorted(run.automation for run in written) == ["job", "job", "other"]
+
+
+@pytest.mark.parametrize("limit", [2**31, 2**70])
+def test_a_rate_limit_beyond_what_a_counter_holds_never_refuses(store: Store, limit: int) -> None:
+    define(store, rate_limit={"limit": limit, "per": "1d", "scope": "automation"})
+    assert admit(store, TriggerRequest("job")).run.status == RunStatus.QUEUED
 
 
 def test_invalid_params_write_nothing(store: Store) -> None:

@@ -381,18 +381,26 @@ def test_a_run_cancelled_as_its_worker_stops_ends_cancelled(store: Store, worker
     assert runs.get(store, run.id).status == RunStatus.CANCELLED
 
 
+@pytest.mark.parametrize("watched", [True, False], ids=["fences-watched", "heartbeat-first"])
 def test_an_attempt_is_stopped_soon_after_a_suspend_outlasted_its_lease(
-    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watched: bool
 ) -> None:
     """The host slept (a paused virtual machine, say) past the lease: meanwhile other hosts
     saw it lapse and may run the run again, so this attempt must stop at once on waking,
     not when the worker's next heartbeat comes round (the event loop's timers did not count
     the pause). The suspend is shown by moving the clock leases are reckoned on, which
-    counts on through one (CLOCK_BOOTTIME), while the loop's clock stands."""
+    counts on through one (CLOCK_BOOTTIME), while the loop's clock stands. Whichever of
+    the fence watcher and the heartbeat wakes first, the renewal must not revive it."""
     lease = 30.0  # the heartbeat renews every 10 s: it must not be what stops the attempt
     settings = Settings(data_dir=tmp_path, lease_seconds=lease, kill_grace_seconds=0.2, poll_seconds=120)
     define(store, run={"runtime": "bash", "script": "sleep 60"})
     elapsed = clock.elapsed
+    if not watched:
+
+        async def asleep(self: Worker) -> None:
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(Worker, "_watch_fences", asleep)
 
     async def scenario() -> None:
         run = admit(store, TriggerRequest("job")).run
