@@ -14,7 +14,6 @@ import psycopg
 import pytest
 
 from ondeck.store.notifier import Notifier, conninfo
-from ondeck.store.store import Store
 from tests.support import PG_ADMIN
 
 
@@ -139,17 +138,3 @@ def test_connections_notice_a_vanished_server(pg_url: str) -> None:
         options = dict(item.split("=", 1) for item in connection.info.dsn.split())
     assert options["keepalives_idle"] == "10" and options["tcp_user_timeout"] == "30000"
     assert "keepalives_idle=99" in conninfo(pg_url + "&keepalives_idle=99")
-
-
-def test_the_stores_connections_notice_a_vanished_server_too(pg_store: Store, pg_url: str) -> None:
-    with pg_store.engine.connect() as connection:
-        dsn = connection.connection.driver_connection.info.dsn
-    options = dict(item.split("=", 1) for item in dsn.split())
-    assert options["keepalives_idle"] == "10" and options["tcp_user_timeout"] == "30000"
-    other = Store(pg_url + "&tcp_user_timeout=5000")
-    try:
-        with other.engine.connect() as connection:
-            dsn = connection.connection.driver_connection.info.dsn
-    finally:
-        other.dispose()
-    assert "tcp_user_timeout=5000" in dsn.split()
