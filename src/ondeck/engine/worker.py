@@ -275,7 +275,8 @@ class Worker:
             task.add_done_callback(self._tasks.discard)
 
     async def _watch_fences(self) -> None:
-        """Stop the attempts whose fence has passed (see ``_Active``)."""
+        """Stop the attempts whose fence has passed (see ``_Active``). A task of its own:
+        the heartbeat may wait on an unreachable store for longer than a fence leaves."""
         lease = self.lease.total_seconds()
         while True:
             await asyncio.sleep(_Active.step(lease))
