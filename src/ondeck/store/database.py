@@ -10,6 +10,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError
 
 from ondeck.store import direct
 
@@ -28,7 +30,7 @@ def create_db_engine(url: str) -> Engine:
         return _sqlite_engine(url)
     # More pooled connections than threads that use them (ondeck.blocking, anyio); recycled
     # hourly rather than pinged on every checkout.
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=16,
         max_overflow=16,
@@ -36,6 +38,25 @@ def create_db_engine(url: str) -> Engine:
         pool_timeout=60,
         hide_parameters=True,
         connect_args=keepalive(parsed.query),
+    )
+    event.listen(engine, "handle_error", _concealed)
+    return engine
+
+
+def _concealed(context: ExceptionContext) -> BaseException | None:
+    """SQLAlchemy's error for a statement of its own, the driver's message cut as
+    ``direct.conceal`` cuts it (``hide_parameters`` hides only the bound values)."""
+    error = context.original_exception
+    if context.sqlalchemy_exception is None or not direct.conceal(error):
+        return None
+    return DBAPIError.instance(
+        context.statement,
+        context.parameters,
+        error,
+        context.dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        connection_invalidated=context.is_disconnect,
+        dialect=context.dialect,
     )
 
 

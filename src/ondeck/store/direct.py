@@ -141,22 +141,31 @@ class Direct:
         return plan
 
 
+def conceal(error: BaseException) -> bool:
+    """Cut a PostgreSQL error's message to its first line, and say whether it had more:
+    the rest may quote the statement (``LINE 1: …``) or the row refused (``DETAIL: Failing
+    row contains …``, params or outputs, say), values ``hide_parameters`` keeps out of
+    errors and so out of the logs. The first line names the constraint that failed."""
+    primary = getattr(getattr(error, "diag", None), "message_primary", None)
+    if not primary or error.args == (primary,):
+        return False
+    error.args = (primary,)
+    return True
+
+
 @contextmanager
 def _driver_cursor(connection: Connection, sql: str, values: Any, shown: str | None = None) -> Iterator[Any]:
     """The connection's DBAPI cursor; driver errors come back as SQLAlchemy's, naming the
     statement as ``shown`` if given (one with values in its text, which the error would
-    quote, ``hide_parameters`` or not). Then the driver's own message is cut to its first
-    line too: PostgreSQL's may go on to quote the statement (``LINE 1: …``) or the row it
-    refused (``DETAIL: Failing row contains …``)."""
+    quote, ``hide_parameters`` or not), the driver's own message cut by ``conceal``."""
     dbapi = connection.dialect.loaded_dbapi
     cursor = connection.connection.cursor()
     try:
         yield cursor
     except dbapi.Error as exc:
-        primary = getattr(getattr(exc, "diag", None), "message_primary", None)
-        if shown is not None and primary is not None:
-            exc.args = (primary,)
         hide = connection.engine.hide_parameters
+        if hide or shown is not None:
+            conceal(exc)
         raise DBAPIError.instance(
             sql if shown is None else shown, values, exc, dbapi.Error, hide, dialect=connection.dialect
         ) from exc

@@ -126,3 +126,18 @@ def test_an_error_in_a_statement_shown_otherwise_quotes_none_of_it(pg_store: Sto
         direct.statement(tx._c, "SELECT 'the-value' +", shown="SELECT …")
     assert "the-value" not in str(raised.value)
     assert "syntax error at end of input" in str(raised.value) and "SELECT …" in str(raised.value)
+
+
+@pytest.mark.parametrize("way", ["sqlalchemy", "direct"])
+def test_an_error_quotes_no_value_of_the_row_refused(pg_store: Store, way: str) -> None:
+    """PostgreSQL's message for a refused row goes on with ``DETAIL: Failing row contains
+    (…)``, every value in it (params, say), which ``hide_parameters`` alone lets through:
+    both ways statements are sent, the error keeps the first line, naming the constraint."""
+    row = _run_row("r-refused", params={"token": "the-value"}, worker_group=None)
+    with pytest.raises(DBAPIError) as raised, pg_store.transaction() as tx:
+        if way == "sqlalchemy":
+            tx._c.execute(insert(runs).values(row))
+        else:
+            Direct(insert(runs)).execute(tx._c, row)
+    assert "the-value" not in str(raised.value) and "the-value" not in str(raised.value.orig)
+    assert 'null value in column "worker_group"' in str(raised.value)
