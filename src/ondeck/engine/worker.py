@@ -213,8 +213,10 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until ``stop`` is set; then stop in-flight attempts."""
-        heartbeat = asyncio.create_task(self._heartbeat())
-        fences = asyncio.create_task(self._watch_fences())
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        fences = asyncio.create_task(self._watch_fences(), name="fence watch")
+        for guard in (heartbeat, fences):
+            guard.add_done_callback(_report_failure)
         log.info(
             "worker %s started (group %s, concurrency %d, isolation: %s)",
             self.id,
@@ -501,6 +503,14 @@ class Worker:
         except Exception:
             # Their leases lapse and the reaper ends or retries them.
             log.exception("handing back runs %s failed", ", ".join(c.run.id for c in claims))
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    """Log the end of a task that should run as long as its worker, by an error: the
+    heartbeat and the fence watch keep an attempt from outliving its lease, so their end
+    must not go unseen (a task's error shows only when someone awaits it)."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.critical("the worker's %s ended: %s", task.get_name(), error, exc_info=error)
 
 
 async def reap_forever(store: Store, workspaces: Path, interval: float, stop: asyncio.Event) -> None:

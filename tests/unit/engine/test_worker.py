@@ -415,6 +415,32 @@ def test_an_attempt_is_stopped_soon_after_a_suspend_outlasted_its_lease(
     _run_worker(store, settings, scenario)
 
 
+@pytest.mark.parametrize("guard", ["_watch_fences", "_heartbeat"])
+def test_the_end_of_a_task_guarding_the_leases_is_logged(
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    guard: str,
+) -> None:
+    """Without them an attempt could outlive its lease; a task's error shows only when it is
+    awaited, which the worker does not do until it stops."""
+    settings = Settings(data_dir=tmp_path, poll_seconds=120)
+
+    async def fails(self: Worker) -> None:
+        raise RuntimeError("the guard broke")
+
+    monkeypatch.setattr(Worker, guard, fails)
+
+    def reported() -> bool:
+        return any(r.levelname == "CRITICAL" and "the guard broke" in r.getMessage() for r in caplog.records)
+
+    async def scenario() -> None:
+        await _until("the failure is logged", reported)
+
+    _run_worker(store, settings, scenario)
+
+
 def test_leases_are_renewed_soon_after_a_suspend_that_left_them_time(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
