@@ -24,6 +24,7 @@ from ondeck.engine.admission import TriggerRequest, admit
 from ondeck.engine.wakeup import WakeBus
 from ondeck.engine.worker import Worker, _Active
 from ondeck.errors import StoreUnavailable
+from ondeck.runner import isolation
 from ondeck.settings import Settings
 from ondeck.store import clock
 from ondeck.store.store import Store, Transaction
@@ -413,6 +414,19 @@ def test_an_attempt_is_stopped_soon_after_a_suspend_outlasted_its_lease(
         assert attempt.status == RunStatus.FAILED and "lost the run's lease" in (attempt.error or "")
 
     _run_worker(store, settings, scenario)
+
+
+@pytest.mark.parametrize("mode", [isolation.LAUNCHER, isolation.NAMESPACE, isolation.GROUP])
+def test_a_worker_warns_when_scripts_can_read_ondecks_data(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """Only the launcher hides the data directory; started otherwise, as ondeck's own
+    user, a script can read the master key, so the operator must hear of it."""
+    monkeypatch.setattr(isolation, "best", lambda: mode)
+    Worker(store, Settings(data_dir=tmp_path), WakeBus(), Vault([Fernet.generate_key()]))
+    warned = [r for r in caplog.records if "scripts can read" in r.getMessage()]
+    assert bool(warned) == (mode != isolation.LAUNCHER)
+    assert all(str(tmp_path.resolve()) in r.getMessage() and r.levelname == "WARNING" for r in warned)
 
 
 @pytest.mark.parametrize("guard", ["_watch_fences", "_heartbeat"])
