@@ -186,9 +186,10 @@ class Worker:
         if self._hidden and self.isolation != isolation.LAUNCHER and script_uid == os.geteuid():
             log.warning(
                 "scripts can read %s (the database, the master key, other runs' workspaces): "
-                "only ondeck-launch hides them (make install builds it); or set ONDECK_SCRIPT_USER "
-                "to run scripts as a user without access",
+                "only runs started through ondeck-launch have them hidden (isolation here: %s); "
+                "or set ONDECK_SCRIPT_USER to run scripts as a user without access",
                 ", ".join(map(str, self._hidden)),
+                self.isolation,
             )
         if self._hidden and script_uid == 0:
             # Root keeps its capabilities in the script's namespaces: it may unmount the
