@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from ondeck.store.store import Store
 from ondeck.vault import Vault
 
 log = logging.getLogger(__name__)
+_RESTART_SECONDS = 1.0  # before a failed heartbeat or fence watch is started again
+_Guard = Callable[[], Awaitable[None]]
 _FLUSH_SECONDS = 0.1
 _FLUSH_BYTES = 512 * 1024
 
@@ -183,11 +187,13 @@ class Worker:
                 settings.script_user,
                 unusable,
             )
-        if self._hidden and self.isolation != isolation.LAUNCHER and script_uid == os.geteuid():
+        if self._hidden and self.isolation != isolation.LAUNCHER:
+            # Whatever the scripts' user: the workspaces are all that user's, and a SQLite
+            # database is as readable as its umask made it.
             log.warning(
-                "scripts can read %s (the database, the master key, other runs' workspaces): "
-                "only runs started through ondeck-launch have them hidden (isolation here: %s); "
-                "or set ONDECK_SCRIPT_USER to run scripts as a user without access",
+                "scripts may read what is in %s (ondeck's keys, a SQLite database, other runs' "
+                "workspaces) as far as file permissions let their user: only runs started "
+                "through ondeck-launch have it hidden (isolation here: %s)",
                 ", ".join(map(str, self._hidden)),
                 self.isolation,
             )
@@ -221,10 +227,11 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until ``stop`` is set; then stop in-flight attempts."""
-        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
-        fences = asyncio.create_task(self._watch_fences(), name="fence watch")
-        for guard in (heartbeat, fences):
-            guard.add_done_callback(_report_failure)
+        # Started again after a failure, the heartbeat renews at once: the last renewal may
+        # be a period old.
+        again = functools.partial(self._heartbeat, 0.0)
+        heartbeat = asyncio.create_task(self._keep("heartbeat", self._heartbeat, again))
+        fences = asyncio.create_task(self._keep("fence watch", self._watch_fences))
         log.info(
             "worker %s started (group %s, concurrency %d, isolation: %s)",
             self.id,
@@ -284,6 +291,19 @@ class Worker:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def _keep(self, name: str, guard: _Guard, again: _Guard | None = None) -> None:
+        """Run ``guard`` (the heartbeat, the fence watch) as long as the worker runs: they keep
+        attempts from outliving their leases, so one that fails (a bug) is logged and started
+        again, by ``again`` if given, rather than left dead unseen."""
+        start = guard
+        while True:
+            try:
+                await start()
+            except Exception:
+                log.critical("the worker's %s failed; starting it again", name, exc_info=True)
+            await asyncio.sleep(_RESTART_SECONDS)  # one failing at once must not spin
+            start = again or guard
+
     async def _watch_fences(self) -> None:
         """Stop the attempts whose fence has passed (see ``_Active``). A task of its own:
         the heartbeat may wait on an unreachable store for longer than a fence leaves."""
@@ -303,7 +323,7 @@ class Worker:
         while (left := until - clock.elapsed()) > 0:
             await asyncio.sleep(min(left, _Active.step(self.lease.total_seconds())))
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, delay: float | None = None) -> None:
         """Renew the leases every third of a lease, and soon again after a renewal failed;
         stop the attempts whose lease is gone (see ``_Active``), and those asked to cancel.
         The beats keep to the lease clock, so the first after a suspend comes at once.
@@ -312,10 +332,11 @@ class Worker:
 
         The renewal runs on a thread even on SQLite, where it could wait for the write
         lock as long as the busy timeout: the event loop must stay free meanwhile, so an
-        attempt's lease running out can stop it.
+        attempt's lease running out can stop it. The first beat comes after ``delay``
+        seconds, a period if None.
         """
         period = self.lease.total_seconds() / 3
-        delay = period
+        delay = period if delay is None else delay
         while True:
             await self._sleep(delay)
             try:
@@ -511,14 +532,6 @@ class Worker:
         except Exception:
             # Their leases lapse and the reaper ends or retries them.
             log.exception("handing back runs %s failed", ", ".join(c.run.id for c in claims))
-
-
-def _report_failure(task: asyncio.Task[None]) -> None:
-    """Log the end of a task that should run as long as its worker, by an error: the
-    heartbeat and the fence watch keep an attempt from outliving its lease, so their end
-    must not go unseen (a task's error shows only when someone awaits it)."""
-    if not task.cancelled() and (error := task.exception()) is not None:
-        log.critical("the worker's %s ended: %s", task.get_name(), error, exc_info=error)
 
 
 async def reap_forever(store: Store, workspaces: Path, interval: float, stop: asyncio.Event) -> None:

@@ -142,14 +142,23 @@ class Direct:
 
 
 def conceal(error: BaseException) -> bool:
-    """Cut a PostgreSQL error's message to its first line, and say whether it had more:
-    the rest may quote the statement (``LINE 1: …``) or the row refused (``DETAIL: Failing
-    row contains …``, params or outputs, say), values ``hide_parameters`` keeps out of
-    errors and so out of the logs. The first line names the constraint that failed."""
-    primary = getattr(getattr(error, "diag", None), "message_primary", None)
-    if not primary or error.args == (primary,):
+    """Cut a PostgreSQL error's message to its first line, with its SQLSTATE, and say
+    whether that changed it: the rest may quote the statement (``LINE 1: …``) or the row
+    refused (``DETAIL: Failing row contains …``, params or outputs, say), values
+    ``hide_parameters`` keeps out of errors and so out of the logs. The first line names
+    the constraint that failed; that of a data exception (class 22) may quote the value
+    itself (``invalid input syntax for type integer: "…"``), so it is not kept."""
+    diag: Any = getattr(error, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    if not primary:
         return False
-    error.args = (primary,)
+    sqlstate = diag.sqlstate or "?????"
+    if sqlstate.startswith("22"):
+        primary = "the database refused a value"
+    message = f"{primary} (SQLSTATE {sqlstate})"
+    if error.args == (message,):
+        return False
+    error.args = (message,)
     return True
 
 

@@ -420,39 +420,49 @@ def test_an_attempt_is_stopped_soon_after_a_suspend_outlasted_its_lease(
 def test_a_worker_warns_when_scripts_can_read_ondecks_data(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:
-    """Only the launcher hides the data directory; started otherwise, as ondeck's own
-    user, a script can read the master key, so the operator must hear of it."""
+    """Only the launcher hides the data directory; started otherwise, a script can read
+    what file permissions let it (other runs' workspaces, the master key unless it runs
+    as another user), so the operator must hear of it."""
     monkeypatch.setattr(isolation, "best", lambda: mode)
     Worker(store, Settings(data_dir=tmp_path), WakeBus(), Vault([Fernet.generate_key()]))
-    warned = [r for r in caplog.records if "scripts can read" in r.getMessage()]
+    warned = [r for r in caplog.records if "scripts may read" in r.getMessage()]
     assert bool(warned) == (mode != isolation.LAUNCHER)
     assert all(str(tmp_path.resolve()) in r.getMessage() and r.levelname == "WARNING" for r in warned)
 
 
 @pytest.mark.parametrize("guard", ["_watch_fences", "_heartbeat"])
-def test_the_end_of_a_task_guarding_the_leases_is_logged(
+def test_a_task_guarding_the_leases_that_fails_is_logged_and_started_again(
     store: Store,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     guard: str,
 ) -> None:
-    """Without them an attempt could outlive its lease; a task's error shows only when it is
-    awaited, which the worker does not do until it stops."""
+    """Without them an attempt could outlive its lease, and a task's error shows only when it
+    is awaited, which the worker does not do until it stops. The heartbeat, started again,
+    renews at once: its last renewal may be a period old."""
     settings = Settings(data_dir=tmp_path, poll_seconds=120)
+    calls: list[tuple[Any, ...]] = []
 
-    async def fails(self: Worker) -> None:
-        raise RuntimeError("the guard broke")
+    async def fails_once(self: Worker, *args: Any) -> None:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("the guard broke")
+        await asyncio.Event().wait()
 
-    monkeypatch.setattr(Worker, guard, fails)
+    monkeypatch.setattr(Worker, guard, fails_once)
 
-    def reported() -> bool:
-        return any(r.levelname == "CRITICAL" and "the guard broke" in r.getMessage() for r in caplog.records)
+    def logged() -> bool:
+        return any(
+            r.levelname == "CRITICAL" and "starting it again" in r.getMessage() for r in caplog.records
+        )
 
     async def scenario() -> None:
-        await _until("the failure is logged", reported)
+        await _until("the guard is started again", lambda: len(calls) == 2)
+        assert logged()
 
     _run_worker(store, settings, scenario)
+    assert calls == [(), (0.0,)] if guard == "_heartbeat" else [(), ()]
 
 
 def test_leases_are_renewed_soon_after_a_suspend_that_left_them_time(

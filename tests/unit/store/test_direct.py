@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from ondeck.store import direct
@@ -141,3 +141,10 @@ def test_an_error_quotes_no_value_of_the_row_refused(pg_store: Store, way: str) 
             Direct(insert(runs)).execute(tx._c, row)
     assert "the-value" not in str(raised.value) and "the-value" not in str(raised.value.orig)
     assert 'null value in column "worker_group"' in str(raised.value)
+
+
+def test_an_error_over_a_value_it_refused_does_not_quote_it(pg_store: Store) -> None:
+    """The first line of a data exception may itself quote the value."""
+    with pytest.raises(DBAPIError) as raised, pg_store.transaction() as tx:
+        tx._c.execute(text("SELECT CAST(:value AS integer)"), {"value": "the-value"})
+    assert "the-value" not in str(raised.value) and "SQLSTATE 22P02" in str(raised.value)

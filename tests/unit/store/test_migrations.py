@@ -24,16 +24,20 @@ def _migrate(engine: Engine, action: str, revision: str) -> None:
 
 
 def _schema(engine: Engine) -> dict[str, Any]:
-    """Tables with their columns and indexes, and on PostgreSQL the functions, that the
-    store's schema holds (alembic's own version table aside)."""
+    """Tables with their columns, indexes and constraints, and on PostgreSQL the functions,
+    that the store's schema holds (alembic's own version table aside)."""
     inspector = inspect(engine)
     schema: dict[str, Any] = {
         table: (
             [
-                (column["name"], str(column["type"]), column["nullable"])
+                (column["name"], str(column["type"]), column["nullable"], column["default"])
                 for column in inspector.get_columns(table)
             ],
             sorted(repr(sorted(index.items())) for index in inspector.get_indexes(table)),  # sort orders too
+            inspector.get_pk_constraint(table)["constrained_columns"],
+            sorted(repr(sorted(unique.items())) for unique in inspector.get_unique_constraints(table)),
+            sorted(repr(sorted(check.items())) for check in inspector.get_check_constraints(table)),
+            sorted(repr(sorted(key.items())) for key in inspector.get_foreign_keys(table)),
         )
         for table in inspector.get_table_names()
         if table != "alembic_version"
