@@ -51,6 +51,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ondeck.runner import isolation
 from ondeck.runner.attempt import ResourceLimits
+from ondeck.runner.workspace import Workspace
 from ondeck.settings import default_worker_processes
 from tests.support import TERMINAL, base_env, free_port, pg_schema_url
 
@@ -208,6 +209,20 @@ def measure_spawn(count: int) -> dict[str, tuple[list[float], list[float]]]:
             isolated = [*isolation.command(mode, LIMITS, tmp, [Path(data)]), *argv[len(prefix) :]]
             results[f"asyncio, {mode}"] = asyncio.run(spawn_all(isolated))
     return results
+
+
+def workspace_cost(parent: Path, count: int = 500) -> float:
+    """CPU seconds (this process's, user and system) to make and remove one workspace under
+    ``parent`` as the runner does (three directories and the params file). On ext4 without
+    a journal this grows while runs churn through inodes, and a bench inherits what the
+    one before it churned: printed beside the figures, as the bare spawn is."""
+    with tempfile.TemporaryDirectory(prefix="ondeck-bench-ws-", dir=parent) as root:
+        start = time.process_time()
+        for number in range(count):
+            workspace = Workspace.create(Path(root), "bench", number)
+            workspace.params_file.write_text("{}")
+            workspace.remove_if_untouched()
+        return (time.process_time() - start) / count
 
 
 # --- servers --------------------------------------------------------------------
@@ -563,6 +578,8 @@ def bench_backend(args: argparse.Namespace, backend: str, spawns: dict[str, floa
             throughput(srv, token, args.runs, out)
         if not args.skip_admission:
             admission_then_drain(env, args, token, out)
+        workspaces = Path(env.get("ONDECK_WORKSPACES_DIR") or Path(env["ONDECK_DATA_DIR"], "workspaces"))
+        out.add("[workspaces] make + remove one, CPU, after the phases", ms(workspace_cost(workspaces)))
     return out
 
 
@@ -624,6 +641,8 @@ def main() -> None:
             f"exited p50 {ms(statistics.median(totals))} p99 {ms(pct(totals, 99))}",
             flush=True,
         )
+    where = Path(args.workspaces or tempfile.gettempdir())
+    print(f"  workspace make + remove, CPU ({where}): {ms(workspace_cost(where))}", flush=True)
     # The reference: stdlib asyncio spawns with vfork, as the runner does (see runner.process).
     spawns = {"bare spawn": statistics.median(spawn["asyncio"][1])}
     isolated = [name for name in spawn if name not in ("asyncio", "uvloop")]
