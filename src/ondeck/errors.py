@@ -128,6 +128,13 @@ class IllegalTransition(OndeckError):
 
 
 class StoreUnavailable(OndeckError):
+    """The database cannot be reached, or stays busy, for now: answered with a
+    ``Retry-After``, as such outages are mostly short (a restart, a failover)."""
+
     code = "store-unavailable"
     status = 503
     title = "Store unavailable"
+    retry_after = 1
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": str(self.retry_after)}, retry_after=self.retry_after)

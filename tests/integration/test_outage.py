@@ -1,0 +1,64 @@
+"""A database outage, for real: PostgreSQL refuses the server's connections for a while."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import make_url
+
+from tests.support import PG_ADMIN, Server, base_env, put_automation, trigger, wait_for_run
+
+
+@pytest.fixture
+def role(pg_reachable: None) -> Iterator[str]:
+    """A role of the test's own, which the test can stop from logging in."""
+    name = f"ondeck_outage_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN SUPERUSER")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [name])
+            admin.execute(f"REASSIGN OWNED BY {name} TO CURRENT_USER")  # the schema it migrated
+            admin.execute(f"DROP ROLE {name}")
+
+
+def _refuse(role: str, refused: bool) -> None:
+    """Let ``role`` log in again, or not, and end the connections it has."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"ALTER ROLE {role} {'NOLOGIN' if refused else 'LOGIN'}")
+        if refused:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
+
+
+def test_while_the_database_is_away_requests_get_503s_with_retry_after_and_nothing_is_lost(
+    tmp_path: Path, pg_url: str, role: str
+) -> None:
+    """Never a 500 and never a half-written run: the API answers what it cannot do now with
+    a problem document clients can retry after, and work resumes once the database is back."""
+    url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+    (tmp_path / "automations").mkdir()
+    server = Server(base_env(tmp_path, url), tmp_path / "server.log").start()
+    try:
+        with server.client() as client:
+            put_automation(client, {"name": "echo", "run": {"runtime": "bash", "script": "echo hi"}})
+            _refuse(role, True)
+            for _ in range(3):  # the pooled connections ended; new ones are refused
+                refused = client.post("/automations/echo/runs", json={})
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["content-type"] == "application/problem+json"
+                assert refused.headers["retry-after"] == "1" and refused.json()["retry_after"] == 1
+                assert "database unavailable" in refused.json()["detail"]
+                assert client.get("/runs").status_code == 503
+            _refuse(role, False)
+            run = trigger(client, "echo")
+            assert wait_for_run(client, run["id"])["status"] == "succeeded"
+            listed = client.get("/runs", params={"automation": "echo"}).json()["items"]
+            assert [item["id"] for item in listed] == [run["id"]]  # the refused ones left nothing
+    finally:
+        server.stop()
