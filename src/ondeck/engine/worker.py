@@ -37,6 +37,7 @@ _RESTART_SECONDS = 1.0  # before a failed heartbeat or fence watch is started ag
 _Guard = Callable[[], Awaitable[None]]
 _FLUSH_SECONDS = 0.1
 _FLUSH_BYTES = 512 * 1024
+_FLUSH_RETRY_MAX_SECONDS = 2.0
 
 
 class _Active:
@@ -103,6 +104,7 @@ class _LogBuffer:
         self._chunks: list[LogChunk] = []
         self._size = 0
         self._lock = asyncio.Lock()
+        self._failing = False  # the last write failed
 
     @property
     def full(self) -> bool:
@@ -128,16 +130,40 @@ class _LogBuffer:
             if not written:
                 self._active.lose("another process owns the run now")
 
+    async def flush_patiently(self, stop: asyncio.Event) -> None:
+        """Flush; while that fails (the database unreachable, say), keep the output and try
+        again, less and less often, until it is written or ``stop`` is set (then the output
+        goes with the attempt's end). Meanwhile the program blocks on its pipes once they
+        fill: it is slowed down, not failed, by a store outage. The first failure is logged,
+        and the recovery: not every try."""
+        delay = _FLUSH_SECONDS
+        while True:
+            try:
+                await self.flush()
+            except Exception:
+                if not self._failing:
+                    log.warning(
+                        "run %s: writing its output failed; keeping it", self._claim.run.id, exc_info=True
+                    )
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("run %s: writing its output works again", self._claim.run.id)
+                self._failing = False
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            delay = min(2 * delay, _FLUSH_RETRY_MAX_SECONDS)
+
     async def flush_periodically(self, done: asyncio.Event) -> None:
         """Flush every so often until ``done``; never cancelled mid-write, so nothing is dropped."""
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), _FLUSH_SECONDS)
             if not done.is_set():
-                try:
-                    await self.flush()
-                except Exception:
-                    log.exception("writing output failed; keeping it for the next try")
+                await self.flush_patiently(done)
 
     async def take_rest(self) -> list[LogChunk]:
         async with self._lock:
@@ -427,7 +453,7 @@ class Worker:
                         if flusher is None:
                             flusher = asyncio.create_task(buffer.flush_periodically(output_done))
                         if buffer.full:
-                            await buffer.flush()
+                            await buffer.flush_patiently(active.stop)
                     elif isinstance(event, Finished):
                         outcome = event.outcome
         except ExpressionError as exc:

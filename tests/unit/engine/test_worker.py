@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import threading
 import time
@@ -515,6 +516,41 @@ def test_one_failed_renewal_is_retried_before_the_attempt_would_be_stopped(
         assert failures and runs.get(store, run.id).status == RunStatus.SUCCEEDED
 
     _run_worker(store, settings, scenario)
+
+
+def test_a_store_outage_slows_a_chatty_run_down_without_failing_it_or_losing_output(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Output past the flush size must be written before more is read; while that fails,
+    the run waits (its pipe fills and it blocks), and the outage is logged once, not at
+    every try."""
+    caplog.set_level(logging.INFO, logger="ondeck.engine.worker")
+    settings = Settings(data_dir=tmp_path, poll_seconds=120)
+    define(
+        store, run={"runtime": "bash", "script": "head -c 1200000 /dev/zero | tr '\\0' x; echo; echo done"}
+    )
+    append = finish.append_logs
+    failures: list[str] = []
+
+    def fails_for_a_while(*args: Any) -> bool:
+        if len(failures) < 6:
+            failures.append("refused")
+            raise StoreUnavailable("the store is briefly unavailable")
+        return append(*args)
+
+    monkeypatch.setattr(finish, "append_logs", fails_for_a_while)
+
+    async def scenario() -> None:
+        run = admit(store, TriggerRequest("job")).run
+        await _until("the run ends", lambda: runs.get(store, run.id).status.terminal)
+        assert runs.get(store, run.id).status == RunStatus.SUCCEEDED
+        _, entries = runs.logs(store, run.id, limit=100_000)
+        assert "".join(e.text for e in entries if e.stream == "stdout") == "x" * 1_200_000 + "\ndone\n"
+
+    _run_worker(store, settings, scenario)
+    assert len(failures) == 6
+    warned = [r for r in caplog.records if "writing its output failed" in r.getMessage()]
+    assert len(warned) == 1 and any("works again" in r.getMessage() for r in caplog.records)
 
 
 def test_an_attempt_whose_run_was_started_again_elsewhere_is_stopped_at_the_next_renewal(
