@@ -29,6 +29,7 @@ from ondeck.ids import new_id
 from ondeck.spec.loader import summarize
 from ondeck.spec.models import Automation, Notify
 from ondeck.store.store import Store, Transaction
+from ondeck.streaks import Failures
 from ondeck.triggers import standard_webhooks
 
 GIVE_UP_AFTER = timedelta(hours=24)
@@ -218,12 +219,15 @@ async def deliver_forever(
 ) -> None:
     """Send due deliveries; wakes on new ones, else checks every second for due retries."""
     async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
+        failures = Failures(log, "claiming deliveries")
         while not stop.is_set():
             try:
                 batch = await blocking.run(_claim, store, 20)
             except Exception:
-                log.exception("claiming deliveries failed; will retry")
+                failures.failed()
                 batch = []
+            else:
+                failures.succeeded()
             for delivery in batch:
                 started = time.monotonic()
                 status_code, error = await send(delivery, client, secret, destinations)

@@ -25,6 +25,7 @@ from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit
 from ondeck.errors import NotFound, OndeckError, StoreUnavailable
 from ondeck.spec.triggers import ScheduleSpec, Trigger
 from ondeck.store.store import IntegrityError, Store
+from ondeck.streaks import Failures
 
 log = logging.getLogger(__name__)
 MAX_CATCH_UP = 1000
@@ -191,6 +192,7 @@ def _mark(store: Store, key: str, tick: datetime) -> None:
 
 async def schedule_forever(store: Store, policy: AdmissionPolicy, stop: asyncio.Event) -> None:
     """Wake at the next tick (at least every second, to see catalog changes)."""
+    failures = Failures(log, "firing schedules")
     while not stop.is_set():
         upcoming = None
         try:
@@ -198,7 +200,9 @@ async def schedule_forever(store: Store, policy: AdmissionPolicy, stop: asyncio.
             if started:
                 log.info("schedules started runs: %s", ", ".join(started))
         except Exception:
-            log.exception("firing schedules failed; will retry")
+            failures.failed()
+        else:
+            failures.succeeded()
         delay = 1.0
         if upcoming is not None:
             delay = min(1.0, max(0.0, (upcoming - utcnow()).total_seconds()))

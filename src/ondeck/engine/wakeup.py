@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 import psycopg
 
 from ondeck.store.notifier import conninfo
+from ondeck.streaks import Failures
 
 log = logging.getLogger(__name__)
 WORKER_CHANNELS = frozenset({"queue", "cancel"})  # what a worker waits for: runs to claim, runs to stop
@@ -130,21 +131,20 @@ class PostgresListener:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        failures = Failures(log, "listening for wake-ups (LISTEN)", logging.WARNING)
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True) as connection:
                     for channel in self._channels:
                         connection.execute(f"LISTEN ondeck_{channel}")
+                    failures.succeeded()
                     # Anything missed while (re)connecting: wake everyone once.
                     self._bus.from_thread("queue", "")
                     while not self._stop.is_set():
                         for note in connection.notifies(timeout=1.0):
                             self._bus.from_thread(note.channel.removeprefix("ondeck_"), note.payload)
-            except psycopg.Error as exc:
-                log.warning("LISTEN connection lost (%s); reconnecting", exc)
-                self._stop.wait(1.0)
-            except Exception:  # a bug or a lack of memory must not end wake-ups for good
-                log.exception("listening failed; reconnecting")
+            except Exception:  # the connection lost; or a bug, which must not end wake-ups for good
+                failures.failed()
                 self._stop.wait(1.0)
 
 

@@ -30,6 +30,7 @@ from ondeck.spec.expressions import ExpressionError, render
 from ondeck.spec.params import sensitive_values
 from ondeck.store import clock
 from ondeck.store.store import Store
+from ondeck.streaks import Failures
 from ondeck.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class _LogBuffer:
         self._chunks: list[LogChunk] = []
         self._size = 0
         self._lock = asyncio.Lock()
-        self._failing = False  # the last write failed
+        self._failures = Failures(log, f"run {claim.run.id}: writing its output", logging.WARNING)
 
     @property
     def full(self) -> bool:
@@ -134,22 +135,15 @@ class _LogBuffer:
         """Flush; while that fails (the database unreachable, say), keep the output and try
         again, less and less often, until it is written or ``stop`` is set (then the output
         goes with the attempt's end). Meanwhile the program blocks on its pipes once they
-        fill: it is slowed down, not failed, by a store outage. The first failure is logged,
-        and the recovery: not every try."""
+        fill: it is slowed down, not failed, by a store outage."""
         delay = _FLUSH_SECONDS
         while True:
             try:
                 await self.flush()
             except Exception:
-                if not self._failing:
-                    log.warning(
-                        "run %s: writing its output failed; keeping it", self._claim.run.id, exc_info=True
-                    )
-                self._failing = True
+                self._failures.failed()
             else:
-                if self._failing:
-                    log.info("run %s: writing its output works again", self._claim.run.id)
-                self._failing = False
+                self._failures.succeeded()
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
@@ -244,6 +238,7 @@ class Worker:
         self._backlog = False
         # Wake-ups that came while every slot was busy (see ``_claim`` and ``_record``).
         self._woken_while_full = 0
+        self._claim_failures = Failures(log, "claiming runs")
         bus.on_cancel(self._cancel)
 
     def _cancel(self, run_id: str) -> None:
@@ -301,8 +296,9 @@ class Worker:
                 queue.claim, self.store, self.id, self.group, free, self.lease, self._definitions
             )
         except Exception:
-            log.exception("claiming runs failed; will retry")
+            self._claim_failures.failed()
             return False
+        self._claim_failures.succeeded()
         # Every free slot filled, or not every due run seen: more may be waiting.
         self._backlog = more or (bool(claims) and len(claims) == free)
         self._start(claims, since)
@@ -566,6 +562,7 @@ async def reap_forever(store: Store, workspaces: Path, interval: float, stop: as
     A lost attempt's workspace is removed too when it is on this host (its
     processes already died with their worker: see runner.isolation).
     """
+    failures = Failures(log, "reaping")
     while not stop.is_set():
         try:
             reaped = await blocking.run(finish.reap_expired_leases, store)
@@ -578,6 +575,8 @@ async def reap_forever(store: Store, workspaces: Path, interval: float, stop: as
             if expired:
                 log.info("approvals expired for runs: %s", ", ".join(expired))
         except Exception:
-            log.exception("reaping failed; will retry")
+            failures.failed()
+        else:
+            failures.succeeded()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
