@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from cryptography.fernet import Fernet
@@ -32,12 +32,29 @@ from ondeck.store.store import Store, Transaction
 from ondeck.vault import Vault
 from tests.unit.engine.test_lifecycle import LEASE, define
 
+T = TypeVar("T")
+
 DONE = Outcome(RunStatus.SUCCEEDED, 0)
 
 
 @pytest.fixture
 def worker(store: Store, tmp_path: Path) -> Worker:
     return Worker(store, Settings(data_dir=tmp_path), WakeBus(), Vault([Fernet.generate_key()]))
+
+
+def _fails_first(
+    times: int, function: Callable[..., T], error: Exception
+) -> tuple[Callable[..., T], list[str]]:
+    """``function``, but its first ``times`` calls raise ``error``; and those failures so far."""
+    failures: list[str] = []
+
+    def failing(*args: Any) -> T:
+        if len(failures) < times:
+            failures.append(str(error))
+            raise error
+        return function(*args)
+
+    return failing, failures
 
 
 def _claim_one(store: Store, worker: Worker) -> queue.Claim:
@@ -111,15 +128,9 @@ def test_an_end_that_fails_to_record_is_written_again_while_the_lease_holds(
     define(store, retries={"attempts": 3})
     run = admit(store, TriggerRequest("job")).run
     claimed = _claim_one(store, worker)
-    record = finish.finish
-    failures: list[str] = []
-
-    def briefly_unavailable(*args: Any) -> bool:
-        if len(failures) < 2:
-            failures.append("refused")
-            raise RuntimeError("the store is briefly unavailable")
-        return record(*args)
-
+    briefly_unavailable, failures = _fails_first(
+        2, finish.finish, RuntimeError("the store is briefly unavailable")
+    )
     monkeypatch.setattr(finish, "finish", briefly_unavailable)
     asyncio.run(_execute(worker, claimed))
     assert len(failures) == 2
@@ -499,15 +510,9 @@ def test_one_failed_renewal_is_retried_before_the_attempt_would_be_stopped(
     """A moment's outage of the store must not stop every attempt the worker runs."""
     settings = Settings(data_dir=tmp_path, lease_seconds=6, kill_grace_seconds=0.2, poll_seconds=120)
     define(store, run={"runtime": "bash", "script": "sleep 5"})
-    renew = queue.renew_leases
-    failures: list[str] = []
-
-    def fails_once(*args: Any) -> dict[tuple[str, int], bool]:
-        if not failures:
-            failures.append("refused")
-            raise StoreUnavailable("the store is briefly unavailable")
-        return renew(*args)
-
+    fails_once, failures = _fails_first(
+        1, queue.renew_leases, StoreUnavailable("the store is briefly unavailable")
+    )
     monkeypatch.setattr(queue, "renew_leases", fails_once)
 
     async def scenario() -> None:
@@ -529,15 +534,7 @@ def test_a_store_outage_slows_a_chatty_run_down_without_failing_it_or_losing_out
     define(
         store, run={"runtime": "bash", "script": "head -c 1200000 /dev/zero | tr '\\0' x; echo; echo done"}
     )
-    append = finish.append_logs
-    failures: list[str] = []
-
-    def fails_for_a_while(*args: Any) -> bool:
-        if len(failures) < 6:
-            failures.append("refused")
-            raise StoreUnavailable("the store is briefly unavailable")
-        return append(*args)
-
+    fails_for_a_while, failures = _fails_first(6, finish.append_logs, StoreUnavailable("the store is away"))
     monkeypatch.setattr(finish, "append_logs", fails_for_a_while)
 
     async def scenario() -> None:
