@@ -448,7 +448,7 @@ class Worker:
                         buffer.add(event.chunk)
                         if flusher is None:
                             flusher = asyncio.create_task(buffer.flush_periodically(output_done))
-                        if buffer.full:
+                        if buffer.full and not active.stop.is_set():  # once stopped, it goes with the end
                             await buffer.flush_patiently(active.stop)
                     elif isinstance(event, Finished):
                         outcome = event.outcome
