@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 REMIND_SECONDS = 60.0
 
@@ -15,10 +16,16 @@ class Failures:
     loop of every process fails several times a second, and a traceback each time
     buried what mattered."""
 
-    def __init__(self, logger: logging.Logger, what: str, level: int = logging.ERROR) -> None:
-        self._log, self._what, self._level = logger, what, level
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        level: int = logging.ERROR,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log, self._what, self._level, self._clock = logger, what, level, clock
         self._streak = 0
-        self._logged = 0.0  # when this streak was last logged (time.monotonic)
+        self._logged = 0.0  # when this streak was last logged, by ``clock``
 
     @property
     def failing(self) -> bool:
@@ -27,7 +34,7 @@ class Failures:
     def failed(self) -> None:
         """Count a failure; call it from the ``except`` block that caught it."""
         self._streak += 1
-        now = time.monotonic()
+        now = self._clock()
         if self._streak == 1:
             self._log.log(self._level, "%s failed; will retry", self._what, exc_info=True)
             self._logged = now

@@ -6,17 +6,15 @@ import logging
 
 import pytest
 
-from ondeck import streaks
 from ondeck.streaks import Failures
 
 
 def test_a_streak_is_logged_at_its_start_every_minute_while_it_lasts_and_at_its_end(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     now = [1000.0]
-    monkeypatch.setattr(streaks.time, "monotonic", lambda: now[0])
-    failures = Failures(logging.getLogger("test.streaks"), "claiming runs")
+    failures = Failures(logging.getLogger("test.streaks"), "claiming runs", clock=lambda: now[0])
 
     def fail(times: int) -> None:
         for _ in range(times):

@@ -131,7 +131,7 @@ class PostgresListener:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        failures = Failures(log, "listening for wake-ups (LISTEN)", logging.WARNING)
+        failures = Failures(log, "listening for wake-ups (LISTEN)", logging.WARNING)  # a lost connection
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True) as connection:
@@ -143,8 +143,11 @@ class PostgresListener:
                     while not self._stop.is_set():
                         for note in connection.notifies(timeout=1.0):
                             self._bus.from_thread(note.channel.removeprefix("ondeck_"), note.payload)
-            except Exception:  # the connection lost; or a bug, which must not end wake-ups for good
+            except psycopg.Error:
                 failures.failed()
+                self._stop.wait(1.0)
+            except Exception:  # a bug or a lack of memory must not end wake-ups for good
+                log.exception("listening failed; reconnecting")
                 self._stop.wait(1.0)
 
 

@@ -131,13 +131,15 @@ class _LogBuffer:
             if not written:
                 self._active.lose("another process owns the run now")
 
-    async def flush_patiently(self, stop: asyncio.Event) -> None:
+    async def flush_patiently(self, stop: asyncio.Event, until: float = math.inf) -> None:
         """Flush; while that fails (the database unreachable, say), keep the output and try
-        again, less and less often, until it is written or ``stop`` is set (then the output
-        goes with the attempt's end). Meanwhile the program blocks on its pipes once they
-        fill: it is slowed down, not failed, by a store outage."""
+        again, less and less often, until it is written, ``stop`` is set or the event loop's
+        clock reaches ``until`` (then the output goes with the attempt's end). Meanwhile the
+        program blocks on its pipes once they fill: it is slowed down, not failed, by a
+        store outage."""
+        loop = asyncio.get_running_loop()
         delay = _FLUSH_SECONDS
-        while True:
+        while not stop.is_set() and loop.time() < until:
             try:
                 await self.flush()
             except Exception:
@@ -146,9 +148,7 @@ class _LogBuffer:
                 self._failures.succeeded()
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            if stop.is_set():
-                return
+                await asyncio.wait_for(stop.wait(), min(delay, max(0.0, until - loop.time())))
             delay = min(2 * delay, _FLUSH_RETRY_MAX_SECONDS)
 
     async def flush_periodically(self, done: asyncio.Event) -> None:
@@ -239,6 +239,10 @@ class Worker:
         # Wake-ups that came while every slot was busy (see ``_claim`` and ``_record``).
         self._woken_while_full = 0
         self._claim_failures = Failures(log, "claiming runs")
+        self._renewal_failures = Failures(log, "renewing leases")
+        self._clock_failures = Failures(
+            log, "reading the database's clock (the last reading serves)", logging.WARNING
+        )
         bus.on_cancel(self._cancel)
 
     def _cancel(self, run_id: str) -> None:
@@ -364,7 +368,9 @@ class Worker:
             try:
                 await self.call(self.store.sync_clock)
             except Exception:
-                log.warning("reading the database's clock failed; the last reading serves", exc_info=True)
+                self._clock_failures.failed()
+            else:
+                self._clock_failures.succeeded()
             # A fence passed while the host was suspended stops its attempt before any
             # renewal could revive it, whichever of this and ``_watch_fences`` wakes first.
             self._check_fences()
@@ -376,9 +382,10 @@ class Worker:
             try:
                 renewed = await blocking.run(queue.renew_leases, self.store, self.id, self.lease, list(held))
             except Exception:
-                log.exception("renewing leases failed; retrying soon")
+                self._renewal_failures.failed()
                 delay = period / 4  # a few tries before two thirds of a lease have passed
                 continue
+            self._renewal_failures.succeeded()
             delay = max(0.0, period - (clock.elapsed() - since))
             for key, active in held.items():
                 if self._active.get(key) is not active:
@@ -442,14 +449,17 @@ class Worker:
                 else {}
             )
             attempt = self.attempt_for(claim, secrets)
+            # Past this, the attempt has been timed out and killed: output it could not write
+            # waits for its end, rather than hold it up.
+            patience = asyncio.get_running_loop().time() + attempt.timeout + attempt.kill_grace + 1
             async with contextlib.aclosing(run_attempt(attempt, active.stop)) as events:
                 async for event in events:
                     if isinstance(event, Output):
                         buffer.add(event.chunk)
                         if flusher is None:
                             flusher = asyncio.create_task(buffer.flush_periodically(output_done))
-                        if buffer.full and not active.stop.is_set():  # once stopped, it goes with the end
-                            await buffer.flush_patiently(active.stop)
+                        if buffer.full:
+                            await buffer.flush_patiently(active.stop, patience)
                     elif isinstance(event, Finished):
                         outcome = event.outcome
         except ExpressionError as exc:
@@ -493,6 +503,7 @@ class Worker:
         short outage of the store must not get that far."""
         deadline = clock.elapsed() + self.lease.total_seconds() / 2
         delay = 0.05
+        failures = Failures(log, f"run {claim.run.id}: recording the result", logging.WARNING)
         while True:
             try:
                 if self._backlog and not self._stopping:
@@ -504,14 +515,17 @@ class Worker:
                     # claim may have read the queue before that run was there. Then the
                     # end wakes the loop (``_execute``).
                     self._backlog = more or self._woken_while_full != seen
-                    return following
-                await self.call(finish.finish, self.store, claim, outcome, chunks)
-                return []
+                else:
+                    await self.call(finish.finish, self.store, claim, outcome, chunks)
+                    following = []
             except Exception:
                 if clock.elapsed() + delay > deadline:
                     log.exception("run %s: recording the result failed; the reaper will end it", claim.run.id)
                     return []
-                log.warning("run %s: recording the result failed; retrying", claim.run.id, exc_info=True)
+                failures.failed()
+            else:
+                failures.succeeded()
+                return following
             await asyncio.sleep(delay)
             delay = min(2 * delay, 2.0)
 

@@ -526,28 +526,61 @@ def test_one_failed_renewal_is_retried_before_the_attempt_would_be_stopped(
 def test_a_store_outage_slows_a_chatty_run_down_without_failing_it_or_losing_output(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Output past the flush size must be written before more is read; while that fails,
-    the run waits (its pipe fills and it blocks), and the outage is logged once, not at
-    every try."""
+    """Output past the flush size must be written before more is read: while that fails,
+    the worker reads no more (the program blocks on its pipe) and tries less and less
+    often, rather than once per read; the outage is logged once, not at every try."""
     caplog.set_level(logging.INFO, logger="ondeck.engine.worker")
     settings = Settings(data_dir=tmp_path, poll_seconds=120)
+    size = 6_000_000  # about 90 reads: one try per read would be as many
     define(
-        store, run={"runtime": "bash", "script": "head -c 1200000 /dev/zero | tr '\\0' x; echo; echo done"}
+        store, run={"runtime": "bash", "script": f"head -c {size} /dev/zero | tr '\\0' x; echo; echo done"}
     )
-    fails_for_a_while, failures = _fails_first(6, finish.append_logs, StoreUnavailable("the store is away"))
-    monkeypatch.setattr(finish, "append_logs", fails_for_a_while)
+    append, tries, outage = finish.append_logs, [], 1.5
+
+    def away_for_a_while(*args: Any) -> bool:
+        tries.append(time.monotonic())
+        if tries[-1] - tries[0] < outage:
+            raise StoreUnavailable("the store is away")
+        return append(*args)
+
+    monkeypatch.setattr(finish, "append_logs", away_for_a_while)
 
     async def scenario() -> None:
         run = admit(store, TriggerRequest("job")).run
         await _until("the run ends", lambda: runs.get(store, run.id).status.terminal)
         assert runs.get(store, run.id).status == RunStatus.SUCCEEDED
         _, entries = runs.logs(store, run.id, limit=100_000)
-        assert "".join(e.text for e in entries if e.stream == "stdout") == "x" * 1_200_000 + "\ndone\n"
+        assert "".join(e.text for e in entries if e.stream == "stdout") == "x" * size + "\ndone\n"
 
     _run_worker(store, settings, scenario)
-    assert len(failures) == 6
+    failed = [at for at in tries if at - tries[0] < outage]
+    assert 2 <= len(failed) <= 20, len(failed)  # the flush on reads and the periodic one, backing off
     warned = [r for r in caplog.records if "writing its output failed" in r.getMessage()]
     assert len(warned) == 1 and any("works again" in r.getMessage() for r in caplog.records)
+
+
+def test_output_that_cannot_be_written_does_not_keep_an_attempt_past_its_timeout(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for the store to take the output must not outlast the attempt's timeout:
+    the store may take the renewals (the lease holds) and not the output (a full disk)."""
+    settings = Settings(data_dir=tmp_path, kill_grace_seconds=0.2, poll_seconds=120)
+    script = "head -c 1200000 /dev/zero | tr '\\0' x; sleep 60"
+    define(store, run={"runtime": "bash", "script": script}, timeout="2s")
+
+    def refused(*args: Any) -> bool:
+        raise StoreUnavailable("the store takes no output")
+
+    monkeypatch.setattr(finish, "append_logs", refused)
+
+    async def scenario() -> None:
+        run = admit(store, TriggerRequest("job")).run
+        await _until("the run ends", lambda: runs.get(store, run.id).status.terminal, seconds=15)
+        assert runs.get(store, run.id).status == RunStatus.TIMED_OUT
+        _, entries = runs.logs(store, run.id, limit=100_000)
+        assert "".join(e.text for e in entries if e.stream == "stdout") == "x" * 1_200_000  # with the end
+
+    _run_worker(store, settings, scenario)
 
 
 def test_an_attempt_whose_run_was_started_again_elsewhere_is_stopped_at_the_next_renewal(
