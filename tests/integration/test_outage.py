@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ import psycopg
 import pytest
 from sqlalchemy import make_url
 
-from tests.support import PG_ADMIN, Server, base_env, put_automation, trigger, wait_for_run
+from tests.support import PG_ADMIN, Server, base_env, put_automation, trigger, wait_for_run, wait_until
 
 
 @pytest.fixture
@@ -36,14 +38,18 @@ def _refuse(role: str, refused: bool) -> None:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
 
 
+def _server(tmp_path: Path, pg_url: str, role: str) -> Server:
+    url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+    (tmp_path / "automations").mkdir()
+    return Server(base_env(tmp_path, url), tmp_path / "server.log").start()
+
+
 def test_while_the_database_is_away_requests_get_503s_with_retry_after_and_nothing_is_lost(
     tmp_path: Path, pg_url: str, role: str
 ) -> None:
     """Never a 500 and never a half-written run: the API answers what it cannot do now with
     a problem document clients can retry after, and work resumes once the database is back."""
-    url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
-    (tmp_path / "automations").mkdir()
-    server = Server(base_env(tmp_path, url), tmp_path / "server.log").start()
+    server = _server(tmp_path, pg_url, role)
     try:
         with server.client() as client:
             put_automation(client, {"name": "echo", "run": {"runtime": "bash", "script": "echo hi"}})
@@ -62,3 +68,39 @@ def test_while_the_database_is_away_requests_get_503s_with_retry_after_and_nothi
             assert [item["id"] for item in listed] == [run["id"]]  # the refused ones left nothing
     finally:
         server.stop()
+
+
+def test_a_live_log_stream_outlives_an_outage_and_delivers_every_line(
+    tmp_path: Path, pg_url: str, role: str
+) -> None:
+    """A stream already open cannot answer with a problem: it waits for the database and
+    goes on where it was, rather than break off mid-response."""
+    server = _server(tmp_path, pg_url, role)
+    try:
+        with server.client() as client:
+            script = "for i in $(seq 1 12); do echo line $i; sleep 0.4; done"
+            put_automation(client, {"name": "slow", "run": {"runtime": "bash", "script": script}})
+            run = trigger(client, "slow")
+            events: list[str] = []
+
+            def follow() -> None:
+                with client.stream("GET", f"/runs/{run['id']}/logs/stream", timeout=60) as stream:
+                    events.extend(
+                        line for line in stream.iter_lines() if line.startswith(("data:", "event:"))
+                    )
+
+            follower = threading.Thread(target=follow)
+            follower.start()
+            wait_until(lambda: len(events) >= 2, timeout=30, message="the first line streamed")
+            _refuse(role, True)
+            time.sleep(2)  # the outage: what the stream does meanwhile is the point
+            _refuse(role, False)
+            follower.join(60)
+            assert not follower.is_alive()
+            assert wait_for_run(client, run["id"])["status"] == "succeeded"
+        lines = [event for event in events if event.startswith("data:") and '"seq"' in event]
+        assert [f"line {i}" in line for i, line in enumerate(lines, 1)] == [True] * 12
+        assert events[-2] == "event: end"
+    finally:
+        server.stop()
+    assert "Exception in ASGI application" not in server.log()

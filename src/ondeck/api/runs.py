@@ -40,7 +40,7 @@ from ondeck.api.schemas import (
 )
 from ondeck.engine import admission, approvals, runs, scheduler
 from ondeck.engine.admission import TriggerRequest
-from ondeck.errors import UnsupportedMediaType
+from ondeck.errors import StoreUnavailable, UnsupportedMediaType
 from ondeck.node import Node
 
 T = TypeVar("T")
@@ -245,13 +245,18 @@ async def _log_events(node: Node, run_id: str, after: int) -> AsyncIterator[str]
     batch = 1000
     while True:
         with node.bus.watch_run(run_id) as changed:
-            run, entries = await call(runs.logs, node.store, run_id, after=last, limit=batch)
+            try:
+                run, entries = await call(runs.logs, node.store, run_id, after=last, limit=batch)
+            except StoreUnavailable:
+                # The stream outlives an outage of the store (a restart, a failover): it waits
+                # and goes on where it was, as not every client reconnects with Last-Event-ID.
+                run, entries = None, []
             for entry in entries:
                 yield _sse("log", LogEntryOut.model_validate(entry).model_dump_json(), entry.seq)
                 last = entry.seq
             if len(entries) == batch:
                 continue
-            if run.status.terminal:
+            if run is not None and run.status.terminal:
                 yield _sse("end", json.dumps({"status": run.status.value, "exit_code": run.exit_code}))
                 return
             if await changed.wait(node.settings.poll_seconds):
