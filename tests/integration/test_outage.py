@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from sqlalchemy import make_url
@@ -104,3 +105,36 @@ def test_a_live_log_stream_outlives_an_outage_and_delivers_every_line(
     finally:
         server.stop()
     assert "Exception in ASGI application" not in server.log()
+
+
+def test_a_trigger_that_waits_through_an_outage_is_answered_with_its_run_not_a_503(
+    tmp_path: Path, pg_url: str, role: str
+) -> None:
+    """Its run was admitted before the database went away: a 503 would tell the client to
+    send the trigger again, and so to start a second run."""
+    server = _server(tmp_path, pg_url, role)
+    schema = make_url(pg_url).query["options"]
+    try:
+        with server.client() as client, psycopg.connect(PG_ADMIN, options=schema) as admin:
+            put_automation(client, {"name": "slow", "run": {"runtime": "bash", "script": "sleep 3"}})
+            answers: list[httpx.Response] = []
+            waiting = threading.Thread(
+                target=lambda: answers.append(
+                    client.post("/automations/slow/runs?wait=8", json={}, timeout=30)
+                )
+            )
+            waiting.start()
+
+            def admitted() -> bool:
+                return admin.execute("SELECT 1 FROM runs").fetchone() is not None
+
+            wait_until(admitted, timeout=30, message="the run admitted")
+            _refuse(role, True)
+            time.sleep(1.5)  # the outage, while the trigger waits: several polls of the run fail
+            _refuse(role, False)
+            waiting.join(30)
+            (answer,) = answers
+            assert answer.status_code in (200, 202), answer.text
+            assert wait_for_run(client, answer.json()["id"])["status"] == "succeeded"
+    finally:
+        server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Coroutine
@@ -18,7 +19,7 @@ from ondeck.auth.policy import require
 from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import Run
 from ondeck.engine import runs
-from ondeck.errors import InvalidRequest, PayloadTooLarge
+from ondeck.errors import InvalidRequest, PayloadTooLarge, StoreUnavailable
 from ondeck.node import Node
 from ondeck.store.store import Store
 
@@ -175,12 +176,15 @@ async def shown(node: Node, *found: Run) -> list[Run]:
 
 
 async def wait_finished(node: Node, run: Run, timeout: float) -> Run:
-    """The run once it is terminal, or as it is when ``timeout`` seconds have passed."""
+    """The run once it is terminal, or as it is when ``timeout`` seconds have passed: as
+    last seen, if the store became unreachable meanwhile (an admitted run must not be
+    answered with a 503, which says to send the trigger again)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not run.status.terminal:
         with node.bus.watch_run(run.id) as changed:
-            run = await call(runs.get, node.store, run.id)
+            with contextlib.suppress(StoreUnavailable):
+                run = await call(runs.get, node.store, run.id)
             remaining = deadline - loop.time()
             if run.status.terminal or remaining <= 0:
                 break
