@@ -14,6 +14,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -65,6 +66,9 @@ def _token(settings: Settings) -> str | None:
         return None
 
 
+UNAVAILABLE_PATIENCE = 120.0  # seconds a read waits out a server that answers 503 (see Api._again)
+
+
 class Api:
     def __init__(self, settings: Settings) -> None:
         self.base = settings.url.rstrip("/")
@@ -75,34 +79,61 @@ class Api:
         self.client = httpx.Client(
             base_url=self.base, timeout=httpx.Timeout(30.0, read=None), headers=headers
         )
+        self._waiting = False  # told the user the server is unavailable
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self.client.request(method, f"/api/v1{path}", **kwargs)
-        except httpx.TransportError as exc:
-            _fail(f"cannot reach ondeck at {self.base} ({exc}); is `ondeck server` running?")
+        since = time.monotonic()
+        while True:
+            try:
+                response = self.client.request(method, f"/api/v1{path}", **kwargs)
+            except httpx.TransportError as exc:
+                _fail(f"cannot reach ondeck at {self.base} ({exc}); is `ondeck server` running?")
+            if not self._again(response, method, since):
+                break
         if response.status_code >= 400:
             _fail_problem(response)
         return response.json() if response.content else None
 
     def events(self, run_id: str) -> Any:
         """Yield (event, data) pairs from the run's SSE log stream."""
+        since = time.monotonic()
         try:
-            with self.client.stream("GET", f"/api/v1/runs/{run_id}/logs/stream") as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _fail_problem(response)
-                event, data = "message", []
-                for line in response.iter_lines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].removeprefix(" "))
-                    elif not line and data:
-                        yield event, json.loads("\n".join(data))
-                        event, data = "message", []
+            while True:
+                with self.client.stream("GET", f"/api/v1/runs/{run_id}/logs/stream") as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        if self._again(response, "GET", since):
+                            continue
+                        _fail_problem(response)
+                    event, data = "message", []
+                    for line in response.iter_lines():
+                        if line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data.append(line[5:].removeprefix(" "))
+                        elif not line and data:
+                            yield event, json.loads("\n".join(data))
+                            event, data = "message", []
+                    return
         except httpx.TransportError as exc:
             _fail(f"log stream from {self.base} broke: {exc}")
+
+    def _again(self, response: httpx.Response, method: str, since: float) -> bool:
+        """Whether to send a read again that the server could not serve for now (a 503 with
+        ``Retry-After``: its database restarting, say), having waited as it asks, for up to
+        ``UNAVAILABLE_PATIENCE`` seconds in all: a ``--wait`` or ``--follow`` outlives a
+        short outage, as the run does. Writes are not sent again: a trigger's outcome may
+        be unknown (see the README's HTTP API)."""
+        delay = response.headers.get("retry-after", "")
+        if method != "GET" or response.status_code != 503 or not delay.isdigit():
+            return False
+        if time.monotonic() + int(delay) - since > UNAVAILABLE_PATIENCE:
+            return False
+        if not self._waiting:
+            typer.echo(f"ondeck at {self.base} cannot answer for now (503); waiting for it", err=True)
+            self._waiting = True
+        time.sleep(int(delay))
+        return True
 
 
 def _fail(message: str, code: int = EXIT_API) -> NoReturn:

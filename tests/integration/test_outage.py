@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,7 +16,16 @@ import psycopg
 import pytest
 from sqlalchemy import make_url
 
-from tests.support import PG_ADMIN, Server, base_env, put_automation, trigger, wait_for_run, wait_until
+from tests.support import (
+    ADMIN_TOKEN,
+    PG_ADMIN,
+    Server,
+    base_env,
+    put_automation,
+    trigger,
+    wait_for_run,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -136,5 +148,45 @@ def test_a_trigger_that_waits_through_an_outage_is_answered_with_its_run_not_a_5
             (answer,) = answers
             assert answer.status_code in (200, 202), answer.text
             assert wait_for_run(client, answer.json()["id"])["status"] == "succeeded"
+    finally:
+        server.stop()
+
+
+def test_the_cli_waits_out_an_outage_on_a_read_as_the_server_asks(
+    tmp_path: Path, pg_url: str, role: str
+) -> None:
+    """A read sent while the database is away gets a 503 with Retry-After: the command
+    says it waits, sends it again, and succeeds once the database is back."""
+    server = _server(tmp_path, pg_url, role)
+    try:
+        with server.client() as client:
+            put_automation(client, {"name": "echo", "run": {"runtime": "bash", "script": "echo hi"}})
+            run = trigger(client, "echo")
+            wait_for_run(client, run["id"])
+        _refuse(role, True)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "ONDECK_URL": server.url,
+            "ONDECK_TOKEN": ADMIN_TOKEN,
+        }
+        errors = tmp_path / "cli.err"
+        with errors.open("w") as stderr:
+            show = subprocess.Popen(
+                [sys.executable, "-m", "ondeck", "runs", "show", run["id"], "--json"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+            wait_until(
+                lambda: "waiting for it" in errors.read_text(), timeout=60, message="the CLI met the outage"
+            )
+            _refuse(role, False)
+            out, _ = show.communicate(timeout=60)
+        assert show.returncode == 0, errors.read_text()
+        assert (
+            json.loads(out)["status"] == "succeeded" and "cannot answer for now (503)" in errors.read_text()
+        )
     finally:
         server.stop()
