@@ -124,15 +124,16 @@ class Api:
         ``UNAVAILABLE_PATIENCE`` seconds in all: a ``--wait`` or ``--follow`` outlives a
         short outage, as the run does. Writes are not sent again: a trigger's outcome may
         be unknown (see the README's HTTP API)."""
-        delay = response.headers.get("retry-after", "")
-        if method != "GET" or response.status_code != 503 or not delay.isdigit():
-            return False
-        if time.monotonic() + int(delay) - since > UNAVAILABLE_PATIENCE:
+        header = response.headers.get("retry-after", "")
+        if method != "GET" or response.status_code != 503 or not (header.isascii() and header.isdigit()):
+            return False  # an HTTP-date is not waited for: ondeck sends seconds
+        delay = max(1, int(header))
+        if time.monotonic() + delay - since > UNAVAILABLE_PATIENCE:
             return False
         if not self._waiting:
             typer.echo(f"ondeck at {self.base} cannot answer for now (503); waiting for it", err=True)
             self._waiting = True
-        time.sleep(int(delay))
+        time.sleep(delay)
         return True
 
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import typer
+
+from ondeck import cli
+from ondeck.cli import Api
+from ondeck.settings import Settings
 
 SERVER_SIDE = ("sqlalchemy", "psycopg", "alembic", "fastapi", "jsonschema", "ondeck.store.store")
 
@@ -21,3 +31,49 @@ def test_the_client_commands_start_without_the_server_side() -> None:
     command = [sys.executable, "-c", probe]
     result = subprocess.run(command, capture_output=True, text=True, env=defaults, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def _api(answers: list[httpx.Response], sent: list[str]) -> Api:
+    """The CLI's client, talking to a server that gives ``answers`` in turn: the edge cases
+    of ``Retry-After`` that ondeck's own server never sends."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.method)
+        return answers.pop(0)
+
+    api = Api(Settings(url="http://ondeck.test"))
+    api.client = httpx.Client(base_url=api.base, transport=httpx.MockTransport(answer))
+    return api
+
+
+def _unavailable(retry_after: bytes) -> httpx.Response:
+    problem = {"title": "Store unavailable", "detail": "database unavailable"}
+    return httpx.Response(503, headers=[(b"retry-after", retry_after)], json=problem)
+
+
+def test_a_read_the_server_cannot_serve_for_now_is_sent_again_a_second_later_at_least(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
+    sent: list[str] = []
+    api = _api([_unavailable(b"0"), _unavailable(b"2"), httpx.Response(200, json={"id": "r1"})], sent)
+    assert api.request("GET", "/runs/r1") == {"id": "r1"}
+    assert sent == ["GET"] * 3 and slept == [1, 2]  # never at once, however soon the server asks
+
+
+@pytest.mark.parametrize(
+    ("method", "retry_after"), [("POST", b"1"), ("GET", b"\xb2"), ("GET", b"Fri, 04 Dec 2026 22:00:00 GMT")]
+)
+def test_writes_and_unreadable_delays_are_not_sent_again(
+    monkeypatch: pytest.MonkeyPatch, method: str, retry_after: bytes
+) -> None:
+    """A trigger's outcome may be unknown; a delay that is not a number of seconds is not
+    guessed at (nor does it crash the command)."""
+    slept: list[float] = []
+    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
+    sent: list[str] = []
+    api = _api([_unavailable(retry_after)], sent)
+    with pytest.raises(typer.Exit) as exited:
+        api.request(method, "/automations/a/runs")
+    assert exited.value.exit_code == cli.EXIT_API and sent == [method] and slept == []

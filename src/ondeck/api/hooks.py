@@ -65,6 +65,8 @@ async def receive_hook(
         request.client.host if request.client else None,
     )
     received = await call(intake.receive_webhook, node.store, node.vault, node.admission_policy, delivery)
+    if wait:  # as a trigger does (see runs._admit)
+        await shown(node, *received.runs)
     finished = await _wait_all(node, received.runs, wait) if wait else None
     if finished is not None:
         response.status_code = 200

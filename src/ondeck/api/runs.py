@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Annotated, Any, TypeVar
@@ -42,9 +44,14 @@ from ondeck.engine import admission, approvals, runs, scheduler
 from ondeck.engine.admission import TriggerRequest
 from ondeck.errors import StoreUnavailable, UnsupportedMediaType
 from ondeck.node import Node
+from ondeck.streaks import Failures
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 router = APIRouter(tags=["runs"], route_class=StrictRoute)
+# A log stream with nothing to send says so this often, so that proxies keep it open; it
+# also bounds how seldom a stream tries the store again during an outage.
+_KEEP_ALIVE_SECONDS = 15.0
 TRIGGER_PATH = "/automations/{name}/runs"
 _WAIT_DESCRIPTION = "Seconds to wait for the run to finish before answering."
 _WAIT_MAX = 600
@@ -106,6 +113,9 @@ async def _admit(node: Node, request: TriggerRequest, wait: float | None) -> Res
     result = await write_here(node.store, admission.admit, node.store, request, node.admission_policy)
     run = result.run
     if wait:
+        # Read what showing the run needs (its params' schema) while the store answers: the
+        # wait may outlast it, and an admitted run must not be answered with a 503.
+        await shown(node, run)
         run = await wait_finished(node, run, wait)
     (run,) = await shown(node, run)
     headers = {"Location": f"/api/v1/runs/{run.id}"}
@@ -240,32 +250,40 @@ def _sse(event: str, data: str, event_id: int | None = None) -> str:
 
 
 async def _log_events(node: Node, run_id: str, after: int) -> AsyncIterator[str]:
-    """Every entry after ``after``, then an ``end`` event once the run is terminal."""
-    last, quiet = after, 0.0
+    """Every entry after ``after``, then an ``end`` event once the run is terminal; a
+    comment when nothing was sent for a while, so that proxies keep the connection.
+
+    The stream outlives an outage of the store (a restart, a failover): it waits, trying
+    less and less often, and goes on where it was, as not every client reconnects with
+    ``Last-Event-ID``."""
+    loop = asyncio.get_running_loop()
+    last, sent = after, loop.time()
     batch = 1000
+    pause = node.settings.poll_seconds
+    failures = Failures(log, f"the log stream of run {run_id}", logging.WARNING)
     while True:
         with node.bus.watch_run(run_id) as changed:
             try:
                 run, entries = await call(runs.logs, node.store, run_id, after=last, limit=batch)
             except StoreUnavailable:
-                # The stream outlives an outage of the store (a restart, a failover): it waits
-                # and goes on where it was, as not every client reconnects with Last-Event-ID.
+                failures.failed()
                 run, entries = None, []
+                pause = min(2 * pause, _KEEP_ALIVE_SECONDS)
+            else:
+                failures.succeeded()
+                pause = node.settings.poll_seconds
             for entry in entries:
                 yield _sse("log", LogEntryOut.model_validate(entry).model_dump_json(), entry.seq)
-                last = entry.seq
+                last, sent = entry.seq, loop.time()
             if len(entries) == batch:
                 continue
             if run is not None and run.status.terminal:
                 yield _sse("end", json.dumps({"status": run.status.value, "exit_code": run.exit_code}))
                 return
-            if await changed.wait(node.settings.poll_seconds):
-                quiet = 0.0
-            else:
-                quiet += node.settings.poll_seconds
-                if quiet >= 15:
-                    yield ": keep-alive\n\n"
-                    quiet = 0.0
+            await changed.wait(pause)
+            if loop.time() - sent >= _KEEP_ALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                sent = loop.time()
 
 
 @router.get(
