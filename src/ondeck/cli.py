@@ -147,24 +147,39 @@ def _existing_store(settings: Settings) -> Store:
     error, and nothing created, where there is none (say, ONDECK_DATA_DIR not set as the
     server's) or it cannot be reached."""
     from sqlalchemy import make_url
-    from sqlalchemy.exc import DBAPIError
-
-    from ondeck.store.store import Store
 
     url = make_url(settings.resolved_database_url)
     where = url.render_as_string(hide_password=True)
     hint = "set ONDECK_DATA_DIR or ONDECK_DATABASE_URL as the server has them"
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         _fail(f"no ondeck database at {where}: {hint}")
-    store = Store(settings.resolved_database_url)
-    try:
-        current = store.is_current()
-    except DBAPIError as exc:
-        store.dispose()
-        _fail(f"cannot reach the database at {where}: {exc.orig}")
+    store = _reachable_store(settings)
+    current = store.is_current()
     if not current:
         store.dispose()
         _fail(f"the database at {where} is not an ondeck database of this version: {hint}, or upgrade it")
+    return store
+
+
+def _reachable_store(settings: Settings) -> Store:
+    """The configured store, once it answered: where it cannot be reached, one clear line
+    and exit code 3, not the traceback of whatever first tried (a server's start-up, say)."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from ondeck.errors import StoreUnavailable
+    from ondeck.store.store import Store
+
+    store = Store(settings.resolved_database_url)
+    try:
+        store.ping()
+    except (DBAPIError, StoreUnavailable) as exc:
+        store.dispose()
+        where = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+        reason = (
+            exc.orig if isinstance(exc, DBAPIError) else exc.detail.removeprefix("database unavailable: ")
+        )
+        _fail(f"cannot reach the database at {where}: {reason}")
     return store
 
 
@@ -416,9 +431,7 @@ def automations_apply(directory: Path) -> None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply database migrations (the server also does this on start)."""
-    from ondeck.store.store import Store
-
-    store = Store(Settings().resolved_database_url)
+    store = _reachable_store(Settings())
     store.upgrade()
     store.dispose()
     typer.echo("database is up to date")
@@ -446,6 +459,7 @@ def server(
         if not worker:
             raise typer.BadParameter("--worker-processes needs the embedded worker: drop --no-worker")
         settings = settings.model_copy(update={"worker_processes": worker_processes})
+    _reachable_store(settings).dispose()
     jsonlog.configure(log_level.upper())
     application = create_app(settings, run_worker=worker)
     uvicorn.run(
@@ -485,6 +499,8 @@ def worker_command(
     from ondeck import jsonlog
     from ondeck.node import Node
 
+    if parent_fd is None:  # an embedded worker's server has checked
+        _reachable_store(Settings()).dispose()
     jsonlog.configure(log_level.upper())
 
     async def serve() -> None:

@@ -104,6 +104,26 @@ def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 3 and "cannot reach ondeck" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["server"], ["worker"], ["db", "upgrade"]], ids=" ".join)
+def test_an_unreachable_database_is_a_clear_error_at_start(tmp_path: Path, command: list[str]) -> None:
+    """One line naming the database (without its password) and why, not a traceback."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "ONDECK_DATA_DIR": str(tmp_path),
+        "ONDECK_DATABASE_URL": "postgresql+psycopg://ondeck:the-password@127.0.0.1:9/ondeck",
+        "ONDECK_PORT": "9",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "ondeck", *command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith(
+        "error: cannot reach the database at postgresql+psycopg://ondeck:***@127.0.0.1:9"
+    )
+    assert "Traceback" not in result.stderr and "the-password" not in result.stderr
+
+
 def test_automations_validate_and_apply(examples_server: Server, tmp_path: Path) -> None:
     good = tmp_path / "good"
     good.mkdir()
