@@ -578,7 +578,10 @@ def test_output_that_cannot_be_written_does_not_keep_an_attempt_past_its_timeout
         await _until("the run ends", lambda: runs.get(store, run.id).status.terminal, seconds=15)
         assert runs.get(store, run.id).status == RunStatus.TIMED_OUT
         _, entries = runs.logs(store, run.id, limit=100_000)
-        assert "".join(e.text for e in entries if e.stream == "stdout") == "x" * 1_200_000  # with the end
+        # What the worker took went with the end; the program may have been killed while
+        # blocked on its pipe, with the rest of its output unwritten.
+        kept = "".join(e.text for e in entries if e.stream == "stdout")
+        assert len(kept) >= 512 * 1024 and kept == "x" * len(kept)
 
     _run_worker(store, settings, scenario)
 
