@@ -88,7 +88,7 @@ class Api:
                 response = self.client.request(method, f"/api/v1{path}", **kwargs)
             except httpx.TransportError as exc:
                 _fail(f"cannot reach ondeck at {self.base} ({exc}); is `ondeck server` running?")
-            if not self._again(response, method, since):
+            if not self._again(response, since):
                 break
         if response.status_code >= 400:
             _fail_problem(response)
@@ -102,7 +102,7 @@ class Api:
                 with self.client.stream("GET", f"/api/v1/runs/{run_id}/logs/stream") as response:
                     if response.status_code >= 400:
                         response.read()
-                        if self._again(response, "GET", since):
+                        if self._again(response, since):
                             continue
                         _fail_problem(response)
                     event, data = "message", []
@@ -118,15 +118,22 @@ class Api:
         except httpx.TransportError as exc:
             _fail(f"log stream from {self.base} broke: {exc}")
 
-    def _again(self, response: httpx.Response, method: str, since: float) -> bool:
-        """Whether to send a read again that the server could not serve for now (a 503 with
-        ``Retry-After``: its database restarting, say), having waited as it asks, for up to
-        ``UNAVAILABLE_PATIENCE`` seconds in all: a ``--wait`` or ``--follow`` outlives a
-        short outage, as the run does. Writes are not sent again: a trigger's outcome may
-        be unknown (see the README's HTTP API)."""
+    def _again(self, response: httpx.Response, since: float) -> bool:
+        """Whether to send a request again that the server could not serve for now (a 503
+        with ``Retry-After``: its database restarting, say), having waited as it asks, for
+        up to ``UNAVAILABLE_PATIENCE`` seconds in all: a ``--wait`` or ``--follow`` outlives
+        a short outage, as the run does. A write only with an ``Idempotency-Key`` and only
+        when the store was unavailable: its outcome may be unknown, and the key makes a
+        second send answer with the first's run if that was admitted after all."""
         header = response.headers.get("retry-after", "")
-        if method != "GET" or response.status_code != 503 or not (header.isascii() and header.isdigit()):
+        if response.status_code != 503 or not (header.isascii() and header.isdigit()):
             return False  # an HTTP-date is not waited for: ondeck sends seconds
+        request = response.request
+        if request.method != "GET" and (
+            "idempotency-key" not in request.headers
+            or _problem_type(response) != "/problems/store-unavailable"
+        ):
+            return False
         delay = max(1, int(header))
         if time.monotonic() + delay - since > UNAVAILABLE_PATIENCE:
             return False
@@ -135,6 +142,14 @@ class Api:
             self._waiting = True
         time.sleep(delay)
         return True
+
+
+def _problem_type(response: httpx.Response) -> str | None:
+    try:
+        kind = response.json().get("type")
+    except (ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 def _fail(message: str, code: int = EXIT_API) -> NoReturn:

@@ -46,8 +46,8 @@ def _api(answers: list[httpx.Response], sent: list[str]) -> Api:
     return api
 
 
-def _unavailable(retry_after: bytes) -> httpx.Response:
-    problem = {"title": "Store unavailable", "detail": "database unavailable"}
+def _unavailable(retry_after: bytes, kind: str = "/problems/store-unavailable") -> httpx.Response:
+    problem = {"type": kind, "title": "Unavailable", "detail": "for now"}
     return httpx.Response(503, headers=[(b"retry-after", retry_after)], json=problem)
 
 
@@ -63,17 +63,34 @@ def test_a_read_the_server_cannot_serve_for_now_is_sent_again_a_second_later_at_
 
 
 @pytest.mark.parametrize(
-    ("method", "retry_after"), [("POST", b"1"), ("GET", b"\xb2"), ("GET", b"Fri, 04 Dec 2026 22:00:00 GMT")]
+    ("method", "key", "answer"),
+    [
+        ("POST", None, _unavailable(b"1")),  # its outcome may be unknown: a second run
+        ("POST", "k1", _unavailable(b"1", "/problems/circuit-open")),  # not an outage
+        ("GET", None, _unavailable(b"\xb2")),  # not a number of seconds: not guessed at
+        ("GET", None, _unavailable(b"Fri, 04 Dec 2026 22:00:00 GMT")),
+    ],
 )
-def test_writes_and_unreadable_delays_are_not_sent_again(
-    monkeypatch: pytest.MonkeyPatch, method: str, retry_after: bytes
+def test_what_is_not_sent_again(
+    monkeypatch: pytest.MonkeyPatch, method: str, key: str | None, answer: httpx.Response
 ) -> None:
-    """A trigger's outcome may be unknown; a delay that is not a number of seconds is not
-    guessed at (nor does it crash the command)."""
     slept: list[float] = []
     monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
     sent: list[str] = []
-    api = _api([_unavailable(retry_after)], sent)
+    api = _api([answer], sent)
+    headers = {"Idempotency-Key": key} if key else {}
     with pytest.raises(typer.Exit) as exited:
-        api.request(method, "/automations/a/runs")
+        api.request(method, "/automations/a/runs", json={}, headers=headers)
     assert exited.value.exit_code == cli.EXIT_API and sent == [method] and slept == []
+
+
+def test_a_trigger_with_an_idempotency_key_is_sent_again_through_an_outage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The key makes the second send answer with the first's run, if that was admitted."""
+    slept: list[float] = []
+    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
+    sent: list[str] = []
+    api = _api([_unavailable(b"1"), httpx.Response(202, json={"id": "r1"})], sent)
+    answer = api.request("POST", "/automations/a/runs", json={}, headers={"Idempotency-Key": "k1"})
+    assert answer == {"id": "r1"} and sent == ["POST", "POST"] and slept == [1]
