@@ -51,11 +51,17 @@ def _unavailable(retry_after: bytes, kind: str = "/problems/store-unavailable") 
     return httpx.Response(503, headers=[(b"retry-after", retry_after)], json=problem)
 
 
+@pytest.fixture
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The CLI's waits, recorded instead of slept."""
+    waits: list[float] = []
+    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=time.monotonic, sleep=waits.append))
+    return waits
+
+
 def test_a_read_the_server_cannot_serve_for_now_is_sent_again_a_second_later_at_least(
-    monkeypatch: pytest.MonkeyPatch,
+    slept: list[float],
 ) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
     sent: list[str] = []
     api = _api([_unavailable(b"0"), _unavailable(b"2"), httpx.Response(200, json={"id": "r1"})], sent)
     assert api.request("GET", "/runs/r1") == {"id": "r1"}
@@ -72,10 +78,8 @@ def test_a_read_the_server_cannot_serve_for_now_is_sent_again_a_second_later_at_
     ],
 )
 def test_what_is_not_sent_again(
-    monkeypatch: pytest.MonkeyPatch, method: str, key: str | None, answer: httpx.Response
+    slept: list[float], method: str, key: str | None, answer: httpx.Response
 ) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
     sent: list[str] = []
     api = _api([answer], sent)
     headers = {"Idempotency-Key": key} if key else {}
@@ -84,12 +88,8 @@ def test_what_is_not_sent_again(
     assert exited.value.exit_code == cli.EXIT_API and sent == [method] and slept == []
 
 
-def test_a_trigger_with_an_idempotency_key_is_sent_again_through_an_outage(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_trigger_with_an_idempotency_key_is_sent_again_through_an_outage(slept: list[float]) -> None:
     """The key makes the second send answer with the first's run, if that was admitted."""
-    slept: list[float] = []
-    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
     sent: list[str] = []
     api = _api([_unavailable(b"1"), httpx.Response(202, json={"id": "r1"})], sent)
     answer = api.request("POST", "/automations/a/runs", json={}, headers={"Idempotency-Key": "k1"})
