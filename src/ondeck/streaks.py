@@ -27,10 +27,6 @@ class Failures:
         self._streak = 0
         self._logged = 0.0  # when this streak was last logged, by ``clock``
 
-    @property
-    def failing(self) -> bool:
-        return self._streak > 0
-
     def failed(self) -> None:
         """Count a failure; call it from the ``except`` block that caught it."""
         self._streak += 1
