@@ -74,6 +74,7 @@ class Run:
     environment: str | None = None
     approval: dict[str, Any] | None = None
     callback_url: str | None = None
+    watched: bool = False  # someone waited on it or followed its log (see ``Transaction.watch_run``)
 
 
 @dataclass(frozen=True)

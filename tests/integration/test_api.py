@@ -16,6 +16,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from ondeck.engine import runs
+from ondeck.store.store import Store
 from tests.support import ADMIN_TOKEN, Server, base_env, put_automation, unique, wait_for_run, wait_until
 
 PROBLEM = "application/problem+json"
@@ -441,6 +443,52 @@ def test_sse_stream_of_a_finished_run_replays_everything_then_ends(client: httpx
         body = response.read().decode()
     assert "event: log" in body and '"text":"one\\n"' in body and '"stream":"stderr"' in body
     assert body.rstrip().splitlines()[-1] == 'data: {"status": "succeeded", "exit_code": 0}'
+
+
+def test_a_wait_and_a_log_stream_begun_mid_run_are_told_at_once_not_by_polling(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Only runs someone waits on or follows announce their changes and output (nearly
+    every run has no watcher, and each announcement wakes every API process): a wait and
+    a log stream that begin while the run is under way, unannounced so far, hear of its
+    next line and its end at once, though polling here is every 120 s."""
+    data = tmp_path / "data"
+    (data / "automations").mkdir(parents=True)
+    server = Server(base_env(data, database_url, ONDECK_POLL_SECONDS="120"), tmp_path / "server.log").start()
+    store = Store(database_url)
+    try:
+        with server.client() as client, ThreadPoolExecutor(1) as pool:
+            name = define(
+                client,
+                'echo first; while [ ! -e "$ONDECK_PARAM_GATE" ]; do sleep 0.05; done; echo second',
+                params={"type": "object", "properties": {"gate": {"type": "string"}}},
+            )
+
+            def under_way(gate: Path) -> str:
+                body = {"params": {"gate": str(gate)}}
+                run_id: str = client.post(f"/automations/{name}/runs", json=body).json()["id"]
+                logged = f"/runs/{run_id}/logs"
+                wait_until(lambda: client.get(logged).json()["entries"], message="the first line")
+                assert not runs.get(store, run_id).watched
+                return run_id
+
+            waited_on = under_way(tmp_path / "gate-1")
+            waited = pool.submit(lambda: client.get(f"/runs/{waited_on}", params={"wait": 100}).json())
+            wait_until(lambda: runs.get(store, waited_on).watched, message="the wait to begin")
+            (tmp_path / "gate-1").touch()
+            assert waited.result(timeout=30)["status"] == "succeeded"
+
+            followed = under_way(tmp_path / "gate-2")
+            with client.stream("GET", f"/runs/{followed}/logs/stream") as response:
+                lines = (json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: "))
+                assert next(lines)["text"] == "first\n"
+                (tmp_path / "gate-2").touch()
+                opened = time.monotonic()
+                assert [line.get("text") for line in lines] == ["second\n", None]
+                assert time.monotonic() - opened < 30
+    finally:
+        store.dispose()
+        server.stop()
 
 
 @pytest.mark.parametrize(

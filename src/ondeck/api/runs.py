@@ -161,6 +161,7 @@ async def trigger_run(request: Request) -> Response:
         key,
         principal=principal,
         callback_url=body.callback_url,
+        watched=bool(wait),
     )
     return await _admit(node, trigger, wait)
 
@@ -261,9 +262,13 @@ async def _log_events(node: Node, run_id: str, after: int) -> AsyncIterator[str]
     batch = 1000
     pause = node.settings.poll_seconds
     failures = Failures(log, f"the log stream of run {run_id}", logging.WARNING)
+    watched = False
     while True:
         with node.bus.watch_run(run_id) as changed:
             try:
+                if not watched:
+                    await call(runs.watch, node.store, run_id)
+                    watched = True
                 run, entries = await call(runs.logs, node.store, run_id, after=last, limit=batch)
             except StoreUnavailable:
                 failures.failed()
@@ -347,7 +352,13 @@ async def rerun(
     original = await call(runs.get, node.store, run_id, principal)
     key = admission.parse_idempotency_key(idempotency_key) if idempotency_key is not None else None
     trigger = TriggerRequest(
-        original.automation, original.params, "rerun", key, rerun_of=original.id, principal=principal
+        original.automation,
+        original.params,
+        "rerun",
+        key,
+        rerun_of=original.id,
+        principal=principal,
+        watched=bool(wait),
     )
     return await _admit(node, trigger, wait)
 

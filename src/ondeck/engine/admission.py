@@ -53,6 +53,7 @@ class TriggerRequest:
     principal: Principal = SYSTEM
     callback_url: str | None = None
     schedule_fire: tuple[str, datetime] | None = None  # (schedule key, tick): fired once, ever
+    watched: bool = False  # the caller waits for the run (see ``Transaction.watch_run``)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ def _new_run(
         principal=request.principal.name,
         environment=environment,
         callback_url=request.callback_url,
+        watched=request.watched,
     )
 
 

@@ -34,6 +34,14 @@ def get(store: Store, run_id: str, principal: Principal | None = None) -> Run:
     return run
 
 
+def watch(store: Store, run_id: str) -> Run:
+    """The run, its changes and output announced from now on (``Transaction.watch_run``):
+    for a waiter, which reads it again here, after that is committed."""
+    with store.transaction() as tx:
+        tx.watch_run(run_id)
+    return get(store, run_id)
+
+
 # Per store, each version's params schema, or None when it cannot be read: versions
 # never change.
 _schemas: weakref.WeakKeyDictionary[Store, dict[tuple[str, int], Mapping[str, Any] | None]] = (

@@ -53,6 +53,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from ondeck.audit import GENESIS, AuditEntry, canonical_detail, chain_content, chain_hash
 from ondeck.domain import (
+    TERMINAL,
     AttemptRecord,
     AutomationVersion,
     Decision,
@@ -143,7 +144,11 @@ _MOVE_RUN = update(runs).where(runs.c.id == bindparam("_run_id"), runs.c.status 
 _MOVE_LEASED_RUN = _MOVE_RUN.where(
     runs.c.lease_owner == bindparam("_owner"), runs.c.attempt == bindparam("_attempt")
 )
-_MOVES = {False: Direct(_MOVE_RUN), True: Direct(_MOVE_LEASED_RUN)}
+# Each returns whether the run is watched, if it moved (SQLite's; PostgreSQL's: ``_pg_move``).
+_MOVES = {
+    leased: Direct(move.returning(runs.c.watched))
+    for leased, move in ((False, _MOVE_RUN), (True, _MOVE_LEASED_RUN))
+}
 _INSERT_TRANSITION = Direct(insert(run_transitions).inline())  # no RETURNING of the generated id
 _INSERT_ATTEMPT = Direct(insert(attempts))
 _FINISH_ATTEMPT = Direct(
@@ -157,12 +162,19 @@ _FINISH_ATTEMPT = Direct(
     ),
     spells_out=True,
 )
+_WATCH_RUN = (
+    update(runs)
+    .where(
+        runs.c.id == bindparam("run_id"), ~runs.c.watched, runs.c.status.not_in([str(s) for s in TERMINAL])
+    )
+    .values(watched=True)
+)
 _RELEASE_SLOT = delete(concurrency_slots).where(concurrency_slots.c.run_id == bindparam("run_id"))
 _COUNT_LOGS = (
     update(runs)
     .where(runs.c.id == bindparam("run_id"))
     .values(log_seq=runs.c.log_seq + bindparam("count"), log_bytes=runs.c.log_bytes + bindparam("size"))
-    .returning(runs.c.log_seq)
+    .returning(runs.c.log_seq, runs.c.watched)
 )
 _INSERT_LOGS = insert(log_entries)
 _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1))
@@ -216,13 +228,13 @@ class AttemptEnd:
 @functools.cache
 def _pg_move(names: frozenset[str], leased: bool, attempt: str | None) -> Direct:
     """The statement moving a run on PostgreSQL, setting the run's columns ``names``, and
-    starting or ending an attempt (``attempt``: "start", "end" or None); its row count is
-    1 if the run moved, else 0."""
+    starting or ending an attempt (``attempt``: "start", "end" or None); it returns
+    whether the run is watched if it moved, else no row."""
     guard = [runs.c.id == bindparam("_run_id"), runs.c.status == bindparam("_from")]
     if leased:
         guard += [runs.c.lease_owner == bindparam("_owner"), runs.c.attempt == bindparam("_attempt")]
     set_ = {name: bindparam(name, type_=runs.c[name].type) for name in sorted(names)}
-    moved = update(runs).where(*guard).values(set_).returning(runs.c.id).cte("moved")
+    moved = update(runs).where(*guard).values(set_).returning(runs.c.id, runs.c.watched).cte("moved")
     at = bindparam("_at", type_=UTCDateTime)
     transition = insert(run_transitions).from_select(
         ["run_id", "from_status", "to_status", "at", "reason"],
@@ -235,8 +247,9 @@ def _pg_move(names: frozenset[str], leased: bool, attempt: str | None) -> Direct
         ),
     )
     number = bindparam("_number", type_=Integer)
+    statement = select(moved.c.watched).add_cte(transition.cte("transition"))
     if attempt == "start":
-        transition = transition.add_cte(
+        statement = statement.add_cte(
             insert(attempts)
             .from_select(
                 ["run_id", "number", "worker", "status", "started_at"],
@@ -245,7 +258,7 @@ def _pg_move(names: frozenset[str], leased: bool, attempt: str | None) -> Direct
             .cte("attempt")
         )
     elif attempt == "end":
-        transition = transition.add_cte(
+        statement = statement.add_cte(
             update(attempts)
             .where(attempts.c.run_id == moved.c.id, attempts.c.number == number)
             .values(
@@ -256,7 +269,7 @@ def _pg_move(names: frozenset[str], leased: bool, attempt: str | None) -> Direct
             )
             .cte("attempt")
         )
-    return Direct(transition, spells_out=True)
+    return Direct(statement, spells_out=True)
 
 
 @functools.cache
@@ -515,10 +528,12 @@ class Transaction:
             kind = {AttemptStart: "start", AttemptEnd: "end"}.get(type(with_attempt))
             extra = {"_at": now, "_reason": reason, **_attempt_values(with_attempt)}
             statement = _pg_move(frozenset(values), lease is not None, kind)
-            if statement.execute(self._c, {**guard, **values, **extra}) != 1:
+            watched = statement.scalar(self._c, {**guard, **values, **extra})
+            if watched is None:
                 return False
         else:
-            if _MOVES[lease is not None].execute(self._c, {**guard, **values}) != 1:
+            watched = _MOVES[lease is not None].scalar(self._c, {**guard, **values})
+            if watched is None:
                 return False
             _INSERT_TRANSITION.execute(self._c, _transition_row(run_id, from_status, to_status, now, reason))
             if isinstance(with_attempt, AttemptStart):
@@ -527,8 +542,21 @@ class Transaction:
             elif isinstance(with_attempt, AttemptEnd):
                 ended = {**_attempt_values(with_attempt), "_run_id": run_id, "_at": now}
                 _FINISH_ATTEMPT.execute(self._c, ended)
-        self.notify("run", run_id)
+        if watched:
+            self.notify("run", run_id)
         return True
+
+    def watch_run(self, run_id: str) -> None:
+        """Announce the run's changes and output from now on (the ``run`` notification),
+        for a waiter about to read it: it must commit before that read. Until then they
+        are not, as nearly every run is never watched, and each announcement wakes a
+        process in every API server (and PostgreSQL) for nobody.
+
+        No change is missed: a move or an append reads the flag on the run's row, which
+        it locks, in the same statement; one that committed before this did is seen by
+        the read that follows this commit, and one after it sees the flag. A finished
+        run, which changes no more, is left as it is."""
+        self._c.execute(_WATCH_RUN, {"run_id": run_id})
 
     def update_run(self, run_id: str, **values: Any) -> None:
         self._c.execute(update(runs).where(runs.c.id == run_id).values(**values))
@@ -654,9 +682,8 @@ class Transaction:
         if not chunks:
             return
         size = sum(len(chunk.text.encode()) for chunk in chunks)
-        last: int = self._c.execute(
-            _COUNT_LOGS, {"run_id": run_id, "count": len(chunks), "size": size}
-        ).scalar_one()
+        counted = self._c.execute(_COUNT_LOGS, {"run_id": run_id, "count": len(chunks), "size": size}).one()
+        last: int = counted.log_seq
         first = last - len(chunks) + 1
         self._c.execute(
             _INSERT_LOGS,
@@ -672,7 +699,8 @@ class Transaction:
                 for i, chunk in enumerate(chunks)
             ],
         )
-        self.notify("run", run_id)
+        if counted.watched:
+            self.notify("run", run_id)
 
     def logs_after(
         self, run_id: str, after: int = 0, limit: int = 1000, attempt: int | None = None

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -99,6 +100,9 @@ runs = Table(
     Column("environment", String(63)),
     Column("approval", JSONType),
     Column("callback_url", Text),
+    # Whether anyone waited on the run or followed its log: only then are its changes
+    # announced (see ``Transaction.watch_run``).
+    Column("watched", Boolean, nullable=False, default=False, server_default=false()),
     Index("ix_runs_automation", "automation", "id"),
     Index("ix_runs_concurrency", "concurrency_key", "status"),
     Index("ix_runs_lease", "status", "lease_expires_at"),

@@ -656,14 +656,24 @@ def test_a_claim_that_leaves_due_runs_locked_wakes_other_workers_on_postgresql_o
     assert (("queue", "default") in heard) == (store.dialect == "postgresql")
 
 
-def test_admitting_a_run_wakes_workers_and_nobody_else(store: Store) -> None:
-    """Nobody can be watching a run before it exists; on PostgreSQL each notification
-    of a run wakes every API process."""
+def test_only_the_changes_and_output_of_a_watched_run_are_announced(store: Store) -> None:
+    """Nobody can be watching a run before it exists, and most runs are never watched; on
+    PostgreSQL each announcement wakes every API process."""
     define(store)
     heard: list[tuple[str, str]] = []
     store.subscribe(lambda channel, payload: heard.append((channel, payload)))
-    run = admit(store, TriggerRequest("job")).run
-    assert heard == [("queue", "default")]
-    (claimed,) = claim(store)
-    assert finish.finish(store, claimed, Outcome(RunStatus.SUCCEEDED, 0))
-    assert heard[1:] == [("run", run.id), ("run", run.id)]  # its start and its end
+    unwatched = admit(store, TriggerRequest("job")).run
+    waited = admit(store, TriggerRequest("job", watched=True)).run
+    followed = runs.watch(store, admit(store, TriggerRequest("job")).run.id)
+    assert heard == [("queue", "default")] * 3
+    assert (unwatched.watched, waited.watched, followed.watched) == (False, True, True)
+    assert runs.watch(store, followed.id).watched  # again: nothing changes
+    claimed = claim(store)
+    assert [c.run.id for c in claimed] == [unwatched.id, waited.id, followed.id]
+    for each in claimed:
+        finish.append_logs(store, each, [LogChunk("stdout", "out\n", utcnow())])
+        assert finish.finish(store, each, Outcome(RunStatus.SUCCEEDED, 0))
+    announced = [payload for channel, payload in heard[3:] if channel == "run"]
+    # Each watched run's start, its output and its end.
+    assert announced == [waited.id, followed.id] + [waited.id] * 2 + [followed.id] * 2
+    assert not runs.watch(store, unwatched.id).watched  # a finished run changes no more: no write
