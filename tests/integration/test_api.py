@@ -16,7 +16,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from ondeck.domain import Run, RunStatus, utcnow
 from ondeck.engine import runs
+from ondeck.ids import new_id
 from ondeck.store.store import Store
 from tests.support import ADMIN_TOKEN, Server, base_env, put_automation, unique, wait_for_run, wait_until
 
@@ -69,6 +71,30 @@ def test_wait_answers_with_the_finished_run(client: httpx.Client) -> None:
     response = client.post(f"/automations/{name}/runs", params={"wait": 30})
     assert response.status_code == 200
     assert response.json()["status"] == "failed" and response.json()["exit_code"] == 4
+
+
+def test_a_run_stored_with_outputs_too_deep_to_answer_is_shown_without_them(
+    client: httpx.Client, module_database: tuple[Path, str]
+) -> None:
+    """A release before the check on outputs' depth stored them as they came; no answer
+    can hold more than about 250 levels, and every answer with such a run was a 500."""
+    name = define(client)
+    outputs: dict[str, Any] = {}
+    for _ in range(300):
+        outputs = {"a": outputs}
+    now = utcnow()
+    run = Run(new_id(), name, 1, RunStatus.SUCCEEDED, {}, 1, "default", "api", now, now, outputs=outputs)
+    store = Store(module_database[1])
+    try:
+        with store.transaction() as tx:
+            tx.insert_run(run, [(None, RunStatus.SUCCEEDED, "stored by an earlier release")])
+    finally:
+        store.dispose()
+    one, page = client.get(f"/runs/{run.id}"), client.get("/runs", params={"automation": name})
+    assert one.status_code == page.status_code == 200, (one.text, page.text)
+    for shown in (one.json(), page.json()["items"][0]):
+        assert shown["status"] == "succeeded" and shown["outputs"] is None
+        assert shown["error"] == "its outputs nest more than 200 levels of objects and arrays: not shown"
 
 
 def test_invalid_params_are_422_with_paths_and_no_run_is_written(client: httpx.Client) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from ondeck import storable
 from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import AttemptRecord, LogEntry, Run, RunStatus, Transition, utcnow
 from ondeck.engine import catalog, states
@@ -76,6 +77,11 @@ def _masked(run: Run, schema: Mapping[str, Any] | None) -> Run:
     params = masked(schema, run.params)
     if not isinstance(params, dict):  # the params object itself is write-only
         params = masked(None, run.params)
+    if run.outputs is not None and storable.nesting(run.outputs) > storable.DEPTH_MAX:
+        # Stored by a release that took outputs of any depth; no answer can hold them.
+        withheld = f"its outputs nest more than {storable.DEPTH_MAX} levels of objects and arrays: not shown"
+        error = withheld if run.error is None else f"{run.error}; {withheld}"
+        return replace(run, params=params, outputs=None, error=error)
     return run if params is run.params else replace(run, params=params)
 
 
