@@ -179,13 +179,14 @@ async def wait_finished(node: Node, run: Run, timeout: float) -> Run:
     """The run once it is terminal, or as it is when ``timeout`` seconds have passed: as
     last seen, if the store became unreachable meanwhile (an admitted run must not be
     answered with a 503, which says to send the trigger again). The run's changes are
-    announced from the first read on (``runs.watch``)."""
+    announced from the first read on (``runs.watch``), if there is time to wait."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not run.status.terminal:
         with node.bus.watch_run(run.id) as changed:
+            read = runs.get if run.watched or timeout <= 0 else runs.watch
             with contextlib.suppress(StoreUnavailable):
-                run = await call(runs.get if run.watched else runs.watch, node.store, run.id)
+                run = await call(read, node.store, run.id)
             remaining = deadline - loop.time()
             if run.status.terminal or remaining <= 0:
                 break

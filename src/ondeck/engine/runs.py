@@ -37,7 +37,12 @@ def get(store: Store, run_id: str, principal: Principal | None = None) -> Run:
 
 def watch(store: Store, run_id: str) -> Run:
     """The run, its changes and output announced from now on (``Transaction.watch_run``):
-    for a waiter, which reads it again here, after that is committed."""
+    for a waiter, which reads it again here, once that is committed. A run already
+    watched, or finished, is only read: every change it made unannounced committed
+    before the flag did."""
+    run = get(store, run_id)
+    if run.watched or run.status.terminal:
+        return run
     with store.transaction() as tx:
         tx.watch_run(run_id)
     return get(store, run_id)

@@ -168,6 +168,7 @@ _WATCH_RUN = (
         runs.c.id == bindparam("run_id"), ~runs.c.watched, runs.c.status.not_in([str(s) for s in TERMINAL])
     )
     .values(watched=True)
+    .returning(runs.c.status, runs.c.worker_group)
 )
 _RELEASE_SLOT = delete(concurrency_slots).where(concurrency_slots.c.run_id == bindparam("run_id"))
 _COUNT_LOGS = (
@@ -555,8 +556,14 @@ class Transaction:
         No change is missed: a move or an append reads the flag on the run's row, which
         it locks, in the same statement; one that committed before this did is seen by
         the read that follows this commit, and one after it sees the flag. A finished
-        run, which changes no more, is left as it is."""
-        self._c.execute(_WATCH_RUN, {"run_id": run_id})
+        run, which changes no more, is left as it is.
+
+        On PostgreSQL a queued run is hidden from claims (SKIP LOCKED) while this holds its
+        row, and a worker that found nothing else to claim then waits for a wake-up: so
+        the commit wakes the run's workers."""
+        marked = self._c.execute(_WATCH_RUN, {"run_id": run_id}).first()
+        if self.postgres and marked is not None and marked.status == RunStatus.QUEUED:
+            self.notify("queue", marked.worker_group)
 
     def update_run(self, run_id: str, **values: Any) -> None:
         self._c.execute(update(runs).where(runs.c.id == run_id).values(**values))

@@ -19,7 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
-    false,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -102,7 +102,7 @@ runs = Table(
     Column("callback_url", Text),
     # Whether anyone waited on the run or followed its log: only then are its changes
     # announced (see ``Transaction.watch_run``).
-    Column("watched", Boolean, nullable=False, default=False, server_default=false()),
+    Column("watched", Boolean, nullable=False, default=False, server_default=true()),
     Index("ix_runs_automation", "automation", "id"),
     Index("ix_runs_concurrency", "concurrency_key", "status"),
     Index("ix_runs_lease", "status", "lease_expires_at"),

@@ -19,11 +19,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("runs", sa.Column("watched", sa.Boolean(), nullable=False, server_default=sa.false()))
-    # A run still under way may have a waiter (of a release before this one) on it now.
-    runs = sa.table("runs", sa.column("status", sa.String), sa.column("watched", sa.Boolean))
-    under_way = ["pending", "waiting_approval", "queued", "running"]
-    op.execute(runs.update().where(runs.c.status.in_(under_way)).values(watched=True))
+    # True by default: every run stored so far, and every run a release before this one
+    # writes during a rolling upgrade (it leaves the column out), may have a waiter of that
+    # release on it, which does not mark what it waits on. ondeck writes the flag itself.
+    op.add_column("runs", sa.Column("watched", sa.Boolean(), nullable=False, server_default=sa.true()))
 
 
 def downgrade() -> None:
