@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from ondeck.auth.principals import SYSTEM
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
@@ -695,3 +696,38 @@ def test_watching_a_queued_run_wakes_the_workers_its_lock_hid_it_from(pg_store: 
     with pg_store.transaction() as tx:
         tx.watch_run(run.id)  # watched already: nothing to write, nobody to wake
     assert heard == [("queue", "default"), ("run", run.id)]  # and the start announced
+
+
+def _waits_on_a_lock(store: Store, statement: str) -> bool:
+    """Whether a session of ``store`` waits on a row lock in a statement starting so."""
+    with store.engine.connect() as connection:
+        sessions = connection.execute(
+            text("SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"),
+            {"q": statement + "%"},
+        )
+        return sessions.first() is not None
+
+
+def test_a_watch_and_a_run_s_change_under_way_wait_for_each_other_and_miss_nothing(pg_store: Store) -> None:
+    """Either the waiter's read sees the change, or the change sees the flag (and so is
+    announced): whichever writes the run's row first, the other waits for its commit."""
+    store = pg_store
+    define(store)
+    heard: list[tuple[str, str]] = []
+    store.subscribe(lambda channel, payload: heard.append((channel, payload)))
+    first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    claimed = {c.run.id: c for c in claim(store)}
+    with ThreadPoolExecutor(1) as pool:
+        with store.transaction() as tx:  # the end first: the waiter reads it
+            assert finish.finish_in(tx, claimed[first.id], Outcome(RunStatus.SUCCEEDED, 0), [])
+            watched = pool.submit(runs.watch, store, first.id)
+            wait_until(
+                lambda: _waits_on_a_lock(store, "UPDATE runs SET watched"), message="the watch to wait"
+            )
+        assert watched.result(timeout=30).status == RunStatus.SUCCEEDED
+        with store.transaction() as tx:  # the flag first: the end is announced
+            tx.watch_run(second.id)
+            ended = pool.submit(finish.finish, store, claimed[second.id], Outcome(RunStatus.SUCCEEDED, 0), [])
+            wait_until(lambda: _waits_on_a_lock(store, "WITH moved AS"), message="an end")
+        assert ended.result(timeout=30)
+    assert ("run", first.id) not in heard and ("run", second.id) in heard
