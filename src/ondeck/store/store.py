@@ -164,9 +164,7 @@ _FINISH_ATTEMPT = Direct(
 )
 _WATCH_RUN = (
     update(runs)
-    .where(
-        runs.c.id == bindparam("run_id"), ~runs.c.watched, runs.c.status.not_in([str(s) for s in TERMINAL])
-    )
+    .where(runs.c.id == bindparam("run_id"), ~runs.c.watched, runs.c.status.not_in(sorted(TERMINAL)))
     .values(watched=True)
     .returning(runs.c.status, runs.c.worker_group)
 )
