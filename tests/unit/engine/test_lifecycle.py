@@ -26,7 +26,7 @@ from ondeck.errors import (
     UnloadableDefinition,
 )
 from ondeck.spec.loader import parse_definition
-from ondeck.store.store import Store
+from ondeck.store.store import Store, Transaction
 from ondeck.store.tables import automation_versions
 from tests.support import wait_until
 
@@ -698,14 +698,21 @@ def test_watching_a_queued_run_wakes_the_workers_its_lock_hid_it_from(pg_store: 
     assert heard == [("queue", "default"), ("run", run.id)]  # and the start announced
 
 
-def _waits_on_a_lock(store: Store, statement: str) -> bool:
-    """Whether a session of ``store`` waits on a row lock in a statement starting so."""
+def _waits_on_a_lock(store: Store, holder: int, statement: str) -> bool:
+    """Whether a session waits for the locks of session ``holder`` (a backend pid) in a
+    statement starting so: only this test's own, not those of tests running beside it."""
     with store.engine.connect() as connection:
         sessions = connection.execute(
-            text("SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"),
-            {"q": statement + "%"},
+            text(
+                "SELECT query FROM pg_stat_activity WHERE :h = ANY(pg_blocking_pids(pid)) AND query LIKE :q"
+            ),
+            {"h": holder, "q": statement + "%"},
         )
         return sessions.first() is not None
+
+
+def _backend(tx: Transaction) -> int:
+    return int(tx._c.execute(text("SELECT pg_backend_pid()")).scalar_one())
 
 
 def test_a_watch_and_a_run_s_change_under_way_wait_for_each_other_and_miss_nothing(pg_store: Store) -> None:
@@ -720,14 +727,14 @@ def test_a_watch_and_a_run_s_change_under_way_wait_for_each_other_and_miss_nothi
     with ThreadPoolExecutor(1) as pool:
         with store.transaction() as tx:  # the end first: the waiter reads it
             assert finish.finish_in(tx, claimed[first.id], Outcome(RunStatus.SUCCEEDED, 0), [])
+            holder = _backend(tx)
             watched = pool.submit(runs.watch, store, first.id)
-            wait_until(
-                lambda: _waits_on_a_lock(store, "UPDATE runs SET watched"), message="the watch to wait"
-            )
+            wait_until(lambda: _waits_on_a_lock(store, holder, "UPDATE runs SET watched"), message="a watch")
         assert watched.result(timeout=30).status == RunStatus.SUCCEEDED
         with store.transaction() as tx:  # the flag first: the end is announced
             tx.watch_run(second.id)
+            holder = _backend(tx)
             ended = pool.submit(finish.finish, store, claimed[second.id], Outcome(RunStatus.SUCCEEDED, 0), [])
-            wait_until(lambda: _waits_on_a_lock(store, "WITH moved AS"), message="an end")
+            wait_until(lambda: _waits_on_a_lock(store, holder, "WITH moved AS"), message="an end")
         assert ended.result(timeout=30)
     assert ("run", first.id) not in heard and ("run", second.id) in heard
