@@ -173,7 +173,7 @@ _COUNT_LOGS = (
     update(runs)
     .where(runs.c.id == bindparam("run_id"))
     .values(log_seq=runs.c.log_seq + bindparam("count"), log_bytes=runs.c.log_bytes + bindparam("size"))
-    .returning(runs.c.log_seq, runs.c.watched)
+    .returning(runs.c.log_seq, runs.c.watched, runs.c.status, runs.c.worker_group)
 )
 _INSERT_LOGS = insert(log_entries)
 _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1))
@@ -228,12 +228,13 @@ class AttemptEnd:
 def _pg_move(names: frozenset[str], leased: bool, attempt: str | None) -> Direct:
     """The statement moving a run on PostgreSQL, setting the run's columns ``names``, and
     starting or ending an attempt (``attempt``: "start", "end" or None); it returns
-    whether the run is watched if it moved, else no row."""
+    whether the run is watched, and its worker group, if it moved, else no row."""
     guard = [runs.c.id == bindparam("_run_id"), runs.c.status == bindparam("_from")]
     if leased:
         guard += [runs.c.lease_owner == bindparam("_owner"), runs.c.attempt == bindparam("_attempt")]
     set_ = {name: bindparam(name, type_=runs.c[name].type) for name in sorted(names)}
-    moved = update(runs).where(*guard).values(set_).returning(runs.c.id, runs.c.watched).cte("moved")
+    moving = update(runs).where(*guard).values(set_)
+    moved = moving.returning(runs.c.id, runs.c.watched, runs.c.worker_group).cte("moved")
     at = bindparam("_at", type_=UTCDateTime)
     transition = insert(run_transitions).from_select(
         ["run_id", "from_status", "to_status", "at", "reason"],
@@ -246,7 +247,7 @@ def _pg_move(names: frozenset[str], leased: bool, attempt: str | None) -> Direct
         ),
     )
     number = bindparam("_number", type_=Integer)
-    statement = select(moved.c.watched).add_cte(transition.cte("transition"))
+    statement = select(moved.c.watched, moved.c.worker_group).add_cte(transition.cte("transition"))
     if attempt == "start":
         statement = statement.add_cte(
             insert(attempts)
@@ -351,6 +352,8 @@ class Transaction:
         """The time leases and due times are reckoned in (``Store.now``)."""
         self.postgres = connection.dialect.name == "postgresql"
         self.notifications: list[tuple[str, str]] = []
+        self.wakeups_on_rollback: list[tuple[str, str]] = []
+        """What to send instead of ``notifications`` if this rolls back (see ``_locked_queued``)."""
         # PostgreSQL's audit appends and checks, made at commit: each with its name in errors.
         self._at_commit: list[tuple[pgsql.Composable, str]] = []
         self._refusals: list[Exception] = []  # what a check that fails at commit raises, by tag
@@ -401,6 +404,20 @@ class Transaction:
         """Wake listeners after commit (in this process, and on PostgreSQL everywhere)."""
         if (channel, payload) not in self.notifications:
             self.notifications.append((channel, payload))
+
+    def _locked_queued(self, worker_group: str, *, leaves_queue: bool = False) -> None:
+        """Wake the workers of a queued run whose row this has locked, when it ends.
+
+        On PostgreSQL a claim skips a locked row (SKIP LOCKED), and a worker that then
+        found nothing to claim waits for a wake-up, or the poll: without one, the run could
+        start a poll period late. No wake-up is needed when this commits the run out of
+        the queue (``leaves_queue``), nor on SQLite, where a claim waits for the writer."""
+        if not self.postgres:
+            return
+        if ("queue", worker_group) not in self.wakeups_on_rollback:
+            self.wakeups_on_rollback.append(("queue", worker_group))
+        if not leaves_queue:
+            self.notify("queue", worker_group)
 
     def ping(self) -> None:
         self._c.execute(text("SELECT 1"))
@@ -479,7 +496,12 @@ class Transaction:
 
     def get_run(self, run_id: str, *, lock: bool = False) -> Run | None:
         rows = _GET_RUNS[lock].rows(self._c, {"run_id": run_id})
-        return _run(rows[0]) if rows else None
+        if not rows:
+            return None
+        run = _run(rows[0])
+        if lock and run.status == RunStatus.QUEUED:
+            self._locked_queued(run.worker_group)
+        return run
 
     def list_runs(
         self,
@@ -527,9 +549,12 @@ class Transaction:
             kind = {AttemptStart: "start", AttemptEnd: "end"}.get(type(with_attempt))
             extra = {"_at": now, "_reason": reason, **_attempt_values(with_attempt)}
             statement = _pg_move(frozenset(values), lease is not None, kind)
-            watched = statement.scalar(self._c, {**guard, **values, **extra})
-            if watched is None:
+            moved = statement.rows(self._c, {**guard, **values, **extra})
+            if not moved:
                 return False
+            watched, worker_group = moved[0]
+            if from_status == RunStatus.QUEUED:
+                self._locked_queued(worker_group, leaves_queue=to_status != RunStatus.QUEUED)
         else:
             watched = _MOVES[lease is not None].scalar(self._c, {**guard, **values})
             if watched is None:
@@ -554,14 +579,10 @@ class Transaction:
         No change is missed: a move or an append reads the flag on the run's row, which
         it locks, in the same statement; one that committed before this did is seen by
         the read that follows this commit, and one after it sees the flag. A finished
-        run, which changes no more, is left as it is.
-
-        On PostgreSQL a queued run is hidden from claims (SKIP LOCKED) while this holds its
-        row, and a worker that found nothing else to claim then waits for a wake-up: so
-        the commit wakes the run's workers."""
+        run, which changes no more, is left as it is."""
         marked = self._c.execute(_WATCH_RUN, {"run_id": run_id}).first()
-        if self.postgres and marked is not None and marked.status == RunStatus.QUEUED:
-            self.notify("queue", marked.worker_group)
+        if marked is not None and marked.status == RunStatus.QUEUED:
+            self._locked_queued(marked.worker_group)
 
     def update_run(self, run_id: str, **values: Any) -> None:
         self._c.execute(update(runs).where(runs.c.id == run_id).values(**values))
@@ -706,6 +727,8 @@ class Transaction:
         )
         if counted.watched:
             self.notify("run", run_id)
+        if counted.status == RunStatus.QUEUED:  # output of an attempt the reaper gave up on
+            self._locked_queued(counted.worker_group)
 
     def logs_after(
         self, run_id: str, after: int = 0, limit: int = 1000, attempt: int | None = None
@@ -1246,18 +1269,28 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """A read-write transaction, committed when the block ends without error."""
-        with (
-            self._writers.hold() if self._writers is not None else contextlib.nullcontext(),
-            self._translate_errors(),
-            self.engine.connect().execution_options(ondeck_write=True) as connection,
-            connection.begin(),
-        ):
-            tx = Transaction(connection, self.now)
-            yield tx
-            tx.commit()
-        if self._notifier is not None and tx.notifications:
-            self._notifier.send(tx.notifications)
-        for channel, payload in tx.notifications:
+        tx: Transaction | None = None
+        try:
+            with (
+                self._writers.hold() if self._writers is not None else contextlib.nullcontext(),
+                self._translate_errors(),
+                self.engine.connect().execution_options(ondeck_write=True) as connection,
+                connection.begin(),
+            ):
+                tx = Transaction(connection, self.now)
+                yield tx
+                tx.commit()
+        except BaseException:
+            if tx is not None:  # rolled back, its locks released
+                self._announce(tx.wakeups_on_rollback)
+            raise
+        assert tx is not None
+        self._announce(tx.notifications)
+
+    def _announce(self, notifications: list[tuple[str, str]]) -> None:
+        if self._notifier is not None and notifications:
+            self._notifier.send(notifications)
+        for channel, payload in notifications:
             for listener in self._listeners:
                 listener(channel, payload)
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text, update
 
-from ondeck.auth.principals import SYSTEM
+from ondeck.auth.principals import SYSTEM, Principal
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
 from ondeck.engine import catalog, dispatch, finish, queue, runs
 from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit, parse_idempotency_key
@@ -18,6 +18,7 @@ from ondeck.errors import (
     CircuitOpen,
     ConcurrencyRejected,
     Conflict,
+    Forbidden,
     IdempotencyMismatch,
     InvalidParams,
     InvalidRequest,
@@ -696,6 +697,41 @@ def test_watching_a_queued_run_wakes_the_workers_its_lock_hid_it_from(pg_store: 
     with pg_store.transaction() as tx:
         tx.watch_run(run.id)  # watched already: nothing to write, nobody to wake
     assert heard == [("queue", "default"), ("run", run.id)]  # and the start announced
+
+
+def test_whatever_locks_a_queued_run_wakes_its_workers_when_it_lets_go(pg_store: Store) -> None:
+    """A refused cancel, a rolled-back move out of the queue, and the output of an attempt
+    the reaper gave up on each lock a queued run's row, hiding it from claims; each wakes
+    the run's workers when it ends, committed or not. A claim, which takes the run out of
+    the queue for good, wakes nobody."""
+    store = pg_store
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    heard: list[tuple[str, str]] = []
+    store.subscribe(lambda channel, payload: heard.append((channel, payload)))
+
+    def refused_cancel() -> None:
+        runs.cancel(store, Principal("someone", frozenset({"operator"})), run.id)
+
+    def rolled_back_move() -> None:
+        with store.transaction() as tx:
+            assert tx.move_run(run.id, RunStatus.QUEUED, RunStatus.CANCELLED, utcnow(), "superseded")
+            assert claim(store) == []  # hidden by the lock
+            raise Conflict("refused after the move")
+
+    for locker in (refused_cancel, rolled_back_move):
+        heard.clear()
+        with pytest.raises((Forbidden, Conflict)):
+            locker()
+        assert heard == [("queue", "default")], locker.__name__
+    heard.clear()
+    with store.transaction() as tx:
+        tx.append_logs(run.id, 1, [LogChunk("stdout", "late line\n", utcnow())])
+        assert claim(store) == []
+    assert heard == [("queue", "default")]
+    heard.clear()
+    (claimed,) = claim(store)
+    assert claimed.run.id == run.id and heard == []
 
 
 def _waits_on_a_lock(store: Store, holder: int, statement: str) -> bool:
