@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Integer,
@@ -41,6 +42,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     make_url,
     or_,
     select,
@@ -224,12 +226,27 @@ class AttemptEnd:
 # makes them one statement each; its statements cost a fraction of a round trip.
 
 
+def _status_is(expected: object) -> ColumnElement[bool]:
+    """``runs.status = expected``, written so no index on the status can serve it: for a
+    statement that finds its run by id, whatever the table's statistics say.
+
+    PostgreSQL plans a prepared statement once for any values (a generic plan) after a
+    few runs, with the statistics of that moment. On a new database those are none
+    until autovacuum first analyses the tables, a minute or so; the plan it made then
+    read the queue's index (status, ...) for a run's start, every queued run's entry to
+    find one, and the lease index for its end: each move cost more the longer the queue,
+    and the plan stayed for the life of the connection. Found by id alone, a move reads
+    one row, whatever the statistics (``|| ''`` leaves the value as it is)."""
+    unindexed: ColumnElement[str] = runs.c.status.op("||")(literal_column("''"))
+    return unindexed == expected
+
+
 @functools.cache
 def _pg_move(names: frozenset[str], leased: bool, attempt: str | None) -> Direct:
     """The statement moving a run on PostgreSQL, setting the run's columns ``names``, and
     starting or ending an attempt (``attempt``: "start", "end" or None); it returns
     whether the run is watched, and its worker group, if it moved, else no row."""
-    guard = [runs.c.id == bindparam("_run_id"), runs.c.status == bindparam("_from")]
+    guard = [runs.c.id == bindparam("_run_id"), _status_is(bindparam("_from", type_=String))]
     if leased:
         guard += [runs.c.lease_owner == bindparam("_owner"), runs.c.attempt == bindparam("_attempt")]
     set_ = {name: bindparam(name, type_=runs.c[name].type) for name in sorted(names)}
@@ -260,7 +277,10 @@ def _pg_move(names: frozenset[str], leased: bool, attempt: str | None) -> Direct
     elif attempt == "end":
         statement = statement.add_cte(
             update(attempts)
-            .where(attempts.c.run_id == moved.c.id, attempts.c.number == number)
+            # By the run's id itself too, so the attempt is found by its primary key (see
+            # ``_status_is``), not by a scan of every attempt joined to the moved run.
+            .where(attempts.c.run_id == bindparam("_run_id"), attempts.c.run_id == moved.c.id)
+            .where(attempts.c.number == number)
             .values(
                 status=bindparam("_attempt_status", type_=String),
                 exit_code=bindparam("_exit_code", type_=Integer),
@@ -591,7 +611,7 @@ class Transaction:
         """Ask the worker running ``run_id`` to stop it; False if it is not running."""
         result = self._c.execute(
             update(runs)
-            .where(runs.c.id == run_id, runs.c.status == RunStatus.RUNNING.value)
+            .where(runs.c.id == run_id, _status_is(RunStatus.RUNNING.value))
             .values(cancel_requested=True)
         )
         return result.rowcount == 1

@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import event, text, update
 
 from ondeck.auth.principals import SYSTEM, Principal
 from ondeck.domain import LogChunk, Outcome, Run, RunStatus, utcnow
@@ -732,6 +732,50 @@ def test_whatever_locks_a_queued_run_wakes_its_workers_when_it_lets_go(pg_store:
     heard.clear()
     (claimed,) = claim(store)
     assert claimed.run.id == run.id and heard == []
+
+
+def test_a_move_finds_its_run_and_attempt_by_id_however_long_the_queue(pg_url: str) -> None:
+    """PostgreSQL plans a prepared statement once for any values (a generic plan), and on
+    a new database, before autovacuum first analyses its tables, with no statistics.
+    Such a plan for a run's start read the queue's index (every queued run's entry) to find
+    the run, and for its end the lease index and every attempt. Each move must find its
+    run and its attempt by primary key, whatever the queue and the statistics."""
+    plans: list[str] = []
+    # Every statement's plan, as a notice, and the generic plan from the first execution on.
+    explained = pg_url + "%20".join(
+        [
+            "",
+            "-csession_preload_libraries%3Dauto_explain",
+            "-cauto_explain.log_min_duration%3D0",
+            "-cauto_explain.log_level%3Dnotice",
+            "-cplan_cache_mode%3Dforce_generic_plan",
+        ]
+    )
+    store = Store(explained)
+    event.listen(
+        store.engine,
+        "connect",
+        lambda connection, _: connection.add_notice_handler(lambda d: plans.append(d.message_primary or "")),
+    )
+    try:
+        store.upgrade()
+        with store.engine.begin() as connection:  # and no statistics for the test's length
+            for table in ("runs", "attempts", "run_transitions"):
+                connection.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+        define(store)
+        for _ in range(30):
+            admit(store, TriggerRequest("job"))
+        plans.clear()
+        for claimed in claim(store, capacity=3):
+            assert finish.finish(store, claimed, Outcome(RunStatus.SUCCEEDED, 0), [])
+    finally:
+        store.dispose()
+    moves = [plan for plan in plans if "WITH moved AS" in plan]
+    assert len(moves) == 6  # three starts, three ends
+    for plan in moves:
+        assert "using runs_pkey on runs" in plan and "ix_runs_" not in plan, plan
+    for plan in moves[3:]:
+        assert "using attempts_pkey on attempts" in plan and "Seq Scan" not in plan, plan
 
 
 def _waits_on_a_lock(store: Store, holder: int, statement: str) -> bool:
