@@ -153,6 +153,36 @@ def test_a_trigger_whose_wait_ends_during_an_outage_is_answered_with_its_run_not
         server.stop()
 
 
+def test_a_read_waiting_on_a_run_is_told_of_an_outage_at_once_not_at_the_end_of_its_wait(
+    tmp_path: Path, pg_url: str, role: str
+) -> None:
+    """A read sent nothing to start again: a 503 it can retry after tells it more, and
+    sooner, than holding it for the rest of its wait."""
+    server = _server(tmp_path, pg_url, role)
+    schema = make_url(pg_url).query["options"]
+    try:
+        with server.client() as client, psycopg.connect(PG_ADMIN, options=schema, autocommit=True) as admin:
+            put_automation(client, {"name": "slow", "run": {"runtime": "bash", "script": "sleep 60"}})
+            run = trigger(client, "slow")
+            answers: list[httpx.Response] = []
+            waiting = threading.Thread(
+                target=lambda: answers.append(client.get(f"/runs/{run['id']}?wait=60", timeout=90))
+            )
+            waiting.start()
+            # The wait's first read marks the run watched: it is waiting.
+            watched = lambda: admin.execute("SELECT watched FROM runs").fetchone() == (True,)  # noqa: E731
+            wait_until(watched, timeout=30, message="the read waiting")
+            _refuse(role, True)
+            waiting.join(30)  # its next read, a poll period on, meets the outage
+            _refuse(role, False)
+            (answer,) = answers
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"] == "1" and "database unavailable" in answer.json()["detail"]
+            client.post(f"/runs/{run['id']}/cancel")
+    finally:
+        server.stop()
+
+
 def test_the_cli_waits_out_an_outage_on_a_read_as_the_server_asks(
     tmp_path: Path, pg_url: str, role: str
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Coroutine
@@ -175,18 +174,23 @@ async def shown(node: Node, *found: Run) -> list[Run]:
     return await call(runs.shown, node.store, found)
 
 
-async def wait_finished(node: Node, run: Run, timeout: float) -> Run:
-    """The run once it is terminal, or as it is when ``timeout`` seconds have passed: as
-    last seen, if the store became unreachable meanwhile (an admitted run must not be
-    answered with a 503, which says to send the trigger again). The run's changes are
-    announced from the first read on (``runs.watch``), if there is time to wait."""
+async def wait_finished(node: Node, run: Run, timeout: float, *, admitted: bool = True) -> Run:
+    """The run once it is terminal, or as it is when ``timeout`` seconds have passed. For
+    a run just ``admitted`` by the request, as last seen if the store became unreachable
+    meanwhile: a 503 would say to send the trigger again. Otherwise (a read) the outage
+    is raised at once, for a 503 the client can retry, not one at the end of its wait.
+    The run's changes are announced from the first read on (``runs.watch``), if there is
+    time to wait."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not run.status.terminal:
         with node.bus.watch_run(run.id) as changed:
             read = runs.get if run.watched or timeout <= 0 else runs.watch
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 run = await call(read, node.store, run.id)
+            except StoreUnavailable:
+                if not admitted:
+                    raise
             remaining = deadline - loop.time()
             if run.status.terminal or remaining <= 0:
                 break

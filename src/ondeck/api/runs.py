@@ -224,7 +224,7 @@ async def list_runs(
 async def get_run(node: NodeDep, principal: ReaderDep, run_id: str, wait: WaitQuery = None) -> RunOut:
     """The run with its transitions, attempts and approval decisions; `wait` long-polls until it ends."""
     if wait:
-        await wait_finished(node, await call(runs.get, node.store, run_id, principal), wait)
+        await wait_finished(node, await call(runs.get, node.store, run_id, principal), wait, admitted=False)
     detail = await call(runs.detail, node.store, principal, run_id)
     (run,) = await shown(node, detail.run)
     return RunOut.of_detail(replace(detail, run=run))
