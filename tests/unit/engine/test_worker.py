@@ -74,6 +74,55 @@ def test_the_worker_writes_to_sqlite_from_its_event_loop_and_to_postgresql_from_
     assert (call_thread == loop_thread) == (store.dialect == "sqlite")
 
 
+def test_a_worker_s_postgresql_calls_take_turns_on_one_thread_and_renewals_go_on_beside_them(
+    pg_store: Store, tmp_path: Path
+) -> None:
+    """One thread, one call at a time, costs less CPU than several contending for the
+    interpreter lock; but a call that hangs there must not keep leases from being renewed."""
+    store = pg_store
+    settings = Settings(data_dir=tmp_path, lease_seconds=3, kill_grace_seconds=0.2, poll_seconds=120)
+    define(store, run={"runtime": "bash", "script": "sleep 60"})
+    bus = WakeBus()
+    worker = Worker(store, settings, bus, Vault([Fernet.generate_key()]))
+    release, held = threading.Event(), threading.Event()
+
+    def hang() -> int:
+        held.set()
+        release.wait(30)
+        return threading.get_ident()
+
+    async def main() -> None:
+        bus.bind(asyncio.get_running_loop())
+        store.subscribe(bus.from_thread)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            run = admit(store, TriggerRequest("job")).run
+            await _until("the run starts", lambda: runs.get(store, run.id).status == RunStatus.RUNNING)
+            hanging = asyncio.create_task(worker.call(hang))
+            await _until("the call hangs", held.is_set)
+            after = asyncio.create_task(worker.call(threading.get_ident))
+            leases = {runs.get(store, run.id).lease_expires_at}
+
+            def renewed_twice() -> bool:  # every second, while the worker's thread is taken
+                leases.add(runs.get(store, run.id).lease_expires_at)
+                return len(leases) >= 3
+
+            await _until("the lease is renewed twice", renewed_twice, 10)
+            assert not after.done()  # its turn comes after the hanging call's
+            release.set()
+            assert await hanging == await after != threading.get_ident()
+            assert runs.get(store, run.id).status == RunStatus.RUNNING
+            runs.cancel(store, SYSTEM, run.id)
+            await _until("the run is cancelled", lambda: runs.get(store, run.id).status.terminal)
+        finally:
+            release.set()
+            stop.set()
+            await running
+
+    asyncio.run(main())
+
+
 def test_an_ending_attempt_claims_the_next_due_run_for_its_slot(store: Store, worker: Worker) -> None:
     define(store)
     first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
