@@ -175,7 +175,7 @@ _COUNT_LOGS = (
     update(runs)
     .where(runs.c.id == bindparam("run_id"))
     .values(log_seq=runs.c.log_seq + bindparam("count"), log_bytes=runs.c.log_bytes + bindparam("size"))
-    .returning(runs.c.log_seq, runs.c.watched, runs.c.status, runs.c.worker_group)
+    .returning(runs.c.log_seq, runs.c.watched)
 )
 _INSERT_LOGS = insert(log_entries)
 _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.id.desc()).limit(1))
@@ -627,7 +627,10 @@ class Transaction:
     def queued_candidates(self, worker_group: str, now: datetime, limit: int) -> list[Run]:
         """Queued runs that are due and whose concurrency key has a free slot."""
         values = {"worker_group": worker_group, "now": now, "limit": limit}
-        return [_run(row) for row in _QUEUED_CANDIDATES.rows(self._c, values)]
+        candidates = [_run(row) for row in _QUEUED_CANDIDATES.rows(self._c, values)]
+        if candidates:  # locked: a claim that takes them commits them out of the queue
+            self._locked_queued(worker_group, leaves_queue=True)
+        return candidates
 
     def take_slot(self, key: str, limit: int, run_id: str) -> bool:
         """Occupy one of ``limit`` slots of ``key``; False when all are taken.
@@ -702,7 +705,7 @@ class Transaction:
             select(runs)
             .where(
                 runs.c.id == run_id,
-                runs.c.status == RunStatus.RUNNING.value,
+                _status_is(RunStatus.RUNNING.value),
                 runs.c.lease_expires_at < now,
             )
             .with_for_update(skip_locked=True)
@@ -747,8 +750,6 @@ class Transaction:
         )
         if counted.watched:
             self.notify("run", run_id)
-        if counted.status == RunStatus.QUEUED:  # output of an attempt the reaper gave up on
-            self._locked_queued(counted.worker_group)
 
     def logs_after(
         self, run_id: str, after: int = 0, limit: int = 1000, attempt: int | None = None

@@ -700,15 +700,23 @@ def test_watching_a_queued_run_wakes_the_workers_its_lock_hid_it_from(pg_store: 
 
 
 def test_whatever_locks_a_queued_run_wakes_its_workers_when_it_lets_go(pg_store: Store) -> None:
-    """A refused cancel, a rolled-back move out of the queue, and the output of an attempt
-    the reaper gave up on each lock a queued run's row, hiding it from claims; each wakes
-    the run's workers when it ends, committed or not. A claim, which takes the run out of
-    the queue for good, wakes nobody."""
+    """A refused cancel, a rolled-back move out of the queue, a rolled-back claim, and a
+    late flush of output from an attempt the reaper gave up on each lock a queued run's
+    row, hiding it from claims; each wakes the run's workers once it has let go of it,
+    committed or not. A claim, which takes the run out of the queue for good, wakes nobody."""
     store = pg_store
-    define(store)
+    define(store, retries={"attempts": 2, "backoff": "0s"})
     run = admit(store, TriggerRequest("job")).run
+    (lost,) = claim(store, lease=timedelta(seconds=-1))
+    assert finish.reap_expired_leases(store) == [(run.id, 1)]  # back in the queue
     heard: list[tuple[str, str]] = []
-    store.subscribe(lambda channel, payload: heard.append((channel, payload)))
+
+    def hear(channel: str, payload: str) -> None:
+        with store.engine.connect() as other:  # can a claim take it, now the wake-up comes?
+            found = other.execute(text("SELECT id FROM runs FOR UPDATE SKIP LOCKED")).scalars().all()
+            heard.append((channel, payload if found == [run.id] else "hidden"))
+
+    store.subscribe(hear)
 
     def refused_cancel() -> None:
         runs.cancel(store, Principal("someone", frozenset({"operator"})), run.id)
@@ -719,27 +727,33 @@ def test_whatever_locks_a_queued_run_wakes_its_workers_when_it_lets_go(pg_store:
             assert claim(store) == []  # hidden by the lock
             raise Conflict("refused after the move")
 
-    for locker in (refused_cancel, rolled_back_move):
+    def rolled_back_claim() -> None:
+        with store.transaction() as tx:
+            assert [r.id for r in tx.queued_candidates("default", tx.now(), 5)] == [run.id]
+            assert claim(store) == []
+            raise Conflict("failed before it took any")
+
+    for locker in (refused_cancel, rolled_back_move, rolled_back_claim):
         heard.clear()
         with pytest.raises((Forbidden, Conflict)):
             locker()
         assert heard == [("queue", "default")], locker.__name__
     heard.clear()
-    with store.transaction() as tx:
-        tx.append_logs(run.id, 1, [LogChunk("stdout", "late line\n", utcnow())])
-        assert claim(store) == []
+    assert not finish.append_logs(store, lost, [LogChunk("stdout", "late line\n", utcnow())])
     assert heard == [("queue", "default")]
     heard.clear()
     (claimed,) = claim(store)
     assert claimed.run.id == run.id and heard == []
 
 
-def test_a_move_finds_its_run_and_attempt_by_id_however_long_the_queue(pg_url: str) -> None:
+def test_a_run_s_writes_find_it_and_its_attempt_by_id_however_long_the_queue(pg_url: str) -> None:
     """PostgreSQL plans a prepared statement once for any values (a generic plan), and on
     a new database, before autovacuum first analyses its tables, with no statistics.
     Such a plan for a run's start read the queue's index (every queued run's entry) to find
-    the run, and for its end the lease index and every attempt. Each move must find its
-    run and its attempt by primary key, whatever the queue and the statistics."""
+    the run, and for its end, a cancel and the reaper's look the lease index (every running
+    run's), and every attempt. Each must find the run and its attempt by primary key,
+    whatever the queue and the statistics. (A worker's renewal of its leases, every ten
+    seconds, may read the whole table while it is small.)"""
     plans: list[str] = []
     # Every statement's plan, as a notice, and the generic plan from the first execution on.
     explained = pg_url + "%20".join(
@@ -766,15 +780,22 @@ def test_a_move_finds_its_run_and_attempt_by_id_however_long_the_queue(pg_url: s
         for _ in range(30):
             admit(store, TriggerRequest("job"))
         plans.clear()
-        for claimed in claim(store, capacity=3):
+        claims = claim(store, capacity=3)
+        runs.cancel(store, SYSTEM, claims[0].run.id)
+        with store.transaction() as tx:
+            assert tx.lock_expired_lease(claims[0].run.id, utcnow()) is None  # not lapsed
+        for claimed in claims:
             assert finish.finish(store, claimed, Outcome(RunStatus.SUCCEEDED, 0), [])
     finally:
         store.dispose()
-    moves = [plan for plan in plans if "WITH moved AS" in plan]
-    assert len(moves) == 6  # three starts, three ends
-    for plan in moves:
+    writes = [plan for plan in plans if "runs" in plan and ("WITH moved AS" in plan or "UPDATE runs" in plan)]
+    writes += [plan for plan in plans if "FOR UPDATE SKIP LOCKED" in plan and "lease_expires_at <" in plan]
+    assert len(writes) == 8  # three starts, a cancel, the reaper's look, three ends
+    for plan in writes:
         assert "using runs_pkey on runs" in plan and "ix_runs_" not in plan, plan
-    for plan in moves[3:]:
+    ends = [plan for plan in writes if "UPDATE attempts" in plan]
+    assert len(ends) == 3
+    for plan in ends:
         assert "using attempts_pkey on attempts" in plan and "Seq Scan" not in plan, plan
 
 
