@@ -213,7 +213,7 @@ def measure_spawn(count: int) -> dict[str, tuple[list[float], list[float]]]:
 
 def workspace_cost(parent: Path, count: int = 500) -> float:
     """CPU seconds (this process's, user and system) to make and remove one workspace under
-    ``parent`` as the runner does (three directories and the params file). On ext4 without
+    ``parent`` as the runner does (two directories and the params file). On ext4 without
     a journal this grows while runs churn through inodes, and a bench inherits what the
     one before it churned: printed beside the figures, as the bare spawn is."""
     with tempfile.TemporaryDirectory(prefix="ondeck-bench-ws-", dir=parent) as root:

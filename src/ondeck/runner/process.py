@@ -61,7 +61,7 @@ def build_env(attempt: Attempt, workspace: Workspace) -> dict[str, str]:
         "HOME": str(workspace.work),
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
-        "TMPDIR": str(workspace.tmp),
+        "TMPDIR": str(workspace.root),  # the attempt's own, as private as work
         "ONDECK_RUN_ID": attempt.run_id,
         "ONDECK_ATTEMPT": str(attempt.number),
         "ONDECK_WORKSPACE": str(workspace.work),

@@ -103,11 +103,12 @@ def test_workspace_is_fresh_and_removed(tmp_path: Path) -> None:
 
 
 def test_tmpdir_is_private_to_the_attempt_and_removed_with_it(tmp_path: Path) -> None:
-    script = 'f=$(mktemp); echo "$TMPDIR $f"; ls -ld "$TMPDIR/.."'
+    """TMPDIR is the workspace's root, the working directory's parent (see Workspace)."""
+    script = 'f=$(mktemp); echo "$TMPDIR $f"; ls -ld "$TMPDIR"; cd ..; pwd'
     outcome, text = execute(make(tmp_path, script))
-    tmpdir, made, mode = text.split()[:3]
+    tmpdir, made, mode, *_, parent = text.split()
     assert outcome.status == RunStatus.SUCCEEDED
-    assert Path(tmpdir).is_relative_to(tmp_path / "ws") and Path(made).parent == Path(tmpdir)
+    assert Path(tmpdir).parent == tmp_path / "ws" and Path(made).parent == Path(tmpdir) == Path(parent)
     assert mode == "drwx------"
     assert not Path(made).exists() and list((tmp_path / "ws").iterdir()) == []
 
@@ -126,7 +127,7 @@ def test_a_workspace_with_more_than_ondeck_put_there_is_not_removed_on_the_loop(
     for touch in (
         lambda ws: (ws.work / "file").touch(),
         lambda ws: (ws.root / "extra").mkdir(),
-        lambda ws: (ws.tmp.rmdir(), ws.tmp.symlink_to(outside)),
+        lambda ws: (ws.work.rmdir(), ws.work.symlink_to(outside)),
     ):
         workspace = Workspace.create(tmp_path / "ws", "r2", 1)
         touch(workspace)
