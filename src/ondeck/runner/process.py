@@ -10,6 +10,7 @@ import asyncio
 import codecs
 import collections
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -17,6 +18,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -40,6 +42,7 @@ _READ_SIZE = 64 * 1024
 _PENDING_MAX = 64  # chunks not yet taken by the consumer before reading pauses
 _REAP_WAIT_SECONDS = 10
 _OUTPUTS_MAX = 1024 * 1024
+_NOT_OWN_OUTPUTS = "outputs file must be a regular file the script made, not a link"
 
 
 def param_env_name(name: str) -> str:
@@ -337,16 +340,32 @@ def _finite(text: str) -> float:
     return value
 
 
-def _read_outputs(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+def _read_outputs(path: Path, owner: int) -> tuple[dict[str, Any] | None, str | None]:
+    """The outputs a script left at ``path``, or why they cannot be taken. Only a regular
+    file of the script user's (``owner``) is read: read by the worker, which may be root,
+    a link to a file the script may not read (a symbolic one, or a hard one where the
+    system allows linking others' files) would hand the script that file as outputs; a
+    FIFO would block the worker."""
     try:
-        size = path.stat().st_size
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None, None
-    if size == 0:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link
+            return None, _NOT_OWN_OUTPUTS
+        return None, f"outputs file cannot be read: {exc.strerror}"
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or status.st_uid != owner:
+            return None, _NOT_OWN_OUTPUTS
+        with open(descriptor, "rb", closefd=False) as file:
+            raw = file.read(_OUTPUTS_MAX + 1)
+    finally:
+        os.close(descriptor)
+    if not raw:
         return None, None
-    if size > _OUTPUTS_MAX:
+    if len(raw) > _OUTPUTS_MAX:
         return None, f"outputs file is larger than {_OUTPUTS_MAX} bytes"
-    raw = path.read_bytes()
     problem = storable.json_problem(raw)
     if problem is not None:
         return None, f"outputs file holds text that cannot be stored: {problem}"
@@ -441,7 +460,8 @@ async def _supervise(
     elif reason == "cancel":
         outcome = Outcome(RunStatus.CANCELLED, code, "cancelled")
     else:
-        outputs, problem = _read_outputs(workspace.outputs_file)
+        owner = attempt.run_as[0] if attempt.run_as else os.geteuid()
+        outputs, problem = _read_outputs(workspace.outputs_file, owner)
         if code != 0:
             outcome = Outcome(RunStatus.FAILED, code, _describe_exit(code), outputs)
         elif problem:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -79,14 +80,18 @@ class Workspace:
 
     def remove(self) -> None:
         """Delete everything, including files a script made read-only."""
-
-        def _make_writable(function: object, path: str, _exc: object) -> None:
-            try:
-                os.chmod(os.path.dirname(path), stat.S_IRWXU)
-                os.chmod(path, stat.S_IRWXU)
-            except OSError:
-                return
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
-
         shutil.rmtree(self.root, onerror=_make_writable)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _make_writable(_function: object, path: str, _exc: object) -> None:
+    """``rmtree``'s error handler: make ``path`` and its directory writable, then remove it.
+    A symbolic link is removed, never changed: ``chmod`` would change what it points to,
+    which could be any file the worker (root, say) may change."""
+    with contextlib.suppress(OSError):
+        os.chmod(os.path.dirname(path), stat.S_IRWXU)  # rmtree walks real directories only
+        if os.path.islink(path):
+            os.unlink(path)
+            return
+        os.chmod(path, stat.S_IRWXU)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)

@@ -16,6 +16,7 @@ import pytest
 
 from ondeck.domain import Outcome, RunStatus
 from ondeck.runner import isolation, process, processes
+from ondeck.runner import workspace as workspace_module
 from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
 from ondeck.runner.process import param_env_name, run_attempt
 from ondeck.runner.workspace import Workspace
@@ -137,6 +138,21 @@ def test_a_workspace_with_more_than_ondeck_put_there_is_not_removed_on_the_loop(
     assert (outside / "keep").exists()
 
 
+def test_removing_a_workspace_changes_nothing_its_links_point_to(tmp_path: Path) -> None:
+    """What ``remove`` could not remove (a script, not run by root, made its directory
+    read-only) it makes writable first: a link is removed, not followed."""
+    outside = tmp_path / "outside"
+    outside.write_text("not the workspace's")
+    outside.chmod(0o600)
+    workspace = Workspace.create(tmp_path / "ws", "r1", 1)
+    link = workspace.work / "link"
+    link.symlink_to(outside)
+    workspace_module._make_writable(os.unlink, str(link), None)
+    assert not link.is_symlink() and outside.stat().st_mode & 0o777 == 0o600
+    workspace.remove()
+    assert not workspace.root.exists() and outside.read_text() == "not the workspace's"
+
+
 def test_bash_scripts_are_given_inline_and_get_their_args(tmp_path: Path) -> None:
     """$0 is "script"; args arrive as $1…; set -e holds; a script that starts with a dash
     is still the script, not options to bash."""
@@ -149,6 +165,18 @@ def test_bash_scripts_are_given_inline_and_get_their_args(tmp_path: Path) -> Non
 def test_outputs_file_becomes_outputs(tmp_path: Path) -> None:
     outcome, _ = execute(make(tmp_path, 'echo \'{"answer": 42}\' > "$ONDECK_OUTPUTS"'))
     assert outcome.outputs == {"answer": 42}
+
+
+def test_outputs_are_read_only_from_a_file_the_script_made(tmp_path: Path) -> None:
+    """Read by the worker, a link would hand the script a file it may not read; a FIFO
+    would block the worker for good."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": "from the worker\'s side"}')
+    secret.chmod(0o600)
+    for made in (f"ln -s {secret}", "mkfifo", "mkdir"):
+        outcome, text = execute(make(tmp_path, f'{made} "$ONDECK_OUTPUTS"'))
+        assert (outcome.status, outcome.outputs) == (RunStatus.FAILED, None), text
+        assert outcome.error == "outputs file must be a regular file the script made, not a link"
 
 
 def test_outputs_that_are_not_an_object_fail_the_run(tmp_path: Path) -> None:
@@ -285,6 +313,22 @@ def test_a_script_runs_as_the_script_user_in_a_workspace_of_its_own(reachable: P
     outcome, text = execute(attempt)
     assert outcome.status == RunStatus.SUCCEEDED, text
     assert text.splitlines()[:3] == ["65534", "65534", '{"x": 1}']
+
+
+@as_root
+def test_a_script_user_cannot_take_another_users_file_as_its_outputs(reachable: Path, contained: str) -> None:
+    """A hard link to a file it may write but not own (where the system lets it link
+    one at all) is not the script's own outputs file."""
+    theirs = reachable / "theirs.json"
+    theirs.write_text('{"owner": "root"}')
+    theirs.chmod(0o666)  # protected_hardlinks lets anyone link a file they may read and write
+    script = f'ln {theirs} "$ONDECK_OUTPUTS"'
+    outcome, text = execute(make(reachable, script, isolation=contained, run_as=NOBODY))
+    assert (outcome.status, outcome.outputs) == (RunStatus.FAILED, None), text
+    assert outcome.error == "outputs file must be a regular file the script made, not a link"
+    script = 'echo \'{"owner": "nobody"}\' > "$ONDECK_OUTPUTS"'
+    outcome, text = execute(make(reachable, script, isolation=contained, run_as=NOBODY))
+    assert (outcome.status, outcome.outputs) == (RunStatus.SUCCEEDED, {"owner": "nobody"}), text
 
 
 @as_root
