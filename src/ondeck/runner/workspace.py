@@ -19,8 +19,8 @@ class Workspace:
     working directory and ``HOME``. No more than that: each directory is an inode and a
     block allocated and freed per attempt, which is most of a workspace's cost, and on
     some filesystems (ext4 without a journal) allocation slows as freed inodes pile up.
-    A third directory for ``TMPDIR`` alone cost trivial runs a tenth of their throughput
-    on PostgreSQL."""
+    A third directory for ``TMPDIR`` alone cost about a twentieth of the machine's CPU per
+    trivial attempt (the runner's part, without a database), and more as the bench went on."""
 
     root: Path
 
