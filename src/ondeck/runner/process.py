@@ -42,7 +42,6 @@ _READ_SIZE = 64 * 1024
 _PENDING_MAX = 64  # chunks not yet taken by the consumer before reading pauses
 _REAP_WAIT_SECONDS = 10
 _OUTPUTS_MAX = 1024 * 1024
-_NOT_OWN_OUTPUTS = "outputs file must be a regular file the script made, not a link"
 
 
 def param_env_name(name: str) -> str:
@@ -89,7 +88,7 @@ def build_argv(attempt: Attempt, workspace: Workspace) -> list[str]:
         program = ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", "--"]
         program += [attempt.script or "", "script", *attempt.args]
     else:
-        script = workspace.root / "script.py"
+        script = workspace.script_file
         script.write_text(attempt.script or "", encoding="utf-8")
         if attempt.entrypoint == "main":
             program = [sys.executable, "-I", str(_ENTRY), str(script)]
@@ -351,13 +350,15 @@ def _read_outputs(path: Path, owner: int) -> tuple[dict[str, Any] | None, str | 
     except FileNotFoundError:
         return None, None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a symbolic link
-            return None, _NOT_OWN_OUTPUTS
+        if exc.errno == errno.ELOOP:
+            return None, "outputs file is a symbolic link: write the outputs there"
         return None, f"outputs file cannot be read: {exc.strerror}"
     try:
         status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode) or status.st_uid != owner:
-            return None, _NOT_OWN_OUTPUTS
+        if not stat.S_ISREG(status.st_mode):
+            return None, "outputs file is not a regular file"
+        if status.st_uid != owner:
+            return None, "outputs file is not the script user's (a link to another user's file?)"
         with open(descriptor, "rb", closefd=False) as file:
             raw = file.read(_OUTPUTS_MAX + 1)
     finally:

@@ -37,6 +37,11 @@ class Workspace:
     def outputs_file(self) -> Path:
         return self.root / "outputs.json"
 
+    @cached_property
+    def script_file(self) -> Path:
+        """A Python automation's script (bash scripts go inline: see ``build_argv``)."""
+        return self.root / "script.py"
+
     @classmethod
     def create(cls, parent: Path, run_id: str, attempt: int) -> Workspace:
         prefix = f"{run_id}-{attempt}-"
@@ -66,30 +71,39 @@ class Workspace:
             cls(root).remove()
 
     def remove_if_untouched(self) -> bool:
-        """Remove the workspace if it holds no more than ondeck put there and the script's
-        outputs file: a few system calls, cheap enough for an event loop. False, having
-        removed what it could, if there is more: then ``remove``, off the loop."""
+        """Remove the workspace if it holds no more than ondeck put there (params, a Python
+        script) and the script's outputs file: a few system calls, cheap enough for an
+        event loop. False, having removed what it could, if there is more: then
+        ``remove``, off the loop."""
         try:
             self.work.rmdir()
-            self.params_file.unlink(missing_ok=True)
-            self.outputs_file.unlink(missing_ok=True)
+            for path in (self.params_file, self.outputs_file, self.script_file):
+                path.unlink(missing_ok=True)
             self.root.rmdir()
         except OSError:  # not empty, not a directory, made read-only...
             return False
         return True
 
     def remove(self) -> None:
-        """Delete everything, including files a script made read-only."""
-        shutil.rmtree(self.root, onerror=_make_writable)
+        """Delete everything, including files a script made read-only.
+
+        Root needs no write permission to delete, so as root nothing is made writable:
+        ``_make_writable`` changes modes by path, and where a script's process can outlive
+        its attempt (isolation by process group alone) it could put a link in such a path
+        meanwhile, and have root change, then delete, whatever the link points to."""
+        if os.geteuid() != 0:
+            shutil.rmtree(self.root, onerror=_make_writable)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _make_writable(_function: object, path: str, _exc: object) -> None:
-    """``rmtree``'s error handler: make ``path`` and its directory writable, then remove it.
-    A symbolic link is removed, never changed: ``chmod`` would change what it points to,
-    which could be any file the worker (root, say) may change."""
+    """``rmtree``'s error handler, when not root: make ``path`` and its directory writable,
+    then remove it. Scripts then run as the worker's own user, so a path one re-points
+    (see ``Workspace.remove``) reaches nothing it could not change itself; still, a link
+    found here is removed, never followed (a script with no process left may have left one
+    to the database, hidden from it but not from the worker)."""
     with contextlib.suppress(OSError):
-        os.chmod(os.path.dirname(path), stat.S_IRWXU)  # rmtree walks real directories only
+        os.chmod(os.path.dirname(path), stat.S_IRWXU)
         if os.path.islink(path):
             os.unlink(path)
             return

@@ -120,6 +120,7 @@ def test_a_workspace_with_more_than_ondeck_put_there_is_not_removed_on_the_loop(
     untouched = Workspace.create(tmp_path, "r1", 1)
     untouched.params_file.write_text("{}")
     untouched.outputs_file.write_text("{}")
+    untouched.script_file.write_text("def main(): pass")
     assert untouched.remove_if_untouched() and not untouched.root.exists()
 
     outside = tmp_path / "outside"
@@ -173,10 +174,13 @@ def test_outputs_are_read_only_from_a_file_the_script_made(tmp_path: Path) -> No
     secret = tmp_path / "secret.json"
     secret.write_text('{"secret": "from the worker\'s side"}')
     secret.chmod(0o600)
-    for made in (f"ln -s {secret}", "mkfifo", "mkdir"):
+    for made, error in (
+        (f"ln -s {secret}", "outputs file is a symbolic link: write the outputs there"),
+        ("mkfifo", "outputs file is not a regular file"),
+        ("mkdir", "outputs file is not a regular file"),
+    ):
         outcome, text = execute(make(tmp_path, f'{made} "$ONDECK_OUTPUTS"'))
-        assert (outcome.status, outcome.outputs) == (RunStatus.FAILED, None), text
-        assert outcome.error == "outputs file must be a regular file the script made, not a link"
+        assert (outcome.status, outcome.outputs, outcome.error) == (RunStatus.FAILED, None, error), text
 
 
 def test_outputs_that_are_not_an_object_fail_the_run(tmp_path: Path) -> None:
@@ -325,10 +329,31 @@ def test_a_script_user_cannot_take_another_users_file_as_its_outputs(reachable: 
     script = f'ln {theirs} "$ONDECK_OUTPUTS"'
     outcome, text = execute(make(reachable, script, isolation=contained, run_as=NOBODY))
     assert (outcome.status, outcome.outputs) == (RunStatus.FAILED, None), text
-    assert outcome.error == "outputs file must be a regular file the script made, not a link"
+    assert outcome.error == "outputs file is not the script user's (a link to another user's file?)"
     script = 'echo \'{"owner": "nobody"}\' > "$ONDECK_OUTPUTS"'
     outcome, text = execute(make(reachable, script, isolation=contained, run_as=NOBODY))
     assert (outcome.status, outcome.outputs) == (RunStatus.SUCCEEDED, {"owner": "nobody"}), text
+
+
+@as_root
+def test_removing_a_workspace_as_root_changes_no_modes(tmp_path: Path) -> None:
+    """Root deletes whatever the modes; changing them, by path, is what a process
+    outliving its attempt could turn on files elsewhere (see ``Workspace.remove``). A
+    file root cannot delete either (immutable) is left, and its directory as it was."""
+    workspace = Workspace.create(tmp_path / "ws", "r1", 1)
+    kept = workspace.work / "kept"
+    kept.mkdir()
+    (kept / "immutable").touch()
+    subprocess.run(["chattr", "+i", str(kept / "immutable")], check=True)
+    kept.chmod(0o500)
+    try:
+        workspace.remove()
+        assert kept.stat().st_mode & 0o777 == 0o500
+        assert [path.name for path in workspace.root.rglob("*")] == ["work", "kept", "immutable"]
+    finally:
+        subprocess.run(["chattr", "-i", str(kept / "immutable")], check=True)
+    workspace.remove()
+    assert not workspace.root.exists()
 
 
 @as_root
