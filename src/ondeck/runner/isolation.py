@@ -16,7 +16,9 @@ everything it starts inherits them. Three ways, best first:
     --kill-child -- prlimit … --``; about 2 ms more CPU per run.
 ``group``
     Where neither can make a namespace: ``prlimit`` and a process group, which
-    covers everything but ``setsid`` escapes and worker death.
+    covers everything but worker death and ``setsid`` escapes; those are found by their
+    environment (see ``processes.tagged_processes``) when the attempt ends, unless they
+    cleared it.
 """
 
 from __future__ import annotations

@@ -485,8 +485,9 @@ async def _stop_when_due(
     """Wait for exit, timeout or cancel; make sure the whole group is gone either way.
 
     Returns why the attempt was stopped (``timeout``/``cancel``) or None if it exited.
-    Background children left after a normal exit are terminated too, which is
-    also what closes the pipes they inherited.
+    Background children left after a normal exit are terminated too (in the group, and
+    by isolation by group alone, those that left it), which is also what closes the pipes
+    they inherited.
     """
     cancelled = asyncio.create_task(cancel.wait())
     waiting: set[asyncio.Future[Any]] = {exited, cancelled}
@@ -502,6 +503,10 @@ async def _stop_when_due(
         await processes.terminate(
             pid, attempt.run_id, attempt.number, attempt.kill_grace, spare_leader=spare_leader
         )
+    elif attempt.isolation == isolation.GROUP:
+        # No PID namespace ends a process that left the group (setsid) with the attempt; one
+        # holding the output pipes would keep the attempt from ending for as long as it runs.
+        processes.kill_tagged(attempt.run_id, attempt.number)
     if not exited.done():
         await asyncio.shield(exited)  # cancelling this wait must not cancel the exit itself
     return reason

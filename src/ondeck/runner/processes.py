@@ -90,6 +90,11 @@ async def terminate(pgid: int, run_id: str, attempt: int, grace: float, *, spare
     while group_members(pgid) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     _signal_group(pgid, signal.SIGKILL)
+    kill_tagged(run_id, attempt)
+
+
+def kill_tagged(run_id: str, attempt: int) -> None:
+    """SIGKILL the processes of this attempt that left its group (``tagged_processes``)."""
     for pid in tagged_processes(run_id, attempt):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)

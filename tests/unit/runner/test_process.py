@@ -239,6 +239,21 @@ def test_supervisor_death_kills_every_process_of_the_attempt(tmp_path: Path, mod
     )
 
 
+@pytest.mark.parametrize("output", ["", " >/dev/null 2>&1"])
+def test_isolated_by_group_alone_a_process_that_left_the_group_ends_with_the_attempt(
+    tmp_path: Path, output: str
+) -> None:
+    """With no PID namespace, a ``setsid`` child outlived a script that exited, and one
+    holding the output pipes kept the attempt from ending until it did."""
+    started = time.monotonic()
+    attempt = make(tmp_path, f"setsid sleep 300.517{output} & sleep 0.2", isolation=isolation.GROUP)
+    outcome, _ = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED and time.monotonic() - started < 20
+    wait_until(
+        lambda: processes.tagged_processes(attempt.run_id, 1) == [], timeout=10, message="the sleep to die"
+    )
+
+
 def test_the_launcher_does_not_start_the_program_once_its_worker_is_gone(tmp_path: Path) -> None:
     """Had the worker died before the launcher tied itself to it, nothing would stop the script."""
     argv = isolation.command(isolation.LAUNCHER, LIMITS, tmp_path)
