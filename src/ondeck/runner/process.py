@@ -506,7 +506,8 @@ async def _stop_when_due(
     elif attempt.isolation == isolation.GROUP:
         # No PID namespace ends a process that left the group (setsid) with the attempt; one
         # holding the output pipes would keep the attempt from ending for as long as it runs.
-        processes.kill_tagged(attempt.run_id, attempt.number)
+        # On a thread: reading every process's environment can wait on one stuck in the kernel.
+        await asyncio.to_thread(processes.kill_tagged, attempt.run_id, attempt.number)
     if not exited.done():
         await asyncio.shield(exited)  # cancelling this wait must not cancel the exit itself
     return reason

@@ -93,8 +93,13 @@ async def terminate(pgid: int, run_id: str, attempt: int, grace: float, *, spare
     kill_tagged(run_id, attempt)
 
 
-def kill_tagged(run_id: str, attempt: int) -> None:
-    """SIGKILL the processes of this attempt that left its group (``tagged_processes``)."""
-    for pid in tagged_processes(run_id, attempt):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+def kill_tagged(run_id: str, attempt: int, passes: int = 5) -> None:
+    """SIGKILL the processes of this attempt that left its group (``tagged_processes``),
+    again while a pass finds some: one may have forked after the scan read its list."""
+    for _ in range(passes):
+        found = tagged_processes(run_id, attempt)
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if not found:
+            return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import stat
@@ -87,13 +88,25 @@ class Workspace:
     def remove(self) -> None:
         """Delete everything, including files a script made read-only.
 
-        Root needs no write permission to delete, so as root nothing is made writable:
-        ``_make_writable`` changes modes by path, and where a script's process can outlive
-        its attempt (isolation by process group alone) it could put a link in such a path
-        meanwhile, and have root change, then delete, whatever the link points to."""
-        if os.geteuid() != 0:
+        Root (with its usual capabilities) needs no write permission to delete, so then
+        nothing is made writable: ``_make_writable`` changes modes by path, and where a
+        script's process can outlive its attempt (isolation by process group alone) it
+        could put a link in such a path meanwhile, and have root change, then delete,
+        whatever the link points to."""
+        if not _overrides_modes():
             shutil.rmtree(self.root, onerror=_make_writable)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@functools.cache
+def _overrides_modes() -> bool:
+    """Whether this process may write to any directory whatever its mode: root with
+    CAP_DAC_OVERRIDE (bit 1 of its effective capabilities), which a container may drop."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        effective = next(line.split()[1] for line in status if line.startswith("CapEff:"))
+        return bool(int(effective, 16) & (1 << 1))
+    return os.geteuid() == 0
 
 
 def _make_writable(_function: object, path: str, _exc: object) -> None:
