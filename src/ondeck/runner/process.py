@@ -39,8 +39,12 @@ log = logging.getLogger(__name__)
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENTRY = Path(__file__).with_name("python_entry.py")
 _READ_SIZE = 64 * 1024
+_PIPE_MAX = 1024 * 1024  # the most a pipe holds, unless root raised /proc/sys/fs/pipe-max-size
 _PENDING_MAX = 64  # chunks not yet taken by the consumer before reading pauses
 _REAP_WAIT_SECONDS = 10
+# How long output may stay open once the attempt's processes are gone (see ``_supervise``).
+_OUTPUT_LINGER_SECONDS = 2.0
+_ABANDONED = "\n[ondeck] stopped reading output: a process that left the run holds it open\n"
 _OUTPUTS_MAX = 1024 * 1024
 
 
@@ -195,11 +199,29 @@ class _Output:
         for fd in list(self._streams):
             self._close(fd)
 
-    def _read(self, fd: int) -> None:
+    def abandon(self) -> bool:
+        """Stop reading pipes that only a process outside the attempt still holds open,
+        saying so in the log; False, doing nothing, while the consumer has yet to catch up
+        (reading is paused: what the pipes hold may still be the program's own)."""
+        if self._paused:
+            return False
+        if self._streams:
+            for fd in list(self._streams):  # what they hold now, at most what a pipe can
+                for _ in range(_PIPE_MAX // _READ_SIZE):
+                    if fd not in self._streams or not self._read(fd):
+                        break
+            self._put("system", _ABANDONED)
+            self.close()
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+        return True
+
+    def _read(self, fd: int) -> bool:
+        """Read what ``fd`` has; whether there was any (False at its end, too)."""
         try:
             data = os.read(fd, _READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""  # the pipe broke: as good as its end
         name = self._streams[fd].name
@@ -215,6 +237,7 @@ class _Output:
             self._paused = True
             for open_fd in self._streams:
                 self._loop.remove_reader(open_fd)
+        return bool(data)
 
     def _take(self, fd: int, data: bytes) -> None:
         stream, budget = self._streams[fd], self._budget
@@ -449,6 +472,22 @@ async def _supervise(
     workspace: Workspace,
 ) -> AsyncGenerator[Event, None]:
     stopper = asyncio.create_task(_stop_when_due(child.pid, child.exited, attempt, cancel))
+    # Once the stopper is done, every process of the attempt is gone and the pipes close,
+    # but for one that escaped it (isolation by group alone: see runner.isolation), which
+    # could hold them open, and the attempt past its timeout, for as long as it runs.
+    loop = asyncio.get_running_loop()
+    linger: asyncio.TimerHandle | None = None
+
+    def give_up() -> None:
+        nonlocal linger
+        if not output.abandon():
+            linger = loop.call_later(_OUTPUT_LINGER_SECONDS, give_up)
+
+    def stopped(_: object) -> None:
+        nonlocal linger
+        linger = loop.call_later(_OUTPUT_LINGER_SECONDS, give_up)
+
+    stopper.add_done_callback(stopped)
     try:
         while (chunk := await output.next()) is not None:
             yield Output(chunk)
@@ -456,6 +495,8 @@ async def _supervise(
         code = child.exited.result()  # the stopper returns once it is known
     finally:
         stopper.cancel()
+        if linger is not None:
+            linger.cancel()
     if reason == "timeout":
         outcome = Outcome(RunStatus.TIMED_OUT, code, f"timed out after {format_duration(attempt.timeout)}")
     elif reason == "cancel":

@@ -261,6 +261,21 @@ def test_isolated_by_group_alone_a_process_that_left_the_group_ends_with_the_att
     )
 
 
+def test_output_held_open_by_a_process_that_escaped_the_attempt_does_not_keep_it_running(
+    tmp_path: Path,
+) -> None:
+    """Isolated by group alone, a process that left the group and cleared its environment
+    is found by nothing; holding the output pipes, it kept the attempt from ending."""
+    script = "echo before; env -i setsid sleep 30.683 & sleep 0.2; echo after"
+    started = time.monotonic()
+    try:
+        outcome, text = execute(make(tmp_path, script, isolation=isolation.GROUP, timeout=10.0))
+        assert outcome.status == RunStatus.SUCCEEDED and time.monotonic() - started < 10
+        assert text.startswith("before\nafter\n") and "a process that left the run holds it open" in text
+    finally:
+        subprocess.run(["pkill", "-f", "sleep 30.683"], check=False)
+
+
 def test_the_launcher_does_not_start_the_program_once_its_worker_is_gone(tmp_path: Path) -> None:
     """Had the worker died before the launcher tied itself to it, nothing would stop the script."""
     argv = isolation.command(isolation.LAUNCHER, LIMITS, tmp_path)
