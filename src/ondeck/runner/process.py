@@ -477,6 +477,7 @@ async def _supervise(
     # could hold them open, and the attempt past its timeout, for as long as it runs.
     loop = asyncio.get_running_loop()
     linger: asyncio.TimerHandle | None = None
+    ended = False
 
     def give_up() -> None:
         nonlocal linger
@@ -485,7 +486,8 @@ async def _supervise(
 
     def stopped(_: object) -> None:
         nonlocal linger
-        linger = loop.call_later(_OUTPUT_LINGER_SECONDS, give_up)
+        if not ended:  # (a done callback runs later: the attempt may have ended meanwhile)
+            linger = loop.call_later(_OUTPUT_LINGER_SECONDS, give_up)
 
     stopper.add_done_callback(stopped)
     try:
@@ -494,6 +496,7 @@ async def _supervise(
         reason = await stopper
         code = child.exited.result()  # the stopper returns once it is known
     finally:
+        ended = True
         stopper.cancel()
         if linger is not None:
             linger.cancel()
