@@ -11,6 +11,7 @@ import codecs
 import collections
 import contextlib
 import errno
+import fcntl
 import functools
 import json
 import logging
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENTRY = Path(__file__).with_name("python_entry.py")
 _READ_SIZE = 64 * 1024
-_PIPE_MAX = 1024 * 1024  # the most a pipe holds, unless root raised /proc/sys/fs/pipe-max-size
 _PENDING_MAX = 64  # chunks not yet taken by the consumer before reading pauses
 _REAP_WAIT_SECONDS = 10
 # How long output may stay open once the attempt's processes are gone (see ``_supervise``).
@@ -203,17 +203,21 @@ class _Output:
         """Stop reading pipes that only a process outside the attempt still holds open,
         saying so in the log; False, doing nothing, while the consumer has yet to catch up
         (reading is paused: what the pipes hold may still be the program's own)."""
+        if not self._streams:
+            return True
         if self._paused:
             return False
-        if self._streams:
-            for fd in list(self._streams):  # what they hold now, at most what a pipe can
-                for _ in range(_PIPE_MAX // _READ_SIZE):
+        for fd in list(self._streams):  # what each holds now: at most its size, then its end
+            with contextlib.suppress(OSError):
+                for _ in range(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) // _READ_SIZE + 2):
                     if fd not in self._streams or not self._read(fd):
                         break
+        if self._streams:
+            for fd in list(self._streams):
+                self._take(fd, b"")  # as at its end: closed, and what a stream held back shown
             self._put("system", _ABANDONED)
-            self.close()
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
         return True
 
     def _read(self, fd: int) -> bool:

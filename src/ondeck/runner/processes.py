@@ -90,7 +90,8 @@ async def terminate(pgid: int, run_id: str, attempt: int, grace: float, *, spare
     while group_members(pgid) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     _signal_group(pgid, signal.SIGKILL)
-    kill_tagged(run_id, attempt)
+    # On a thread: reading every process's environment can wait on one stuck in the kernel.
+    await asyncio.to_thread(kill_tagged, run_id, attempt)
 
 
 def kill_tagged(run_id: str, attempt: int, passes: int = 5) -> None:

@@ -266,12 +266,15 @@ def test_output_held_open_by_a_process_that_escaped_the_attempt_does_not_keep_it
 ) -> None:
     """Isolated by group alone, a process that left the group and cleared its environment
     is found by nothing; holding the output pipes, it kept the attempt from ending."""
-    script = "echo before; env -i setsid sleep 30.683 & sleep 0.2; echo after"
+    script = "echo before; env -i setsid sleep 30.683 & sleep 0.2; printf 'after, a tail s'"
     started = time.monotonic()
     try:
-        outcome, text = execute(make(tmp_path, script, isolation=isolation.GROUP, timeout=10.0))
+        attempt = make(tmp_path, script, isolation=isolation.GROUP, timeout=10.0, redact=["secret"])
+        outcome, text = execute(attempt)
         assert outcome.status == RunStatus.SUCCEEDED and time.monotonic() - started < 10
-        assert text.startswith("before\nafter\n") and "a process that left the run holds it open" in text
+        # The "s" held back as the possible start of a secret is shown, as at the pipe's end.
+        note = "[ondeck] stopped reading output: a process that left the run holds it open"
+        assert text == f"before\nafter, a tail s\n{note}\n"
     finally:
         subprocess.run(["pkill", "-f", "sleep 30.683"], check=False)
 
@@ -405,6 +408,8 @@ def test_root_without_the_capability_to_override_modes_still_removes_read_only_w
     (workspace.work / "read-only").chmod(0o500)
     remove = f"from ondeck.runner.workspace import Workspace; Workspace({str(workspace.root)!r}).remove()"
     drop = ["setpriv", "--bounding-set=-dac_override", "--inh-caps=-dac_override", "--"]
+    if subprocess.run([*drop, "true"], check=False, timeout=30).returncode != 0:
+        pytest.skip("dropping a capability needs CAP_SETPCAP")
     subprocess.run([*drop, sys.executable, "-c", remove], check=True, timeout=30)
     assert not workspace.root.exists()
 
