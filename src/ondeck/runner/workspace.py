@@ -86,15 +86,19 @@ class Workspace:
         return True
 
     def remove(self) -> None:
-        """Delete everything, including files a script made read-only.
+        """Delete everything, including what a script made read-only.
 
-        Root (with its usual capabilities) needs no write permission to delete, so then
-        nothing is made writable: ``_make_writable`` changes modes by path, and where a
-        script's process can outlive its attempt (isolation by process group alone) it
-        could put a link in such a path meanwhile, and have root change, then delete,
-        whatever the link points to."""
+        Where modes bind this process (but for root with CAP_DAC_OVERRIDE), directories
+        are made writable first, each through a descriptor of its own: changed by path,
+        one a process outliving its attempt (isolation by process group alone) re-pointed
+        meanwhile would have its mode changed, and its contents deleted, elsewhere."""
         if not _overrides_modes():
-            shutil.rmtree(self.root, onerror=_make_writable)
+            with contextlib.suppress(OSError, RecursionError):
+                parent = os.open(self.root.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    _remove_writable(parent, self.root.name)
+                finally:
+                    os.close(parent)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -109,16 +113,29 @@ def _overrides_modes() -> bool:
     return os.geteuid() == 0
 
 
-def _make_writable(_function: object, path: str, _exc: object) -> None:
-    """``rmtree``'s error handler, when not root: make ``path`` and its directory writable,
-    then remove it. Scripts then run as the worker's own user, so a path one re-points
-    (see ``Workspace.remove``) reaches nothing it could not change itself; still, a link
-    found here is removed, never followed (a script with no process left may have left one
-    to the database, hidden from it but not from the worker)."""
+def _remove_writable(parent: int, name: str) -> None:
+    """Remove ``name`` from the directory ``parent`` (a descriptor), making each directory
+    writable first. Never by path, never through a link: each directory is opened once,
+    without following links, and changed, listed and emptied through that descriptor."""
+    try:
+        directory = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    except OSError:  # not a directory (a file, a link): removed as it is
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=parent)
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.chmod(f"/proc/self/fd/{directory}", stat.S_IRWXU)  # this very directory
+        with contextlib.suppress(OSError):
+            listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
+            try:
+                with os.scandir(listing) as entries:
+                    names = [entry.name for entry in entries]
+            finally:
+                os.close(listing)
+            for child in names:
+                _remove_writable(directory, child)
+    finally:
+        os.close(directory)
     with contextlib.suppress(OSError):
-        os.chmod(os.path.dirname(path), stat.S_IRWXU)
-        if os.path.islink(path):
-            os.unlink(path)
-            return
-        os.chmod(path, stat.S_IRWXU)
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+        os.rmdir(name, dir_fd=parent)

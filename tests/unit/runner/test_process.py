@@ -140,18 +140,24 @@ def test_a_workspace_with_more_than_ondeck_put_there_is_not_removed_on_the_loop(
 
 
 def test_removing_a_workspace_changes_nothing_its_links_point_to(tmp_path: Path) -> None:
-    """What ``remove`` could not remove (a script, not run by root, made its directory
-    read-only) it makes writable first: a link is removed, not followed."""
+    """Where modes bind the worker, ``remove`` makes what a script made read-only
+    writable first (``_remove_writable``): a link is removed, never followed."""
     outside = tmp_path / "outside"
-    outside.write_text("not the workspace's")
-    outside.chmod(0o600)
+    outside.mkdir(mode=0o500)
+    (outside / "kept").write_text("not the workspace's")
     workspace = Workspace.create(tmp_path / "ws", "r1", 1)
-    link = workspace.work / "link"
-    link.symlink_to(outside)
-    workspace_module._make_writable(os.unlink, str(link), None)
-    assert not link.is_symlink() and outside.stat().st_mode & 0o777 == 0o600
-    workspace.remove()
-    assert not workspace.root.exists() and outside.read_text() == "not the workspace's"
+    read_only = workspace.work / "read-only"
+    read_only.mkdir()
+    (read_only / "link").symlink_to(outside)
+    (read_only / "file").touch()
+    read_only.chmod(0o500)
+    parent = os.open(workspace.root.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        workspace_module._remove_writable(parent, workspace.root.name)
+    finally:
+        os.close(parent)
+    assert not workspace.root.exists()
+    assert outside.stat().st_mode & 0o777 == 0o500 and (outside / "kept").read_text() == "not the workspace's"
 
 
 def test_bash_scripts_are_given_inline_and_get_their_args(tmp_path: Path) -> None:
@@ -406,11 +412,14 @@ def test_root_without_the_capability_to_override_modes_still_removes_read_only_w
     (workspace.work / "read-only").mkdir()
     (workspace.work / "read-only" / "file").touch()
     (workspace.work / "read-only").chmod(0o500)
-    remove = f"from ondeck.runner.workspace import Workspace; Workspace({str(workspace.root)!r}).remove()"
+    remove = (
+        "import sys; from pathlib import Path; from ondeck.runner.workspace import Workspace; "
+        "Workspace(Path(sys.argv[1])).remove()"
+    )
     drop = ["setpriv", "--bounding-set=-dac_override", "--inh-caps=-dac_override", "--"]
     if subprocess.run([*drop, "true"], check=False, timeout=30).returncode != 0:
         pytest.skip("dropping a capability needs CAP_SETPCAP")
-    subprocess.run([*drop, sys.executable, "-c", remove], check=True, timeout=30)
+    subprocess.run([*drop, sys.executable, "-c", remove, str(workspace.root)], check=True, timeout=30)
     assert not workspace.root.exists()
 
 
