@@ -27,7 +27,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from ondeck import storable
+from ondeck import blocking, storable
 from ondeck.domain import LogChunk, Outcome, RunStatus, utcnow
 from ondeck.durations import format_duration
 from ondeck.masking import Masker, StreamMasker
@@ -214,7 +214,12 @@ class _Output:
                         break
         if self._streams:
             for fd in list(self._streams):
-                self._take(fd, b"")  # as at its end: closed, and what a stream held back shown
+                try:
+                    self._take(fd, b"")  # as at its end: closed, and what a stream held back shown
+                except Exception:  # as in ``_read``
+                    log.exception("ending the program's %s failed", self._streams[fd].name)
+                    if fd in self._streams:
+                        self._close(fd)
             self._put("system", _ABANDONED)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -555,7 +560,7 @@ async def _stop_when_due(
         # No PID namespace ends a process that left the group (setsid) with the attempt; one
         # holding the output pipes would keep the attempt from ending for as long as it runs.
         # On a thread: reading every process's environment can wait on one stuck in the kernel.
-        await asyncio.to_thread(processes.kill_tagged, attempt.run_id, attempt.number)
+        await blocking.run(processes.kill_tagged, attempt.run_id, attempt.number)
     if not exited.done():
         await asyncio.shield(exited)  # cancelling this wait must not cancel the exit itself
     return reason

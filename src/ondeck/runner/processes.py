@@ -14,6 +14,8 @@ import os
 import signal
 from pathlib import Path
 
+from ondeck import blocking
+
 _PROC = Path("/proc")
 
 
@@ -91,7 +93,7 @@ async def terminate(pgid: int, run_id: str, attempt: int, grace: float, *, spare
         await asyncio.sleep(0.05)
     _signal_group(pgid, signal.SIGKILL)
     # On a thread: reading every process's environment can wait on one stuck in the kernel.
-    await asyncio.to_thread(kill_tagged, run_id, attempt)
+    await blocking.run(kill_tagged, run_id, attempt)  # waited for even if this is cancelled
 
 
 def kill_tagged(run_id: str, attempt: int, passes: int = 5) -> None:

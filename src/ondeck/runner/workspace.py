@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import stat
@@ -11,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,17 @@ class Workspace:
         are made writable first, each through a descriptor of its own: changed by path,
         one a process outliving its attempt (isolation by process group alone) re-pointed
         meanwhile would have its mode changed, and its contents deleted, elsewhere."""
-        if not _overrides_modes():
-            with contextlib.suppress(OSError, RecursionError):
-                parent = os.open(self.root.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    _remove_writable(parent, self.root.name)
-                finally:
-                    os.close(parent)
-        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            if not _overrides_modes():
+                with contextlib.suppress(OSError):
+                    parent = os.open(self.root.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        _remove_writable(parent, self.root.name)
+                    finally:
+                        os.close(parent)
+            shutil.rmtree(self.root, ignore_errors=True)
+        except RecursionError:  # directories nested past Python's recursion limit
+            log.warning("%s is left: it nests directories deeper than can be removed", self.root)
 
 
 @functools.cache
@@ -124,8 +130,11 @@ def _remove_writable(parent: int, name: str) -> None:
             os.unlink(name, dir_fd=parent)
         return
     try:
+        itself = f"/proc/self/fd/{directory}"  # this very directory, whatever its path now
         with contextlib.suppress(OSError):
-            os.chmod(f"/proc/self/fd/{directory}", stat.S_IRWXU)  # this very directory
+            if os.fstat(directory).st_uid != os.geteuid():  # the script user's: root's, first
+                os.chown(itself, os.geteuid(), os.getegid())
+            os.chmod(itself, stat.S_IRWXU)
         with contextlib.suppress(OSError):
             listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
             try:

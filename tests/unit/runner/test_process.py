@@ -404,17 +404,24 @@ def test_removing_a_workspace_as_root_changes_no_modes(tmp_path: Path) -> None:
 
 
 @as_root
+@pytest.mark.parametrize("owner", [None, NOBODY], ids=["root's", "the script user's"])
 def test_root_without_the_capability_to_override_modes_still_removes_read_only_workspaces(
-    tmp_path: Path,
+    reachable: Path, owner: tuple[int, int] | None
 ) -> None:
-    """Root in a container that dropped CAP_DAC_OVERRIDE is held to modes as anyone is."""
-    workspace = Workspace.create(tmp_path / "ws", "r1", 1)
-    (workspace.work / "read-only").mkdir()
-    (workspace.work / "read-only" / "file").touch()
-    (workspace.work / "read-only").chmod(0o500)
+    """Root in a container that dropped CAP_DAC_OVERRIDE is held to modes as anyone is,
+    and a directory the script user made read-only is not root's to make writable."""
+    workspace = Workspace.create(reachable / "ws", "r1", 1)
+    read_only = workspace.work / "read-only"
+    read_only.mkdir()
+    (read_only / "file").touch()
+    if owner is not None:
+        workspace.give_to(*owner)
+        for path in (read_only, read_only / "file"):
+            os.chown(path, *owner)
+    read_only.chmod(0o500)
     remove = (
-        "import sys; from pathlib import Path; from ondeck.runner.workspace import Workspace; "
-        "Workspace(Path(sys.argv[1])).remove()"
+        "import sys; from pathlib import Path; from ondeck.runner import workspace; "
+        "assert not workspace._overrides_modes(); workspace.Workspace(Path(sys.argv[1])).remove()"
     )
     drop = ["setpriv", "--bounding-set=-dac_override", "--inh-caps=-dac_override", "--"]
     if subprocess.run([*drop, "true"], check=False, timeout=30).returncode != 0:
