@@ -214,12 +214,7 @@ class _Output:
                         break
         if self._streams:
             for fd in list(self._streams):
-                try:
-                    self._take(fd, b"")  # as at its end: closed, and what a stream held back shown
-                except Exception:  # as in ``_read``
-                    log.exception("ending the program's %s failed", self._streams[fd].name)
-                    if fd in self._streams:
-                        self._close(fd)
+                self._take_safely(fd, b"")  # as at its end: closed, what a stream held back shown
             self._put("system", _ABANDONED)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -233,13 +228,7 @@ class _Output:
             return False
         except OSError:
             data = b""  # the pipe broke: as good as its end
-        name = self._streams[fd].name
-        try:
-            self._take(fd, data)
-        except Exception:  # a bug here must not leave a readable fd calling back forever
-            log.exception("reading the program's %s failed", name)
-            if fd in self._streams:
-                self._close(fd)
+        self._take_safely(fd, data)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         if len(self._chunks) >= _PENDING_MAX and not self._paused:
@@ -247,6 +236,17 @@ class _Output:
             for open_fd in self._streams:
                 self._loop.remove_reader(open_fd)
         return bool(data)
+
+    def _take_safely(self, fd: int, data: bytes) -> None:
+        """``_take``, closing ``fd`` if it fails: a bug there must not leave a readable fd
+        calling back forever."""
+        name = self._streams[fd].name
+        try:
+            self._take(fd, data)
+        except Exception:
+            log.exception("reading the program's %s failed", name)
+            if fd in self._streams:
+                self._close(fd)
 
     def _take(self, fd: int, data: bytes) -> None:
         stream, budget = self._streams[fd], self._budget
