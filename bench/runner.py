@@ -15,16 +15,12 @@ one invocation. Prints figures and never asserts.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from throughput import LIMITS, machine_cpu_seconds, ms  # bench/ is on the path: run as a script
+from throughput import LIMITS, alternate, machine_cpu_seconds, ms  # bench/ is on the path: run as a script
 
 from ondeck.domain import RunStatus
 from ondeck.runner import isolation
@@ -72,27 +68,5 @@ def measure(count: int) -> None:
     print(f"{ms(cpu / count)} of the machine's CPU per attempt, {count / elapsed:.0f} attempts/s", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--attempts", type=int, default=3000, help="attempts per round (default 3000)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each tree once per round (default 3)")
-    parser.add_argument("--src", action="append", metavar="DIR", help="a source tree to measure (repeatable)")
-    # One measurement, in this process (what each round starts).
-    parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.here:
-        measure(args.attempts)
-        return
-    trees = args.src or [str(Path(__file__).resolve().parents[1] / "src")]
-    for number in range(1, args.rounds + 1):
-        for tree in trees:
-            print(f"round {number}, {tree}: ", end="", flush=True)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, str(Path(__file__).parent)])}
-            command = [sys.executable, __file__, "--here", "--attempts", str(args.attempts)]
-            subprocess.run(command, env=env, check=True)
-
-
 if __name__ == "__main__":
-    main()
+    alternate(__file__, __doc__ or "", measure, "attempts", 3000)

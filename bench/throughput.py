@@ -225,6 +225,31 @@ def workspace_cost(parent: Path, count: int = 500) -> float:
         return (time.process_time() - start) / count
 
 
+def alternate(script: str, description: str, measure: Callable[[int], None], unit: str, default: int) -> None:
+    """The command line of a bench that measures ``measure(count)`` once per round (bench/
+    runner.py, bench/store.py): ``--<unit> N``, ``--rounds R``, and ``--src`` trees, which
+    the rounds alternate, each in a child process with that tree first on ``PYTHONPATH``."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(f"--{unit}", type=int, default=default, help=f"{unit} per round (default {default})")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each tree once per round (default 3)")
+    parser.add_argument("--src", action="append", metavar="DIR", help="a source tree to measure (repeatable)")
+    # One measurement, in this process (what each round starts).
+    parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    count = getattr(args, unit)
+    if args.here:
+        measure(count)
+        return
+    trees = args.src or [str(Path(__file__).resolve().parents[1] / "src")]
+    for number in range(1, args.rounds + 1):
+        for tree in trees:
+            print(f"round {number}, {tree}: ", end="", flush=True)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, str(Path(__file__).parent)])}
+            subprocess.run([sys.executable, script, "--here", f"--{unit}", str(count)], env=env, check=True)
+
+
 # --- servers --------------------------------------------------------------------
 
 
