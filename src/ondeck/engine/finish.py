@@ -44,8 +44,25 @@ def append_logs(store: Store, claim: Claim, chunks: Sequence[LogChunk]) -> bool:
 
 def finish(store: Store, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk] = ()) -> bool:
     """Record the attempt's end with its last output; False if the lease was lost meanwhile."""
-    with store.transaction() as tx:
+    with store.transaction(alone=stands_alone(claim, outcome, chunks)) as tx:
         return finish_in(tx, claim, outcome, chunks)
+
+
+def stands_alone(claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk]) -> bool:
+    """Whether ``finish_in`` ends this attempt in one write, the run's move: no output
+    left to append, no retry to weigh against a cancel, no concurrency slot to free, no
+    callback or notification to queue, no circuit breaker to count it. Then it needs no
+    transaction around it (``Store.transaction(alone=True)``): nearly every end of a run
+    whose output was written while it ran."""
+    automation = claim.automation
+    return not (
+        chunks
+        or _may_retry(claim.run, outcome)
+        or claim.run.concurrency_key is not None
+        or claim.run.callback_url
+        or automation.notify
+        or automation.circuit_breaker is not None
+    )
 
 
 def finish_in(tx: Transaction, claim: Claim, outcome: Outcome, chunks: Sequence[LogChunk]) -> bool:

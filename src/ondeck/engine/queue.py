@@ -60,7 +60,7 @@ def claim(
     claimed: tuple[list[Claim], bool] | None = None
     try:
         with store.transaction() as tx:
-            claimed = claim_in(tx, worker, group, capacity, lease, definitions)
+            claimed = claim_in(tx, worker, group, capacity, tx.now() + lease, definitions)
         return claimed
     except Exception as exc:
         if claimed is None:
@@ -101,12 +101,31 @@ def still_held(store: Store, claims: list[Claim], lease: timedelta) -> list[Clai
         ]
 
 
+def claimed_until(
+    store: Store, worker: str, until: datetime, lease: timedelta, definitions: DefinitionCache
+) -> list[Claim]:
+    """The runs a claim whose statements committed alone (``claim_in``) leased to
+    ``worker`` until ``until``, when its answer was lost: they are this worker's to run
+    (else their leases would lapse, and each be ended as lost without having run), if
+    more than half the lease is left to start them in, as ``still_held`` judges."""
+    with store.transaction() as tx:
+        if until <= tx.now() + lease / 2:
+            return []
+        claims = []
+        for run in tx.leased_runs(worker, until):
+            try:
+                claims.append(Claim(run, definitions.get(tx, run.automation, run.version), worker))
+            except UnloadableDefinition:
+                continue  # ended by the reaper when its lease lapses
+        return claims
+
+
 def claim_in(
     tx: Transaction,
     worker: str,
     group: str,
     capacity: int,
-    lease: timedelta,
+    until: datetime,
     definitions: DefinitionCache,
     *,
     spare: int = 2,
@@ -124,30 +143,37 @@ def claim_in(
     this batch just filled, and to tell whether more are due. Each is parsed and,
     on PostgreSQL, locked (a write), so a claim that needs neither reads none.
 
-    Whether a run is due and when its lease ends are in the store's time (``Store.now``),
-    which the hosts that queued the run and that reap leases reckon in too, not in this
-    host's.
+    Whether a run is due and when its lease ends (``until``) are in the store's time
+    (``Store.now``), which the hosts that queued the run and that reap leases reckon in
+    too, not in this host's.
+
+    In a transaction whose statements commit alone (``Store.transaction(alone=True)``) it
+    starts only what ``start_queued`` starts: a key's slot and the run's start must
+    commit together. A candidate it leaves makes it say more may be due.
     """
     now, store_now = utcnow(), tx.now()
-    expires = store_now + lease
     claims: list[Claim] = []
     window = capacity + spare
-    candidates = tx.queued_candidates(group, store_now, window)
-    for run in candidates:
+    states.check(RunStatus.QUEUED, RunStatus.RUNNING)  # the moves ``start_queued`` makes
+    candidates = tx.start_queued(group, store_now, window, worker, now, until)
+    for run, started in candidates:
         if len(claims) == capacity:
             if tx.postgres:  # SQLite has no such locks: nobody to wake, here or elsewhere
                 tx.notify("queue", group)
             break
+        if started is None and tx.alone:
+            return claims, True
         try:
             automation = definitions.get(tx, run.automation, run.version)
         except UnloadableDefinition as problem:
-            _fail_unloadable(tx, run, worker, now, problem.detail)
+            _fail_unloadable(tx, started or run, worker, now, problem.detail)
             continue
-        if run.concurrency_key is not None and not tx.take_slot(
-            run.concurrency_key, run.concurrency_limit or 1, run.id
-        ):
-            continue
-        started = _start_attempt(tx, run, worker, now, expires)
+        if started is None:
+            if run.concurrency_key is not None and not tx.take_slot(
+                run.concurrency_key, run.concurrency_limit or 1, run.id
+            ):
+                continue
+            started = _start_attempt(tx, run, worker, now, until)
         if started is not None:
             claims.append(Claim(started, automation, worker))
     return claims, len(candidates) == window
@@ -173,9 +199,10 @@ def _start_attempt(tx: Transaction, run: Run, worker: str, now: datetime, until:
 
 def _fail_unloadable(tx: Transaction, run: Run, worker: str, now: datetime, reason: str) -> None:
     """A run whose stored definition no longer loads (a later release checks more) can
-    never start: it fails at once, through an attempt as the state table requires,
-    instead of failing every claim that meets it and so stalling the queue."""
-    started = _start_attempt(tx, run, worker, now, now)
+    never start: it fails at once, through an attempt as the state table requires (one
+    ``start_queued`` started, or one started here), instead of failing every claim that
+    meets it and so stalling the queue."""
+    started = run if run.status == RunStatus.RUNNING else _start_attempt(tx, run, worker, now, now)
     if started is None:
         return
     states.move(

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,12 @@ from sqlalchemy import (
     Connection,
     Engine,
     Integer,
+    Select,
     String,
     Text,
     and_,
     bindparam,
+    cast,
     delete,
     func,
     insert,
@@ -139,6 +141,59 @@ _QUEUED_CANDIDATES = Direct(
     .limit(bindparam("limit"))
     .with_for_update(skip_locked=True, of=runs)
 )
+
+
+@functools.cache
+def _pg_start_queued() -> Direct:
+    """``_QUEUED_CANDIDATES``, starting the first candidate in the same statement if it has
+    no concurrency key (see ``Transaction.start_queued``); the started run's transition
+    and attempt are written from the update's result, as ``_pg_move`` writes them.
+
+    Only the first: the update finds it by id, a scalar, so by primary key whatever the
+    plan (see ``_status_is``). A set of ids (``= ANY``) is read by a scan of the whole
+    table in a generic plan made while the table was small, and kept while it grows."""
+    locked = _QUEUED_CANDIDATES.statement
+    assert isinstance(locked, Select)
+    candidate = locked.cte("candidate")
+    order = (candidate.c.priority.desc(), candidate.c.id)
+    at = bindparam("_at", type_=UTCDateTime)
+    worker = bindparam("_worker", type_=String)
+    moved = (
+        update(runs)
+        .where(
+            runs.c.id == select(candidate.c.id).order_by(*order).limit(1).scalar_subquery(),
+            runs.c.concurrency_key.is_(None),
+            _status_is(RunStatus.QUEUED.value),
+        )
+        .values(
+            status=RunStatus.RUNNING.value,
+            attempt=runs.c.attempt + 1,
+            lease_owner=worker,
+            lease_expires_at=bindparam("_until", type_=UTCDateTime),
+            started_at=func.coalesce(runs.c.started_at, at),
+        )
+        .returning(runs.c.id, runs.c.attempt, runs.c.started_at, runs.c.watched)
+        .cte("moved")
+    )
+    reason = literal("attempt ") + cast(moved.c.attempt, Text) + literal(" started on ") + worker
+    transition = insert(run_transitions).from_select(
+        ["run_id", "from_status", "to_status", "at", "reason"],
+        select(moved.c.id, literal(RunStatus.QUEUED.value), literal(RunStatus.RUNNING.value), at, reason),
+    )
+    attempt = insert(attempts).from_select(
+        ["run_id", "number", "worker", "status", "started_at"],
+        select(moved.c.id, moved.c.attempt, worker, literal("running"), at),
+    )
+    statement = (
+        select(candidate, moved.c.attempt, moved.c.started_at, moved.c.watched)
+        .select_from(candidate.outerjoin(moved, moved.c.id == candidate.c.id))
+        .order_by(*order)
+        .add_cte(transition.cte("transition"))
+        .add_cte(attempt.cte("attempt"))
+    )
+    return Direct(statement, spells_out=True)
+
+
 _GET_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
 _GET_RUNS = {False: Direct(_GET_RUN), True: Direct(_GET_RUN.with_for_update())}
 # No SET clause: it is made from the column values passed with the bound parameters.
@@ -366,11 +421,13 @@ def _version(row: Any) -> AutomationVersion:
 class Transaction:
     """Queries bound to one open database transaction."""
 
-    def __init__(self, connection: Connection, now: Callable[[], datetime]) -> None:
+    def __init__(self, connection: Connection, now: Callable[[], datetime], *, alone: bool = False) -> None:
         self._c = connection
         self.now = now
         """The time leases and due times are reckoned in (``Store.now``)."""
         self.postgres = connection.dialect.name == "postgresql"
+        self.alone = alone
+        """Whether each statement commits by itself (``Store.transaction``)."""
         self.notifications: list[tuple[str, str]] = []
         self.wakeups_on_rollback: list[tuple[str, str]] = []
         """What to send instead of ``notifications`` if this rolls back (see ``_locked_queued``)."""
@@ -412,6 +469,7 @@ class Transaction:
         return self._refusals[int(tag)] if tag.isdigit() and int(tag) < len(self._refusals) else None
 
     def _call_at_commit(self, call: tuple[pgsql.SQL, str], *arguments: Any) -> None:
+        assert not self.alone, "no commit to make the call with"
         statement, name = call
         self._at_commit.append((statement.format(*map(pgsql.Literal, arguments)), name))
 
@@ -624,10 +682,39 @@ class Transaction:
 
     # --- queue and concurrency --------------------------------------------
 
-    def queued_candidates(self, worker_group: str, now: datetime, limit: int) -> list[Run]:
-        """Queued runs that are due and whose concurrency key has a free slot."""
-        values = {"worker_group": worker_group, "now": now, "limit": limit}
-        candidates = [_run(row) for row in _QUEUED_CANDIDATES.rows(self._c, values)]
+    def start_queued(
+        self,
+        worker_group: str,
+        due: datetime,
+        limit: int,
+        worker: str,
+        at: datetime,
+        until: datetime,
+    ) -> list[tuple[Run, Run | None]]:
+        """Lock up to ``limit`` queued runs of ``worker_group`` that are due at ``due`` and
+        whose concurrency key has a free slot, in claim order; each with itself as started
+        at ``at`` under a lease to ``worker`` until ``until`` (a new attempt), or None.
+
+        On PostgreSQL the first candidate, if it has no concurrency key, is started by the
+        statement that finds it: a claim of one run, as a worker under a backlog makes
+        for each run (``Worker._finish_and_claim``), is one round trip, not two. The
+        caller starts the rest, a key's slot taken first, in claim order (on SQLite, whose
+        statements cost a fraction of a round trip, all of them)."""
+        values: dict[str, Any] = {"worker_group": worker_group, "now": due, "limit": limit}
+        if not self.postgres:
+            return [(_run(row), None) for row in _QUEUED_CANDIDATES.rows(self._c, values)]
+        values |= {"_worker": worker, "_until": until, "_at": at}
+        candidates: list[tuple[Run, Run | None]] = []
+        for row in _pg_start_queued().rows(self._c, values):
+            run = _run(row)
+            attempt, started_at, watched = row[-3:]
+            if attempt is None:
+                candidates.append((run, None))
+                continue
+            lease = {"lease_owner": worker, "lease_expires_at": until, "started_at": started_at}
+            candidates.append((run, replace(run, status=RunStatus.RUNNING, attempt=attempt, **lease)))
+            if watched:
+                self.notify("run", run.id)
         if candidates:  # locked: a claim that takes them commits them out of the queue
             self._locked_queued(worker_group, leaves_queue=True)
         return candidates
@@ -712,6 +799,19 @@ class Transaction:
         )
         found = rows.first()
         return _run(found) if found is not None else None
+
+    def leased_runs(self, worker: str, until: datetime) -> list[Run]:
+        """The running runs leased to ``worker`` until ``until``, locked."""
+        rows = self._c.execute(
+            select(runs)
+            .where(
+                runs.c.status == RunStatus.RUNNING.value,
+                runs.c.lease_expires_at == until,
+                runs.c.lease_owner == worker,
+            )
+            .with_for_update()
+        )
+        return [_run(row) for row in rows]
 
     def delete_attempt(self, run_id: str, number: int) -> None:
         self._c.execute(delete(attempts).where(attempts.c.run_id == run_id, attempts.c.number == number))
@@ -1288,22 +1388,32 @@ class Store:
         self._listeners.append(listener)
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """A read-write transaction, committed when the block ends without error."""
+    def transaction(self, *, alone: bool = False) -> Iterator[Transaction]:
+        """A read-write transaction, committed when the block ends without error.
+
+        With ``alone``, on PostgreSQL, each statement commits by itself instead, as it
+        ends: no BEGIN and COMMIT round trips, two of the three a write of one statement
+        makes. Only for writes each of which stands alone, whatever becomes of the others
+        (``Transaction.alone`` says which it is). On SQLite a transaction as usual."""
         tx: Transaction | None = None
+        alone = alone and self.dialect == "postgresql"
         try:
             with (
                 self._writers.hold() if self._writers is not None else contextlib.nullcontext(),
                 self._translate_errors(),
                 self.engine.connect().execution_options(ondeck_write=True) as connection,
-                connection.begin(),
             ):
-                tx = Transaction(connection, self.now)
-                yield tx
-                tx.commit()
+                if alone:
+                    connection.execution_options(isolation_level="AUTOCOMMIT")
+                with connection.begin():
+                    tx = Transaction(connection, self.now, alone=alone)
+                    yield tx
+                    tx.commit()
         except BaseException:
-            if tx is not None:  # rolled back, its locks released
-                self._announce(tx.wakeups_on_rollback)
+            if tx is not None:  # rolled back, its locks released; alone, what committed stays
+                self._announce(
+                    [*tx.notifications, *tx.wakeups_on_rollback] if alone else tx.wakeups_on_rollback
+                )
             raise
         assert tx is not None
         self._announce(tx.notifications)
@@ -1317,9 +1427,17 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[Transaction]:
-        """A read-only snapshot; never blocks writers on either backend."""
-        with self._translate_errors(), self.engine.connect() as connection, connection.begin():
-            yield Transaction(connection, self.now)
+        """Reads; never blocks writers on either backend.
+
+        On PostgreSQL each statement reads its own snapshot, as it would in a transaction
+        at the default isolation level (read committed), so no transaction is begun: a
+        read of one statement, as nearly every read is, makes one round trip, not three
+        (BEGIN, the read, COMMIT). On SQLite a read transaction: one snapshot."""
+        with self._translate_errors(), self.engine.connect() as connection:
+            if self.dialect == "postgresql":
+                connection.execution_options(isolation_level="AUTOCOMMIT")
+            with connection.begin():
+                yield Transaction(connection, self.now)
 
     @contextmanager
     def _translate_errors(self) -> Iterator[None]:

@@ -265,7 +265,7 @@ def test_a_claim_that_only_met_unloadable_runs_wakes_workers_for_the_runs_behind
     admit(store, TriggerRequest("other"))
     store_as_an_older_release_did(store, "job")
     with store.transaction() as tx:
-        claims, more = queue.claim_in(tx, "w1", "default", 1, LEASE, DefinitionCache())
+        claims, more = queue.claim_in(tx, "w1", "default", 1, tx.now() + LEASE, DefinitionCache())
         assert claims == [] and more and ("queue", "default") in tx.notifications
     assert [c.run.automation for c in claim(store)] == ["other"]
 
@@ -729,7 +729,9 @@ def test_whatever_locks_a_queued_run_wakes_its_workers_when_it_lets_go(pg_store:
 
     def rolled_back_claim() -> None:
         with store.transaction() as tx:
-            assert [r.id for r in tx.queued_candidates("default", tx.now(), 5)] == [run.id]
+            assert [r.id for r, _ in tx.start_queued("default", tx.now(), 5, "w0", utcnow(), tx.now())] == [
+                run.id
+            ]
             assert claim(store) == []
             raise Conflict("failed before it took any")
 
@@ -744,6 +746,44 @@ def test_whatever_locks_a_queued_run_wakes_its_workers_when_it_lets_go(pg_store:
     heard.clear()
     (claimed,) = claim(store)
     assert claimed.run.id == run.id and heard == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "request_fields", "outcome", "output", "alone"),
+    [
+        ({}, {}, Outcome(RunStatus.SUCCEEDED, 0), False, True),
+        ({}, {}, Outcome(RunStatus.FAILED, 1), False, True),  # no attempts left
+        ({}, {}, Outcome(RunStatus.SUCCEEDED, 0), True, False),  # the last output is appended
+        ({"retries": {"attempts": 2}}, {}, Outcome(RunStatus.FAILED, 1), False, False),  # retry or cancel?
+        ({"retries": {"attempts": 2}}, {}, Outcome(RunStatus.SUCCEEDED, 0), False, True),
+        ({"concurrency": {"key": "k", "limit": 1}}, {}, Outcome(RunStatus.SUCCEEDED, 0), False, False),
+        ({}, {"callback_url": "https://hook.example/"}, Outcome(RunStatus.SUCCEEDED, 0), False, False),
+        ({"notify": [{"url": "https://n.example/"}]}, {}, Outcome(RunStatus.SUCCEEDED, 0), False, False),
+        (
+            {"circuit_breaker": {"failures": 3, "within": "1m", "cooldown": "1m"}},
+            {},
+            Outcome(RunStatus.SUCCEEDED, 0),
+            False,
+            False,
+        ),
+    ],
+)
+def test_only_an_end_of_one_write_is_made_without_a_transaction(
+    store: Store,
+    fields: dict[str, Any],
+    request_fields: dict[str, Any],
+    outcome: Outcome,
+    output: bool,
+    alone: bool,
+) -> None:
+    """Each write an end makes beside the run's move must commit with it."""
+    define(store, **fields)
+    run = admit(store, TriggerRequest("job", **request_fields)).run
+    (claimed,) = claim(store)
+    chunks = [LogChunk("stdout", "last line\n", utcnow())] if output else []
+    assert finish.stands_alone(claimed, outcome, chunks) is alone
+    assert finish.finish(store, claimed, outcome, chunks)
+    assert runs.get(store, run.id).status in (outcome.status, RunStatus.QUEUED)
 
 
 def test_a_run_s_writes_find_it_and_its_attempt_by_id_however_long_the_queue(pg_url: str) -> None:
@@ -790,9 +830,15 @@ def test_a_run_s_writes_find_it_and_its_attempt_by_id_however_long_the_queue(pg_
         store.dispose()
     writes = [plan for plan in plans if "runs" in plan and ("WITH moved AS" in plan or "UPDATE runs" in plan)]
     writes += [plan for plan in plans if "FOR UPDATE SKIP LOCKED" in plan and "lease_expires_at <" in plan]
-    assert len(writes) == 8  # three starts, a cancel, the reaper's look, three ends
+    assert (
+        len(writes) == 8
+    )  # the claim (it starts the first), two starts, a cancel, the reaper's look, three ends
     for plan in writes:
-        assert "using runs_pkey on runs" in plan and "ix_runs_" not in plan, plan
+        if "WITH candidate AS" in plan:  # the claim: the queue's index finds its candidates
+            update = plan[plan.index("Update on runs") :]
+            assert "Index Scan using runs_pkey on runs" in update and "ix_runs_" not in update, plan
+        else:
+            assert "using runs_pkey on runs" in plan and "ix_runs_" not in plan, plan
     ends = [plan for plan in writes if "UPDATE attempts" in plan]
     assert len(ends) == 3
     for plan in ends:

@@ -19,7 +19,7 @@ from cryptography.fernet import Fernet
 
 from ondeck import blocking
 from ondeck.auth.principals import SYSTEM
-from ondeck.domain import Outcome, Run, RunStatus, utcnow
+from ondeck.domain import LogChunk, Outcome, RunStatus, utcnow
 from ondeck.engine import finish, queue, runs
 from ondeck.engine.admission import TriggerRequest, admit
 from ondeck.engine.wakeup import WakeBus
@@ -140,17 +140,43 @@ def test_a_failing_claim_does_not_undo_the_end_of_the_attempt(
     define(store)
     first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
     claimed = _claim_one(store, worker)
-    start_attempt = queue._start_attempt
 
-    def fails_after_writing(*args: Any) -> Run | None:
-        start_attempt(*args)  # the next run is moved to running and its attempt recorded
+    def fails_after_writing(*args: Any) -> queue.Claim:
+        # made once the next run is moved to running and its attempt recorded
         raise RuntimeError("the claim fails after its writes")
 
-    monkeypatch.setattr(queue, "_start_attempt", fails_after_writing)
-    assert worker._finish_and_claim(claimed, DONE, []) is None  # the claim failed, the end did not
+    monkeypatch.setattr(queue, "Claim", fails_after_writing)
+    last_output = [LogChunk("stdout", "done\n", utcnow())]  # written with the end: one transaction
+    assert worker._finish_and_claim(claimed, DONE, last_output) is None  # the claim failed, the end did not
     assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
     undone = runs.detail(store, SYSTEM, second.id)  # the claim's writes were undone alone
     assert (undone.run.status, undone.run.attempt, undone.attempts) == (RunStatus.QUEUED, 0, [])
+
+
+def test_a_run_an_end_s_claim_started_is_run_if_the_claim_s_answer_was_lost(
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL an end of one write and its claim commit each alone: the claim's
+    statement may have started a run though its answer never came."""
+    define(store)
+    first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    claimed = _claim_one(store, worker)
+    start_queued = Transaction.start_queued
+
+    def answer_lost(tx: Transaction, *args: Any) -> Any:
+        start_queued(tx, *args)
+        raise StoreUnavailable("the connection dropped before the answer came")
+
+    monkeypatch.setattr(Transaction, "start_queued", answer_lost)
+    claims = worker._finish_and_claim(claimed, DONE, [])
+    assert runs.get(store, first.id).status == RunStatus.SUCCEEDED
+    if store.dialect == "sqlite":  # one transaction: undone, the end written again alone
+        assert claims is None and runs.get(store, second.id).status == RunStatus.QUEUED
+        return
+    assert claims is not None
+    (following,), more = claims
+    assert (following.run.id, following.run.attempt, more) == (second.id, 1, True)
+    assert runs.get(store, second.id).lease_owner == worker.id
 
 
 def test_a_run_claimed_as_the_worker_begins_to_stop_is_handed_back_unstarted(
@@ -271,9 +297,9 @@ def _lose_the_next_commits_answer(
     commit = store.transaction
 
     @contextlib.contextmanager
-    def answer_lost() -> Iterator[Transaction]:
+    def answer_lost(**options: bool) -> Iterator[Transaction]:
         monkeypatch.setattr(store, "transaction", commit)  # once
-        with commit() as tx:
+        with commit(**options) as tx:
             yield tx
             if not committed:
                 raise StoreUnavailable("the connection dropped before the commit")
