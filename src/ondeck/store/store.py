@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql as pgsql
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -237,12 +236,12 @@ _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.
 _INSERT_AUDIT = Direct(insert(audit_entries))
 
 
-def _call(function: str, arguments: int) -> tuple[pgsql.SQL, str]:
+def _call(function: str, arguments: int) -> tuple[str, str]:
     """A call of ``function`` taking ``arguments``, sent with the commit with its values as
     literals (see ``Transaction.commit``), and how an error names it. The functions: see
     migrations 0005 and 0006; a check that fails raises ``_REFUSED``, its message the tag
     it was given."""
-    return pgsql.SQL(f"SELECT FROM {function}({', '.join(['{}'] * arguments)})"), f"SELECT FROM {function}(…)"
+    return f"SELECT FROM {function}({', '.join(['%s'] * arguments)})", f"SELECT FROM {function}(…)"
 
 
 _APPEND_AUDIT = _call("ondeck_append_audit", 7)
@@ -432,7 +431,7 @@ class Transaction:
         self.wakeups_on_rollback: list[tuple[str, str]] = []
         """What to send instead of ``notifications`` if this rolls back (see ``_locked_queued``)."""
         # PostgreSQL's audit appends and checks, made at commit: each with its name in errors.
-        self._at_commit: list[tuple[pgsql.Composable, str]] = []
+        self._at_commit: list[tuple[str, tuple[Any, ...], str]] = []
         self._refusals: list[Exception] = []  # what a check that fails at commit raises, by tag
 
     def commit(self) -> None:
@@ -448,10 +447,12 @@ class Transaction:
         it would have failed its statement. The error names the statements without their
         values, which may be params (see ``database.create_db_engine``)."""
         if self._at_commit:
+            statements = "; ".join([*(statement for statement, _, _ in self._at_commit), "COMMIT"])
+            values = [value for _, arguments, _ in self._at_commit for value in arguments]
             driver = self._c.connection.driver_connection
-            statements = [statement for statement, _ in self._at_commit]
-            query = pgsql.SQL("; ").join([*statements, pgsql.SQL("COMMIT")]).as_string(driver)
-            shown = "; ".join([*(name for _, name in self._at_commit), "COMMIT"])
+            assert isinstance(driver, psycopg.Connection)
+            query = psycopg.ClientCursor(driver).mogrify(statements, values)  # quoted by the driver
+            shown = "; ".join([*(name for _, _, name in self._at_commit), "COMMIT"])
             self._at_commit.clear()
             try:  # the transaction's own commit then has nothing to do
                 direct.statement(self._c, query, shown=shown)
@@ -468,12 +469,12 @@ class Transaction:
         tag = error.diag.message_primary or ""
         return self._refusals[int(tag)] if tag.isdigit() and int(tag) < len(self._refusals) else None
 
-    def _call_at_commit(self, call: tuple[pgsql.SQL, str], *arguments: Any) -> None:
+    def _call_at_commit(self, call: tuple[str, str], *arguments: Any) -> None:
         assert not self.alone, "no commit to make the call with"
         statement, name = call
-        self._at_commit.append((statement.format(*map(pgsql.Literal, arguments)), name))
+        self._at_commit.append((statement, arguments, name))
 
-    def _check_at_commit(self, check: tuple[pgsql.SQL, str], refusal: Exception, *arguments: Any) -> None:
+    def _check_at_commit(self, check: tuple[str, str], refusal: Exception, *arguments: Any) -> None:
         """Call ``check`` with the commit, which raises ``refusal`` if it fails."""
         self._call_at_commit(check, *arguments, str(len(self._refusals)))
         self._refusals.append(refusal)
