@@ -105,19 +105,19 @@ def claimed_until(
     store: Store, worker: str, until: datetime, lease: timedelta, definitions: DefinitionCache
 ) -> list[Claim]:
     """The runs a claim whose statements committed alone (``claim_in``) leased to
-    ``worker`` until ``until``, when its answer was lost: they are this worker's to run
+    ``worker`` until ``until``, if its answer was lost: they are this worker's to run
     (else their leases would lapse, and each be ended as lost without having run), if
-    more than half the lease is left to start them in, as ``still_held`` judges."""
+    more than half the lease is left to start them in, as ``still_held`` judges. One
+    whose definition no longer loads, which such a claim leaves, is failed here."""
+    now = utcnow()
     with store.transaction() as tx:
-        if until <= tx.now() + lease / 2:
-            return []
         claims = []
         for run in tx.leased_runs(worker, until):
             try:
                 claims.append(Claim(run, definitions.get(tx, run.automation, run.version), worker))
-            except UnloadableDefinition:
-                continue  # ended by the reaper when its lease lapses
-        return claims
+            except UnloadableDefinition as problem:
+                _fail_unloadable(tx, run, worker, now, problem.detail)
+        return claims if until > tx.now() + lease / 2 else []
 
 
 def claim_in(
@@ -149,7 +149,9 @@ def claim_in(
 
     In a transaction whose statements commit alone (``Store.transaction(alone=True)``) it
     starts only what ``start_queued`` starts: a key's slot and the run's start must
-    commit together. A candidate it leaves makes it say more may be due.
+    commit together. A candidate it leaves makes it say more may be due. A run it started
+    whose definition no longer loads raises ``UnloadableDefinition``: ``claimed_until``
+    fails it in a transaction.
     """
     now, store_now = utcnow(), tx.now()
     claims: list[Claim] = []
@@ -166,6 +168,8 @@ def claim_in(
         try:
             automation = definitions.get(tx, run.automation, run.version)
         except UnloadableDefinition as problem:
+            if tx.alone:  # its failure and the deliveries it queues must commit together
+                raise
             _fail_unloadable(tx, started or run, worker, now, problem.detail)
             continue
         if started is None:

@@ -19,7 +19,7 @@ from ondeck.durations import parse_duration, parse_size
 from ondeck.engine import admission, approvals, finish, queue, secret_store
 from ondeck.engine.queue import Claim, DefinitionCache
 from ondeck.engine.wakeup import WakeBus
-from ondeck.errors import OndeckError
+from ondeck.errors import OndeckError, UnloadableDefinition
 from ondeck.ids import new_id
 from ondeck.runner import isolation
 from ondeck.runner.attempt import Attempt, Finished, Output, ResourceLimits
@@ -559,13 +559,15 @@ class Worker:
         answer is lost, the run it may have started is found by its lease.
         """
         claimed: tuple[list[Claim], bool] | None = None
-        alone = finish.stands_alone(claim, outcome, chunks)
+        alone = self.store.dialect == "postgresql" and finish.stands_alone(claim, outcome, chunks)
         until = self.store.now() + self.lease
         try:
             with self.store.transaction(alone=alone) as tx:
                 finish.finish_in(tx, claim, outcome, chunks)
                 claimed = queue.claim_in(tx, self.id, self.group, 1, until, self._definitions, spare=0)
             return claimed
+        except UnloadableDefinition:
+            pass  # of the run the claim started: ``claimed_until`` fails it
         except Exception:
             log.exception("ending run %s and claiming the next run failed; ending it alone", claim.run.id)
         # If this fails too, ``_record`` writes the end again (and any run claimed with it
@@ -574,7 +576,7 @@ class Worker:
             return None
         if claimed is not None:
             return queue.still_held(self.store, claimed[0], self.lease), True
-        if alone:  # the claim's statement may have committed, its answer lost
+        if alone:  # the claim's statement may have committed (its answer lost, or its run unloadable)
             try:
                 return queue.claimed_until(self.store, self.id, until, self.lease, self._definitions), True
             except Exception:

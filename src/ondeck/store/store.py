@@ -101,6 +101,7 @@ Listener = Callable[[str, str], None]
 ACTIVE = (RunStatus.PENDING, RunStatus.WAITING_APPROVAL, RunStatus.QUEUED, RunStatus.RUNNING)
 _RUN_FIELDS = [f.name for f in fields(Run)]
 _AUDIT_LOCK = 0x0ADA0D17  # serialises appends to the audit chain on PostgreSQL
+_CLAIMS_LOCK = 0x0ADC  # with the worker's name: held by each of its claims until it commits
 
 __all__ = ["IntegrityError", "Store", "Transaction"]
 
@@ -150,13 +151,20 @@ def _pg_start_queued() -> Direct:
 
     Only the first: the update finds it by id, a scalar, so by primary key whatever the
     plan (see ``_status_is``). A set of ids (``= ANY``) is read by a scan of the whole
-    table in a generic plan made while the table was small, and kept while it grows."""
+    table in a generic plan made while the table was small, and kept while it grows.
+
+    Before it locks a row it takes the worker's claims lock (``_CLAIMS_LOCK``, held until
+    it commits), which ``Transaction.leased_runs`` waits for."""
+    worker = bindparam("_worker", type_=String)
     locked = _QUEUED_CANDIDATES.statement
     assert isinstance(locked, Select)
-    candidate = locked.cte("candidate")
+    # An uncorrelated subquery: evaluated once, before the scan.
+    claims_lock = select(func.pg_advisory_xact_lock(_CLAIMS_LOCK, func.hashtext(worker))).subquery()
+    candidate = locked.where(select(func.count()).select_from(claims_lock).scalar_subquery() == 1).cte(
+        "candidate"
+    )
     order = (candidate.c.priority.desc(), candidate.c.id)
     at = bindparam("_at", type_=UTCDateTime)
-    worker = bindparam("_worker", type_=String)
     moved = (
         update(runs)
         .where(
@@ -726,6 +734,7 @@ class Transaction:
         The primary key (key, slot) is what enforces the limit, on every backend
         and across any number of processes.
         """
+        assert not self.alone, "a slot is taken with the run's start"
         taken: set[int] = set(
             self._c.execute(select(concurrency_slots.c.slot).where(concurrency_slots.c.key == key)).scalars()
         )
@@ -802,7 +811,12 @@ class Transaction:
         return _run(found) if found is not None else None
 
     def leased_runs(self, worker: str, until: datetime) -> list[Run]:
-        """The running runs leased to ``worker`` until ``until``, locked."""
+        """The running runs leased to ``worker`` until ``until``, locked; once any claim of
+        ``worker`` still under way has ended (on PostgreSQL; see ``_pg_start_queued``): a
+        run it is starting is not yet running, and so not waited for by the read itself."""
+        if self.postgres:
+            lock = func.pg_advisory_xact_lock(_CLAIMS_LOCK, func.hashtext(worker))
+            self._c.execute(select(lock))
         rows = self._c.execute(
             select(runs)
             .where(

@@ -885,3 +885,38 @@ def test_a_watch_and_a_run_s_change_under_way_wait_for_each_other_and_miss_nothi
             wait_until(lambda: _waits_on_a_lock(store, holder, "WITH moved AS"), message="an end")
         assert ended.result(timeout=30)
     assert ("run", first.id) not in heard and ("run", second.id) in heard
+
+
+def test_a_lost_claim_s_run_is_found_by_its_lease_once_the_claim_ends(pg_store: Store) -> None:
+    """``claimed_until`` waits for a claim of the worker still under way (its run is not
+    running yet, so the read alone would pass it by), and takes only that claim's runs,
+    while more than half their lease is left."""
+    store = pg_store
+    define(store)
+    ours, other = (admit(store, TriggerRequest("job")).run for _ in range(2))
+    (earlier,) = claim(store, capacity=1, lease=LEASE * 2)  # another claim of the worker, a later lease
+    assert earlier.run.id == ours.id
+    definitions = DefinitionCache()
+    with ThreadPoolExecutor(1) as pool:
+        with store.transaction() as tx:
+            until = tx.now() + LEASE
+            started = tx.start_queued("default", tx.now(), 1, "w1", utcnow(), until)
+            assert [run.id for run, _ in started] == [other.id]
+            holder = _backend(tx)
+            found = pool.submit(queue.claimed_until, store, "w1", until, LEASE, definitions)
+            wait_until(
+                lambda: _waits_on_a_lock(store, holder, "SELECT pg_advisory_xact_lock"), message="a look"
+            )
+        assert [c.run.id for c in found.result(timeout=30)] == [other.id]
+    assert queue.claimed_until(store, "w1", until, LEASE * 3, definitions) == []  # as if most had gone
+
+
+def test_a_retry_keeps_the_time_the_run_first_started(store: Store) -> None:
+    define(store, retries={"attempts": 2, "backoff": "1ms", "max_backoff": "1ms"})
+    run = admit(store, TriggerRequest("job")).run
+    (first,) = claim(store)
+    assert finish.finish(store, first, Outcome(RunStatus.FAILED, 1), [])
+    retried: list[queue.Claim] = []
+    wait_until(lambda: retried.extend(claim(store)) or bool(retried), message="the retry")
+    assert retried[0].run.attempt == 2 and retried[0].run.started_at == first.run.started_at
+    assert runs.get(store, run.id).started_at == first.run.started_at

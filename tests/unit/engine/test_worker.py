@@ -30,7 +30,7 @@ from ondeck.settings import Settings
 from ondeck.store import clock
 from ondeck.store.store import Store, Transaction
 from ondeck.vault import Vault
-from tests.unit.engine.test_lifecycle import LEASE, define
+from tests.unit.engine.test_lifecycle import LEASE, define, store_as_an_older_release_did
 
 T = TypeVar("T")
 
@@ -177,6 +177,23 @@ def test_a_run_an_end_s_claim_started_is_run_if_the_claim_s_answer_was_lost(
     (following,), more = claims
     assert (following.run.id, following.run.attempt, more) == (second.id, 1, True)
     assert runs.get(store, second.id).lease_owner == worker.id
+
+
+def test_a_run_an_end_s_claim_met_whose_definition_no_longer_loads_fails_with_its_deliveries(
+    store: Store, worker: Worker
+) -> None:
+    """On PostgreSQL the claim, made alone, has started it: it is failed in a transaction
+    of its own, so the deliveries its failure queues commit with it."""
+    define(store)
+    admit(store, TriggerRequest("job"))
+    claimed = _claim_one(store, worker)
+    define(store, name="other")
+    stale = admit(store, TriggerRequest("other")).run
+    store_as_an_older_release_did(store, "other", notify=[{"url": "https://hook.example/"}])
+    assert worker._finish_and_claim(claimed, DONE, []) == ([], True)
+    failed = runs.get(store, stale.id)
+    assert failed.status == RunStatus.FAILED and "no longer loads" in (failed.error or "")
+    assert [d["url"] for d in runs.deliveries(store, SYSTEM, stale.id)] == ["https://hook.example/"]
 
 
 def test_a_run_claimed_as_the_worker_begins_to_stop_is_handed_back_unstarted(
