@@ -27,6 +27,7 @@ from ondeck.errors import (
     UnloadableDefinition,
 )
 from ondeck.spec.loader import parse_definition
+from ondeck.store import direct
 from ondeck.store.store import Store, Transaction
 from ondeck.store.tables import automation_versions
 from tests.support import wait_until
@@ -775,15 +776,28 @@ def test_only_an_end_of_one_write_is_made_without_a_transaction(
     outcome: Outcome,
     output: bool,
     alone: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Each write an end makes beside the run's move must commit with it."""
+    """Each write an end makes beside the run's move must commit with it: an end made
+    without a transaction is one statement (on PostgreSQL, where it is made so)."""
     define(store, **fields)
     run = admit(store, TriggerRequest("job", **request_fields)).run
     (claimed,) = claim(store)
     chunks = [LogChunk("stdout", "last line\n", utcnow())] if output else []
     assert finish.stands_alone(claimed, outcome, chunks) is alone
+    sent: list[str] = []
+    driver_cursor = direct._driver_cursor
+
+    def counted(connection: Any, sql: str, *args: Any) -> Any:
+        sent.append(sql)
+        return driver_cursor(connection, sql, *args)
+
+    monkeypatch.setattr(direct, "_driver_cursor", counted)
+    event.listen(store.engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
     assert finish.finish(store, claimed, outcome, chunks)
     assert runs.get(store, run.id).status in (outcome.status, RunStatus.QUEUED)
+    if alone and store.dialect == "postgresql":
+        assert len(sent) == 2 and sent[0].startswith("WITH moved AS"), sent  # the end, then the read
 
 
 def test_a_run_s_writes_find_it_and_its_attempt_by_id_however_long_the_queue(pg_url: str) -> None:
