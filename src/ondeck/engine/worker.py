@@ -578,7 +578,9 @@ class Worker:
             return queue.still_held(self.store, claimed[0], self.lease), True
         if alone:  # the claim's statement may have committed (its answer lost, or its run unloadable)
             try:
-                return queue.claimed_until(self.store, self.id, until, self.lease, self._definitions), True
+                found = queue.claimed_until(self.store, self.id, until, self.lease, self._definitions)
+                # Not one this worker runs already, should a renewal have set its lease to the same instant.
+                return [c for c in found if (c.run.id, c.run.attempt) not in self._active], True
             except Exception:
                 log.exception("looking for the run a failed claim took failed; the reaper ends it if so")
         return None

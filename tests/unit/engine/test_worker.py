@@ -153,18 +153,23 @@ def test_a_failing_claim_does_not_undo_the_end_of_the_attempt(
     assert (undone.run.status, undone.run.attempt, undone.attempts) == (RunStatus.QUEUED, 0, [])
 
 
+@pytest.mark.parametrize("running_here", [False, True])
 def test_a_run_an_end_s_claim_started_is_run_if_the_claim_s_answer_was_lost(
-    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch
+    store: Store, worker: Worker, monkeypatch: pytest.MonkeyPatch, running_here: bool
 ) -> None:
     """On PostgreSQL an end of one write and its claim commit each alone: the claim's
-    statement may have started a run though its answer never came."""
+    statement may have started a run though its answer never came. One the worker runs
+    already (``running_here``), its lease renewed to that instant, is not the claim's."""
     define(store)
     first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
     claimed = _claim_one(store, worker)
     start_queued = Transaction.start_queued
 
     def answer_lost(tx: Transaction, *args: Any) -> Any:
-        start_queued(tx, *args)
+        for _, started in start_queued(tx, *args):
+            if running_here and started is not None:
+                key = (started.id, started.attempt)
+                worker._active[key] = _Active(key, clock.elapsed(), worker.lease.total_seconds())
         raise StoreUnavailable("the connection dropped before the answer came")
 
     monkeypatch.setattr(Transaction, "start_queued", answer_lost)
@@ -173,10 +178,13 @@ def test_a_run_an_end_s_claim_started_is_run_if_the_claim_s_answer_was_lost(
     if store.dialect == "sqlite":  # one transaction: undone, the end written again alone
         assert claims is None and runs.get(store, second.id).status == RunStatus.QUEUED
         return
+    assert runs.get(store, second.id).lease_owner == worker.id
+    if running_here:
+        assert claims == ([], True)
+        return
     assert claims is not None
     (following,), more = claims
     assert (following.run.id, following.run.attempt, more) == (second.id, 1, True)
-    assert runs.get(store, second.id).lease_owner == worker.id
 
 
 def test_a_run_an_end_s_claim_met_whose_definition_no_longer_loads_fails_with_its_deliveries(
