@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -89,23 +88,20 @@ class Workspace:
         return True
 
     def remove(self) -> None:
-        """Delete everything, including what a script made read-only.
+        """Delete everything, including what a script made read-only, however deep.
 
         Where modes bind this process (but for root with CAP_DAC_OVERRIDE), directories
         are made writable first, each through a descriptor of its own: changed by path,
         one a process outliving its attempt (isolation by process group alone) re-pointed
         meanwhile would have its mode changed, and its contents deleted, elsewhere."""
-        try:
-            if not _overrides_modes():
-                with contextlib.suppress(OSError):
-                    parent = os.open(self.root.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-                    try:
-                        _remove_writable(parent, self.root.name)
-                    finally:
-                        os.close(parent)
-            shutil.rmtree(self.root, ignore_errors=True)
-        except RecursionError:  # directories nested past Python's recursion limit
-            log.warning("%s is left: it nests directories deeper than can be removed", self.root)
+        with contextlib.suppress(OSError):
+            parent = os.open(self.root.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _remove_tree(parent, self.root.name, make_writable=not _overrides_modes())
+            finally:
+                os.close(parent)
+        if os.path.lexists(self.root):
+            log.warning("%s is left: some of it could not be removed", self.root)
 
 
 @functools.cache
@@ -119,32 +115,95 @@ def _overrides_modes() -> bool:
     return os.geteuid() == 0
 
 
-def _remove_writable(parent: int, name: str) -> None:
-    """Remove ``name`` from the directory ``parent`` (a descriptor), making each directory
-    writable first. Never by path, never through a link: each directory is opened once,
-    without following links, and changed, listed and emptied through that descriptor."""
-    try:
-        directory = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-    except OSError:  # not a directory (a file, a link): removed as it is
-        with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=parent)
+_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class _Level:
+    """A directory on the way down: its name in its parent, its identity (device and
+    inode) and the entries still to remove (name, and whether it was a directory)."""
+
+    name: str
+    identity: tuple[int, int]
+    entries: list[tuple[str, bool]]
+
+
+def _remove_tree(parent: int, name: str, *, make_writable: bool) -> None:
+    """Remove ``name`` from the directory ``parent`` (a descriptor) and everything below it.
+
+    Without recursion and with three descriptors at most whatever the depth: the walk keeps
+    each level's identity and remaining names, holds the current directory alone, and
+    climbs back through ``..``, checked against the identity it left there (as fts does);
+    if the tree was moved meanwhile, it stops and leaves the rest. Never by path, never
+    through a link, never into another filesystem (a mount is left). With
+    ``make_writable``, each directory is made this process's and writable before it is
+    listed, through its own descriptor."""
+    current = _open_directory(name, parent)
+    if current is None:  # not a directory (a file, a link): removed as it is
+        os.unlink(name, dir_fd=parent)
         return
     try:
+        status = os.fstat(current)
+        device = status.st_dev
+        levels = [_enter(current, status, name, make_writable)]
+        while True:
+            level = levels[-1]
+            if level.entries:
+                child, is_directory = level.entries.pop()
+                below = _open_directory(child, current) if is_directory else None
+                if below is None:  # a file or a link, or one by now
+                    with contextlib.suppress(OSError):
+                        os.unlink(child, dir_fd=current)
+                    continue
+                status = os.fstat(below)
+                if status.st_dev != device:
+                    os.close(below)
+                    continue
+                os.close(current)
+                current = below
+                levels.append(_enter(current, status, child, make_writable))
+                continue
+            levels.pop()
+            if not levels:
+                break
+            above = os.open("..", _DIRECTORY, dir_fd=current)
+            os.close(current)
+            current = above
+            if _identity(os.fstat(current)) != levels[-1].identity:
+                return
+            with contextlib.suppress(OSError):
+                os.rmdir(level.name, dir_fd=current)
+    finally:
+        os.close(current)
+    os.rmdir(name, dir_fd=parent)
+
+
+def _open_directory(name: str, parent: int) -> int | None:
+    try:
+        return os.open(name, _DIRECTORY, dir_fd=parent)
+    except OSError:
+        return None
+
+
+def _enter(directory: int, status: os.stat_result, name: str, make_writable: bool) -> _Level:
+    """The level of ``directory`` (an ``O_PATH`` descriptor), made writable first if asked;
+    a directory that cannot be listed is taken as empty (its removal then fails)."""
+    if make_writable:
         itself = f"/proc/self/fd/{directory}"  # this very directory, whatever its path now
         with contextlib.suppress(OSError):
-            if os.fstat(directory).st_uid != os.geteuid():  # the script user's: root's, first
+            if status.st_uid != os.geteuid():  # the script user's: root's, first
                 os.chown(itself, os.geteuid(), os.getegid())
             os.chmod(itself, stat.S_IRWXU)
-        with contextlib.suppress(OSError):
-            listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
-            try:
-                with os.scandir(listing) as entries:
-                    names = [entry.name for entry in entries]
-            finally:
-                os.close(listing)
-            for child in names:
-                _remove_writable(directory, child)
-    finally:
-        os.close(directory)
+    entries = []
     with contextlib.suppress(OSError):
-        os.rmdir(name, dir_fd=parent)
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
+        try:
+            with os.scandir(listing) as scanned:
+                entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in scanned]
+        finally:
+            os.close(listing)
+    return _Level(name, _identity(status), entries)
+
+
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino

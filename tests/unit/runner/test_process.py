@@ -141,7 +141,7 @@ def test_a_workspace_with_more_than_ondeck_put_there_is_not_removed_on_the_loop(
 
 def test_removing_a_workspace_changes_nothing_its_links_point_to(tmp_path: Path) -> None:
     """Where modes bind the worker, ``remove`` makes what a script made read-only
-    writable first (``_remove_writable``): a link is removed, never followed."""
+    writable first (``_remove_tree``): a link is removed, never followed."""
     outside = tmp_path / "outside"
     outside.mkdir(mode=0o500)
     (outside / "kept").write_text("not the workspace's")
@@ -153,11 +153,66 @@ def test_removing_a_workspace_changes_nothing_its_links_point_to(tmp_path: Path)
     read_only.chmod(0o500)
     parent = os.open(workspace.root.parent, os.O_PATH | os.O_DIRECTORY)
     try:
-        workspace_module._remove_writable(parent, workspace.root.name)
+        workspace_module._remove_tree(parent, workspace.root.name, make_writable=True)
     finally:
         os.close(parent)
     assert not workspace.root.exists()
     assert outside.stat().st_mode & 0o777 == 0o500 and (outside / "kept").read_text() == "not the workspace's"
+
+
+@pytest.mark.parametrize("make_writable", [True, False], ids=["modes bind", "modes overridden"])
+def test_a_tree_nested_deeper_than_descriptors_or_recursion_allow_is_removed(
+    tmp_path: Path, make_writable: bool
+) -> None:
+    """3,000 levels (read-only where modes bind), past Python's recursion limit, removed by
+    a process that may open 32 descriptors: a walk holding one per level would stop."""
+    workspace = Workspace.create(tmp_path / "ws", "r1", 1)
+    directory = os.open(workspace.work, os.O_PATH | os.O_DIRECTORY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=directory)
+        below = os.open("d", os.O_PATH | os.O_DIRECTORY, dir_fd=directory)
+        if make_writable:
+            os.chmod(f"/proc/self/fd/{directory}", 0o500)
+        os.close(directory)
+        directory = below
+    os.close(directory)
+    remove = (
+        "import resource, sys; from pathlib import Path; from ondeck.runner import workspace\n"
+        "workspace._overrides_modes = lambda: sys.argv[2] == 'False'\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\n"
+        "workspace.Workspace(Path(sys.argv[1])).remove()"
+    )
+    command = [sys.executable, "-c", remove, str(workspace.root), str(make_writable)]
+    assert subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stderr == ""
+    assert not workspace.root.exists()
+
+
+def test_removal_stops_where_the_tree_was_moved_away_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process outliving its attempt moves a directory out while the walk is inside it:
+    climbing back, ``..`` is elsewhere, and nothing there is touched."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim").touch()
+    workspace = Workspace.create(tmp_path / "ws", "r1", 1)
+    (workspace.work / "a" / "b").mkdir(parents=True)
+    (workspace.work / "victim").touch()
+    enter = workspace_module._enter
+
+    def moving(directory: int, status: os.stat_result, name: str, make_writable: bool) -> Any:
+        level = enter(directory, status, name, make_writable)
+        if name == "work":  # "a" first: "victim" is still to remove when the walk climbs
+            level.entries.sort(key=lambda entry: entry[0] == "a")
+        elif name == "a":
+            (workspace.work / "a").rename(elsewhere / "a")
+        return level
+
+    monkeypatch.setattr(workspace_module, "_enter", moving)
+    workspace.remove()
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["a", "victim"]
+    assert (workspace.work / "victim").exists()
+    assert "is left: some of it could not be removed" in caplog.text
 
 
 def test_bash_scripts_are_given_inline_and_get_their_args(tmp_path: Path) -> None:
