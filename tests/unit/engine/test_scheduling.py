@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import update
 
+from ondeck.auth.principals import SYSTEM
 from ondeck.engine import catalog, runs, scheduler
 from ondeck.engine.admission import AdmissionPolicy
 from ondeck.engine.outbox import Destinations
@@ -159,3 +161,39 @@ def test_a_trigger_is_exactly_one_kind() -> None:
 def test_private_destinations_are_refused_unless_allowed(url: str, refused: bool) -> None:
     assert (Destinations(None).refusal(url) is not None) == refused
     assert Destinations("127.0.0.0/8,10.0.0.0/8,169.254.0.0/16,::1/128,192.168.0.0/16").refusal(url) is None
+
+
+def test_a_pass_looks_again_at_a_schedule_only_when_its_tick_comes_or_it_changed(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass a second once computed every schedule's ticks and read its last fire, so an
+    idle server's scheduler grew with the catalog."""
+    looked: list[str] = []
+    look = scheduler._fire_schedule
+
+    def counted(store: Store, policy: AdmissionPolicy, name: str, *rest: Any) -> Any:
+        looked.append(name)
+        return look(store, policy, name, *rest)
+
+    monkeypatch.setattr(scheduler, "_fire_schedule", counted)
+    quiet: dict[str, scheduler.Quiet] = {}
+    fired: list[str] = []
+
+    def passes(count: int) -> list[str]:
+        for _ in range(count):
+            fired.extend(fire_due(store, AdmissionPolicy(), quiet)[0])
+        return fired
+
+    schedule(store, "nightly", "0 2 * * *")
+    passes(3)
+    assert looked == ["nightly", "nightly"]  # the first pass makes its state: not quiet yet
+
+    scheduler.set_paused(store, SYSTEM, "nightly", 0, True)
+    passes(1)
+    scheduler.set_paused(store, SYSTEM, "nightly", 0, False)
+    passes(2)
+    assert looked == ["nightly"] * 4 and fired == []
+
+    schedule(store, "nightly", "* * * * * *")  # every second now: its ticks come
+    wait_until(lambda: len(passes(1)) >= 2, timeout=10, message="two ticks to fire")
+    assert {runs.get(store, run_id).automation for run_id in fired} == {"nightly"}
