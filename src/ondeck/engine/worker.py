@@ -12,6 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from ondeck import blocking
 from ondeck.domain import LogChunk, Outcome, RunStatus
@@ -34,11 +35,21 @@ from ondeck.streaks import Failures
 from ondeck.vault import Vault
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _RESTART_SECONDS = 1.0  # before a failed heartbeat or fence watch is started again
 _Guard = Callable[[], Awaitable[None]]
 _FLUSH_SECONDS = 0.1
 _FLUSH_BYTES = 512 * 1024
 _FLUSH_RETRY_MAX_SECONDS = 2.0
+
+
+def _stamped(function: Callable[..., T], *args: object) -> tuple[float, T]:
+    """``function(*args)``, and when it began (``clock.elapsed``), read on the thread that
+    runs it. A worker's calls take turns on one thread on PostgreSQL: a claim may wait
+    behind a slow call, and a lease reckoned from when it was asked for would be short by
+    that wait, its attempt stopped as lost at once if the wait was long."""
+    since = clock.elapsed()
+    return since, function(*args)
 
 
 class _Active:
@@ -299,10 +310,9 @@ class Worker:
             self._backlog = True
             self._woken_while_full += 1
             return False
-        since = clock.elapsed()
         try:
-            claims, more = await self.call(
-                queue.claim, self.store, self.id, self.group, free, self.lease, self._definitions
+            since, (claims, more) = await self.call(
+                _stamped, queue.claim, self.store, self.id, self.group, free, self.lease, self._definitions
             )
         except Exception:
             self._claim_failures.failed()
@@ -489,9 +499,9 @@ class Worker:
             elif self._stopping:
                 outcome = Outcome(RunStatus.FAILED, outcome.exit_code, "worker shut down during the attempt")
         following: list[Claim] = []
-        since = clock.elapsed()
+        since = 0.0  # no claim, no lease
         try:
-            following = await self._record(claim, outcome, await buffer.take_rest())
+            following, since = await self._record(claim, outcome, await buffer.take_rest())
         finally:
             del self._active[active.key]
             if following and self._stopping:  # the worker began to stop meanwhile
@@ -501,19 +511,22 @@ class Worker:
             if self._backlog and not following:  # a run may be due and its end did not claim
                 self.bus.publish("queue", self.group)
 
-    async def _record(self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]) -> list[Claim]:
+    async def _record(
+        self, claim: Claim, outcome: Outcome, chunks: list[LogChunk]
+    ) -> tuple[list[Claim], float]:
         """Write the attempt's end (see ``_finish_and_claim`` for what it claims), retrying
-        for half a lease while the store fails. If it never lands, the lease lapses and the
-        reaper ends the attempt as lost, and may retry a run that in fact succeeded: so a
-        short outage of the store must not get that far."""
-        deadline = clock.elapsed() + self.lease.total_seconds() / 2
+        for half a lease from the first failure while the store fails. If it never lands,
+        the lease lapses and the reaper ends the attempt as lost, and may retry a run that
+        in fact succeeded: so a short outage of the store must not get that far. Returns
+        the runs claimed, and when the write that took their leases began."""
+        deadline = math.inf
         delay = 0.05
         failures = Failures(log, f"run {claim.run.id}: recording the result", logging.WARNING)
         while True:
             try:
                 if self._backlog and not self._stopping:
                     seen = self._woken_while_full
-                    claimed = await self.call(self._finish_and_claim, claim, outcome, chunks)
+                    since, claimed = await self.call(_stamped, self._finish_and_claim, claim, outcome, chunks)
                     following, more = claimed if claimed is not None else ([], True)
                     # A run may still be due if the claim failed or met a run it left, or
                     # if a wake-up came while every slot was busy during the write: the
@@ -522,15 +535,17 @@ class Worker:
                     self._backlog = more or self._woken_while_full != seen
                 else:
                     await self.call(finish.finish, self.store, claim, outcome, chunks)
-                    following = []
+                    following, since = [], 0.0
             except Exception:
-                if clock.elapsed() + delay > deadline:
+                now = clock.elapsed()
+                deadline = min(deadline, now + self.lease.total_seconds() / 2)
+                if now + delay > deadline:
                     log.exception("run %s: recording the result failed; the reaper will end it", claim.run.id)
-                    return []
+                    return [], 0.0
                 failures.failed()
             else:
                 failures.succeeded()
-                return following
+                return following, since
             await asyncio.sleep(delay)
             delay = min(2 * delay, 2.0)
 

@@ -123,6 +123,43 @@ def test_a_worker_s_postgresql_calls_take_turns_on_one_thread_and_renewals_go_on
     asyncio.run(main())
 
 
+def test_a_claim_that_waited_its_turn_behind_a_slow_call_reckons_its_lease_from_its_write(
+    pg_store: Store, tmp_path: Path
+) -> None:
+    """A claim asked for while the worker's database thread was taken began later than it
+    was asked for: a lease reckoned from the asking was short by the wait, and the run was
+    stopped as lost as soon as it started."""
+    store = pg_store
+    settings = Settings(data_dir=tmp_path, lease_seconds=3, kill_grace_seconds=0.2, poll_seconds=120)
+    define(store, run={"runtime": "bash", "script": "sleep 3; echo ran"})
+    bus = WakeBus()
+    worker = Worker(store, settings, bus, Vault([Fernet.generate_key()]))
+    held = threading.Event()
+
+    def slow() -> None:  # longer than two thirds of the lease, less than a lease
+        held.set()
+        time.sleep(2.5)
+
+    async def main() -> None:
+        bus.bind(asyncio.get_running_loop())
+        store.subscribe(bus.from_thread)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            slowly = asyncio.create_task(worker.call(slow))
+            await _until("the slow call holds the thread", held.is_set)
+            run = admit(store, TriggerRequest("job")).run  # the wake-up's claim waits its turn
+            await slowly
+            await _until("the run ends", lambda: runs.get(store, run.id).status.terminal, 20)
+            ended = runs.get(store, run.id)
+            assert (ended.status, ended.error) == (RunStatus.SUCCEEDED, None)
+        finally:
+            stop.set()
+            await running
+
+    asyncio.run(main())
+
+
 def test_an_ending_attempt_claims_the_next_due_run_for_its_slot(store: Store, worker: Worker) -> None:
     define(store)
     first, second = (admit(store, TriggerRequest("job")).run for _ in range(2))
@@ -236,6 +273,41 @@ def test_an_end_that_fails_to_record_is_written_again_while_the_lease_holds(
     assert len(failures) == 2
     ended = runs.detail(store, SYSTEM, run.id)
     assert ended.run.status == RunStatus.SUCCEEDED and [a.status for a in ended.attempts] == ["succeeded"]
+
+
+def test_an_end_that_waited_its_turn_behind_a_slow_call_still_has_half_a_lease_to_land(
+    pg_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half a lease counted from when the end was asked for was gone by its first try, and
+    the end was given up at its first failure: the run left to the reaper, as lost."""
+    store = pg_store
+    worker = Worker(
+        store,
+        Settings(data_dir=tmp_path, lease_seconds=3, kill_grace_seconds=0.2),
+        WakeBus(),
+        Vault([Fernet.generate_key()]),
+    )
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    claimed = _claim_one(store, worker)
+    briefly_unavailable, failures = _fails_first(
+        1, finish.finish, RuntimeError("the store is briefly unavailable")
+    )
+    monkeypatch.setattr(finish, "finish", briefly_unavailable)
+    held = threading.Event()
+
+    def slow() -> None:  # longer than half the lease
+        held.set()
+        time.sleep(2)
+
+    async def main() -> None:
+        slowly = asyncio.create_task(worker.call(slow))
+        await _until("the slow call holds the thread", held.is_set)
+        await _execute(worker, claimed)
+        await slowly
+
+    asyncio.run(main())
+    assert failures and runs.get(store, run.id).status == RunStatus.SUCCEEDED
 
 
 def test_a_run_admitted_while_every_slot_is_busy_starts_when_one_frees_not_at_the_next_poll(
