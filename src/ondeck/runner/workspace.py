@@ -118,34 +118,45 @@ def _overrides_modes() -> bool:
 _DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# The walk keeps the descriptors of this many levels and climbs back to them without a
+# lookup; below them it climbs through ``..``. It goes no deeper than the deepest.
+_HELD_LEVELS = 16
+_DEEPEST = 100_000
+
+
 @dataclass
 class _Level:
     """A directory on the way down: its name in its parent, its identity (device and
-    inode) and the entries still to remove (name, and whether it was a directory)."""
+    inode), the entries still to remove (name, and whether it was a directory), and its
+    descriptor while the walk is below it, if it is one of the levels held."""
 
     name: str
     identity: tuple[int, int]
     entries: list[tuple[str, bool]]
+    held: int | None = None
 
 
 def _remove_tree(parent: int, name: str, *, make_writable: bool) -> None:
     """Remove ``name`` from the directory ``parent`` (a descriptor) and everything below it.
 
-    Without recursion and with three descriptors at most whatever the depth: the walk keeps
-    each level's identity and remaining names, holds the current directory alone, and
-    climbs back through ``..``, checked against the identity it left there (as fts does);
-    if the tree was moved meanwhile, it stops and leaves the rest. Never by path, never
-    through a link, never into another filesystem (a mount is left). With
-    ``make_writable``, each directory is made this process's and writable before it is
-    listed, through its own descriptor."""
+    Without recursion, and with a bounded number of descriptors however deep: the walk
+    holds those of the first ``_HELD_LEVELS`` levels (as ``rmtree`` holds every level's);
+    below them it keeps each level's identity and remaining names, and climbs back through
+    ``..``, checked against the identity it left there (as fts does). A directory down
+    there is made this process's, mode 0700, as it is entered: a process outliving its
+    attempt (as the script's user) can then neither move one away nor put another in its
+    place, with its identity recycled. Never by path, never through a link, never into
+    another filesystem (a mount is left). With ``make_writable``, every directory is made
+    this process's and writable before it is listed, through its own descriptor."""
     current = _open_directory(name, parent)
     if current is None:  # not a directory (a file, a link): removed as it is
         os.unlink(name, dir_fd=parent)
         return
+    levels: list[_Level] = []
     try:
         status = os.fstat(current)
         device = status.st_dev
-        levels = [_enter(current, status, name, make_writable)]
+        levels.append(_enter(current, status, name, make_writable))
         while True:
             level = levels[-1]
             if level.entries:
@@ -155,26 +166,42 @@ def _remove_tree(parent: int, name: str, *, make_writable: bool) -> None:
                     with contextlib.suppress(OSError):
                         os.unlink(child, dir_fd=current)
                     continue
-                status = os.fstat(below)
-                if status.st_dev != device:
+                try:
+                    status = os.fstat(below)
+                except OSError:
                     os.close(below)
                     continue
-                os.close(current)
+                if status.st_dev != device or len(levels) >= _DEEPEST:
+                    os.close(below)  # left: its removal fails
+                    continue
+                lock = make_writable or len(levels) >= _HELD_LEVELS
+                if len(levels) <= _HELD_LEVELS:
+                    level.held = current
+                else:
+                    os.close(current)
                 current = below
-                levels.append(_enter(current, status, child, make_writable))
+                levels.append(_enter(current, status, child, lock))
                 continue
             levels.pop()
             if not levels:
                 break
-            above = os.open("..", _DIRECTORY, dir_fd=current)
-            os.close(current)
-            current = above
-            if _identity(os.fstat(current)) != levels[-1].identity:
-                return
+            above = levels[-1]
+            if above.held is not None:
+                os.close(current)
+                current, above.held = above.held, None
+            else:
+                up = os.open("..", _DIRECTORY, dir_fd=current)
+                os.close(current)
+                current = up
+                if _identity(os.fstat(current)) != above.identity:
+                    return
             with contextlib.suppress(OSError):
                 os.rmdir(level.name, dir_fd=current)
     finally:
         os.close(current)
+        for level in levels:
+            if level.held is not None:
+                os.close(level.held)
     os.rmdir(name, dir_fd=parent)
 
 

@@ -187,11 +187,13 @@ def test_a_tree_nested_deeper_than_descriptors_or_recursion_allow_is_removed(
     assert not workspace.root.exists()
 
 
-def test_removal_stops_where_the_tree_was_moved_away_under_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("held", [True, False], ids=["levels held", "levels climbed"])
+def test_removal_touches_nothing_of_where_the_tree_was_moved_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, held: bool
 ) -> None:
-    """A process outliving its attempt moves a directory out while the walk is inside it:
-    climbing back, ``..`` is elsewhere, and nothing there is touched."""
+    """A process outliving its attempt moves a directory out while the walk is inside it.
+    Where the walk holds the levels above, it goes on in them; where it climbs through
+    ``..``, that is elsewhere now, and it stops. Nothing there is touched either way."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "victim").touch()
@@ -209,10 +211,15 @@ def test_removal_stops_where_the_tree_was_moved_away_under_it(
         return level
 
     monkeypatch.setattr(workspace_module, "_enter", moving)
+    if not held:
+        monkeypatch.setattr(workspace_module, "_HELD_LEVELS", 0)
     workspace.remove()
     assert sorted(path.name for path in elsewhere.iterdir()) == ["a", "victim"]
-    assert (workspace.work / "victim").exists()
-    assert "is left: some of it could not be removed" in caplog.text
+    if held:  # what was the workspace's is removed, the moved directory's content too
+        assert list((elsewhere / "a").iterdir()) == [] and not workspace.root.exists()
+    else:
+        assert (workspace.work / "victim").exists()
+        assert "is left: some of it could not be removed" in caplog.text
 
 
 def test_bash_scripts_are_given_inline_and_get_their_args(tmp_path: Path) -> None:
