@@ -39,13 +39,17 @@ log = logging.getLogger(__name__)
 
 
 def check_url(url: str) -> str:
+    """``url``, if it can be called: http(s), with a host that is a host name (labels of
+    1 to 63 characters, as IDNA encodes them) or an address."""
     try:
         parts = urlsplit(url)
         usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # an unclosed [IPv6 address], a port that is not a number or past 65535
-        usable = False
+        if usable:
+            (parts.hostname or "").encode("idna")
+    except ValueError:  # an unclosed [IPv6 address], a port that is not a number or past
+        usable = False  # 65535, a label too long or empty (UnicodeError)
     if not usable:
-        raise InvalidRequest(f"callback URL must be an http(s) URL with a host, not {url!r}")
+        raise InvalidRequest(f"callback URL must be an http(s) URL with a valid host, not {url!r}")
     return url
 
 
@@ -134,7 +138,7 @@ class Destinations:
             return None
         try:
             infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: not a host name IDNA encodes
             return f"cannot resolve {host}: {exc}"
         for info in infos:
             address = ipaddress.ip_address(info[4][0])
@@ -230,7 +234,11 @@ async def deliver_forever(
                 failures.succeeded()
             for delivery in batch:
                 started = time.monotonic()
-                status_code, error = await send(delivery, client, secret, destinations)
+                try:
+                    status_code, error = await send(delivery, client, secret, destinations)
+                except Exception as exc:  # a bug: fails this delivery's attempt, not the sender
+                    log.exception("sending delivery %s failed", delivery["id"])
+                    status_code, error = None, f"{type(exc).__name__}: {exc}"
                 elapsed = int((time.monotonic() - started) * 1000)
                 try:
                     await blocking.run(_record, store, delivery, status_code, error, elapsed, first_retry)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -7,11 +8,12 @@ import pytest
 from sqlalchemy import update
 
 from ondeck.auth.principals import SYSTEM
-from ondeck.engine import catalog, runs, scheduler
-from ondeck.engine.admission import AdmissionPolicy
+from ondeck.domain import utcnow
+from ondeck.engine import catalog, outbox, runs, scheduler
+from ondeck.engine.admission import AdmissionPolicy, TriggerRequest, admit
 from ondeck.engine.outbox import Destinations
 from ondeck.engine.scheduler import due_ticks, fire_due, listing
-from ondeck.errors import InvalidDefinition
+from ondeck.errors import InvalidDefinition, InvalidRequest
 from ondeck.spec.loader import parse_definition
 from ondeck.spec.triggers import ScheduleSpec, Trigger
 from ondeck.store.store import Store
@@ -161,6 +163,51 @@ def test_a_trigger_is_exactly_one_kind() -> None:
 def test_private_destinations_are_refused_unless_allowed(url: str, refused: bool) -> None:
     assert (Destinations(None).refusal(url) is not None) == refused
     assert Destinations("127.0.0.0/8,10.0.0.0/8,169.254.0.0/16,::1/128,192.168.0.0/16").refusal(url) is None
+
+
+def test_a_host_no_resolver_takes_is_refused_at_admission_and_at_sending() -> None:
+    """A label past 63 characters made the resolver raise a UnicodeError, which killed the
+    sender: no delivery of any run went out again, not even after a restart."""
+    url = f"http://{'a' * 64}.example.com/"
+    with pytest.raises(InvalidRequest, match="callback URL must be an http"):
+        outbox.check_url(url)
+    assert "cannot resolve" in (Destinations(None).refusal(url) or "")
+
+
+def test_a_delivery_the_sender_fails_on_fails_alone_and_the_others_go_out(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog.apply(store, parse_definition({"name": "job", "run": {"runtime": "bash", "script": "true"}}))
+    run = admit(store, TriggerRequest("job")).run
+    with store.transaction() as tx:
+        for delivery_id in ("d1", "d2"):
+            tx.insert_delivery(
+                delivery_id, run.id, f"https://{delivery_id}.example/", "callback", {}, utcnow()
+            )
+    sent: list[str] = []
+
+    async def send(delivery: dict[str, Any], *_: Any) -> tuple[int | None, str | None]:
+        sent.append(delivery["id"])
+        if len(sent) == 1:
+            raise RuntimeError("a bug in sending")
+        return 200, None
+
+    monkeypatch.setattr(outbox, "send", send)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        sender = asyncio.create_task(
+            outbox.deliver_forever(store, "s", Destinations(None), 60, asyncio.Event(), stop)
+        )
+        while len(sent) < 2 and not sender.done():
+            await asyncio.sleep(0.01)
+        stop.set()
+        await sender
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    statuses = {d["id"]: (d["status"], d["attempts"]) for d in runs.deliveries(store, SYSTEM, run.id)}
+    first, second = sent
+    assert statuses == {first: ("pending", 1), second: ("delivered", 1)}
 
 
 def test_a_pass_looks_again_at_a_schedule_only_when_its_tick_comes_or_it_changed(
