@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -34,6 +33,7 @@ from ondeck.masking import Masker, StreamMasker
 from ondeck.runner import isolation, processes
 from ondeck.runner.attempt import Attempt, Event, Finished, Output, Started
 from ondeck.runner.workspace import Workspace
+from ondeck.spec.params import param_env_name
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ _ABANDONED = "\n[ondeck] stopped reading output: a process that left the run hol
 _OUTPUTS_MAX = 1024 * 1024
 
 
-def param_env_name(name: str) -> str:
-    return "ONDECK_PARAM_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+# The longest string, its NUL included, ``execve`` takes (MAX_ARG_STRLEN, 32 pages): one
+# longer failed the attempt's start with "Argument list too long".
+_ENV_STRING_MAX = 32 * 4096
 
 
 def _env_value(value: Any) -> str:
@@ -75,9 +76,11 @@ def build_env(attempt: Attempt, workspace: Workspace) -> dict[str, str]:
         "ONDECK_OUTPUTS": str(workspace.outputs_file),
     }
     for name, value in attempt.params.items():
-        text = _env_value(value)
-        if "\0" not in text:  # not representable in the environment; the JSON file has it
-            env[param_env_name(name)] = text
+        variable, text = param_env_name(name), _env_value(value)
+        # Not representable in the environment (a NUL), or longer than the kernel passes
+        # one variable: the JSON file has it.
+        if "\0" not in text and len(variable) + len(text.encode()) + 2 <= _ENV_STRING_MAX:
+            env[variable] = text
     env.update(attempt.extra_env)
     return env
 

@@ -94,6 +94,20 @@ def test_environment_is_minimal_and_typed(tmp_path: Path, monkeypatch: pytest.Mo
     assert param_env_name("a.b-c") == "ONDECK_PARAM_A_B_C"
 
 
+def test_a_param_too_long_for_the_environment_reaches_the_script_in_the_file(
+    tmp_path: Path,
+) -> None:
+    """One over the kernel's 128 KiB per variable failed the attempt's start ("Argument
+    list too long"); the longest that fits is still in the environment."""
+    longest = "y" * (32 * 4096 - len("ONDECK_PARAM_FITS=") - 1)
+    params = {"long": "x" * (128 * 1024), "fits": longest}
+    script = 'echo "${ONDECK_PARAM_LONG-unset} ${#ONDECK_PARAM_FITS}"; wc -c < "$ONDECK_PARAMS"'
+    outcome, text = execute(make(tmp_path, script, params=params))
+    unset, fits, size = text.split()
+    assert outcome.status == RunStatus.SUCCEEDED
+    assert (unset, int(fits)) == ("unset", len(longest)) and int(size) > 128 * 1024 + len(longest)
+
+
 def test_workspace_is_fresh_and_removed(tmp_path: Path) -> None:
     outcome, text = execute(make(tmp_path, "pwd; ls -A | wc -l; touch left-behind; chmod 000 .."))
     lines = text.split()
