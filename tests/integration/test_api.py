@@ -246,9 +246,9 @@ def test_a_secret_name_or_scope_ending_in_a_newline_is_refused(client: httpx.Cli
     """A pattern's $ also matched before a final newline: such a name was stored (a 500 on
     PostgreSQL at 129 characters), and so was such a scope."""
     for name in ("A" * 128 + "\n", "NEWLINE\n"):
-        response = client.put(f"/secrets/{quote(name)}", json={"value": "v"})
+        response = client.put(f"/secrets/{quote(name)}", json={"value": "value"})
         assert_problem(response, 400, "a secret name is")
-    response = client.put("/secrets/NEWLINE", json={"value": "v", "scope": "environment:dev\n"})
+    response = client.put("/secrets/NEWLINE", json={"value": "value", "scope": "environment:dev\n"})
     assert_problem(response, 400, "scope is")
     assert_problem(client.delete("/secrets/NEWLINE", params={"scope": "automation:x\n"}), 400, "scope is")
     assert not [s for s in client.get("/secrets").json() if "\n" in s["name"] + s["scope"]]

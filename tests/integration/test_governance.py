@@ -121,7 +121,7 @@ ROUTE_TABLE: list[tuple[str, str, Any, dict[str, int]]] = [
     (
         "PUT",
         "/secrets/{name}",
-        lambda f: ("/secrets/TABLE_SECRET", {"json": {"value": "v"}}),
+        lambda f: ("/secrets/TABLE_SECRET", {"json": {"value": "value"}}),
         expect(401, 403, 403, 403, 200),
     ),
     ("GET", "/secrets", lambda f: ("/secrets", {}), expect(401, 403, 403, 403, 200)),

@@ -17,7 +17,7 @@ from ondeck.store.store import Store
 from ondeck.vault import Vault
 
 GLOBAL = "global"
-MAX_VALUE = 64 * 1024
+MIN_VALUE, MAX_VALUE = 4, 64 * 1024
 
 
 class MissingSecret(OndeckError):
@@ -39,8 +39,10 @@ def put(store: Store, vault: Vault, principal: Principal, name: str, scope: str,
     if not re.fullmatch(SECRET_NAME, name):
         raise InvalidRequest("a secret name is a letter or _ then letters, digits or _ (an env var name)")
     check_scope(scope)
-    if not value or len(value.encode()) > MAX_VALUE:
-        raise InvalidRequest(f"a secret value is 1 to {MAX_VALUE} bytes")
+    if len(value) < MIN_VALUE or len(value.encode()) > MAX_VALUE:
+        # Masked wherever it appears, a shorter one would mask ondeck's own words in logs and
+        # errors ("e***it code 1"), showing what it is.
+        raise InvalidRequest(f"a secret value is {MIN_VALUE} characters to {MAX_VALUE} bytes")
     now = utcnow()
     with store.transaction() as tx:
         created = tx.put_secret(name, scope, vault.encrypt(value), principal.name, now)

@@ -63,7 +63,8 @@ def _env_value(value: Any) -> str:
 
 def build_env(attempt: Attempt, workspace: Workspace) -> dict[str, str]:
     """A minimal environment: nothing of the server's own environment leaks in."""
-    env = {
+    env = dict(attempt.extra_env)  # secrets: what ondeck sets below is never theirs to change
+    env |= {
         "PATH": SAFE_PATH,
         "HOME": str(workspace.work),
         "LANG": "C.UTF-8",
@@ -81,7 +82,6 @@ def build_env(attempt: Attempt, workspace: Workspace) -> dict[str, str]:
         # one variable: the JSON file has it.
         if "\0" not in text and len(variable) + len(text.encode()) + 2 <= _ENV_STRING_MAX:
             env[variable] = text
-    env.update(attempt.extra_env)
     return env
 
 

@@ -129,6 +129,7 @@ class CircuitBreaker(_Strict):
 
 
 SECRET_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+RESERVED_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR"})  # see runner.process.build_env
 TerminalState = Literal["succeeded", "failed", "timed_out", "cancelled", "rejected"]
 TERMINAL_STATES: list[TerminalState] = ["succeeded", "failed", "timed_out", "cancelled", "rejected"]
 
@@ -197,6 +198,19 @@ class Automation(_Strict):
         schema.setdefault("additionalProperties", False)
         check_schema(schema)
         return schema
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets_not_reserved(cls, value: list[str]) -> list[str]:
+        """A secret is injected as the variable it is named: not as one ondeck sets for the
+        script, nor as one that changes how programs load (``LD_*``)."""
+        reserved = [name for name in value if name in RESERVED_ENV or name.startswith(("ONDECK_", "LD_"))]
+        if reserved:
+            raise ValueError(
+                f"{', '.join(reserved)}: ondeck sets PATH, HOME, LANG, LC_ALL, TMPDIR and ONDECK_* "
+                "for the script, and LD_* change how programs load; name the secret otherwise"
+            )
+        return value
 
     @property
     def params_schema(self) -> dict[str, Any]:

@@ -622,6 +622,18 @@ def test_rotate_key_reencrypts_every_secret(store: Store, tmp_path: Any) -> None
         secret_store.resolve(store, Vault([old_key.strip()]), ["API_KEY"], "job", None)
 
 
+def test_a_secret_too_short_to_mask_without_showing_it_is_refused(store: Store, tmp_path: Any) -> None:
+    """Masked wherever it appears, "x" turned ondeck's "exit code 1" into "e***it code 1"."""
+    from ondeck.engine import secret_store
+    from ondeck.vault import Vault
+
+    vault = Vault.open(tmp_path, None)
+    with pytest.raises(InvalidRequest, match="a secret value is 4 characters to 65536 bytes"):
+        secret_store.put(store, vault, SYSTEM, "PIN", "global", "123")
+    secret_store.put(store, vault, SYSTEM, "PIN", "global", "1234")
+    assert secret_store.resolve(store, vault, ["PIN"], "job", None) == {"PIN": "1234"}
+
+
 def test_a_trial_run_that_ends_without_a_verdict_lets_the_next_trigger_be_the_trial(store: Store) -> None:
     define(store, circuit_breaker={"failures": 1, "within": "1m", "cooldown": "100ms"})
     admit(store, TriggerRequest("job"))

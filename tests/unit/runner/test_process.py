@@ -94,6 +94,17 @@ def test_environment_is_minimal_and_typed(tmp_path: Path, monkeypatch: pytest.Mo
     assert param_env_name("a.b-c") == "ONDECK_PARAM_A_B_C"
 
 
+def test_secrets_change_no_variable_ondeck_sets(tmp_path: Path) -> None:
+    """A definition stored before such names were refused (see ``Automation.secrets``)."""
+    extra = {"PATH": "/nowhere", "ONDECK_RUN_ID": "forged", "ONDECK_PARAM_ENV": "prod", "API_KEY": "k3y!"}
+    attempt = make(
+        tmp_path, 'echo "$PATH $ONDECK_RUN_ID $ONDECK_PARAM_ENV"', params={"env": "dev"}, extra_env=extra
+    )
+    outcome, text = execute(attempt)
+    assert outcome.status == RunStatus.SUCCEEDED
+    assert text.split() == [process.SAFE_PATH, attempt.run_id, "dev"]
+
+
 def test_a_param_too_long_for_the_environment_reaches_the_script_in_the_file(
     tmp_path: Path,
 ) -> None:

@@ -270,3 +270,14 @@ def test_a_main_default_json_cannot_hold_is_refused(default: str, problem: str) 
     script = f"def main(x={default}):\n    return {{}}\n"
     with pytest.raises(InvalidDefinition, match=problem):
         parse_definition({"name": "py", "run": {"runtime": "python", "script": script}})
+
+
+@pytest.mark.parametrize(
+    "name", ["PATH", "HOME", "TMPDIR", "ONDECK_RUN_ID", "ONDECK_PARAM_ENV", "LD_PRELOAD"]
+)
+def test_a_secret_named_as_a_variable_ondeck_sets_or_one_that_changes_loading_is_refused(name: str) -> None:
+    """Injected over PATH, runs failed to start ("cannot run bash"); over ONDECK_PARAM_ENV,
+    it would stand for a param."""
+    with pytest.raises(InvalidDefinition, match=rf"x.yaml: secrets: .*{name}: ondeck sets PATH"):
+        parse_definition({**HELLO, "secrets": ["API_KEY", name]}, "x.yaml")
+    assert parse_definition({**HELLO, "secrets": ["API_KEY", "PATHS", "MY_LD_X"]}).secrets[0] == "API_KEY"
