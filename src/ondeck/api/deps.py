@@ -185,9 +185,11 @@ async def wait_finished(node: Node, run: Run, timeout: float, *, admitted: bool 
     deadline = loop.time() + timeout
     while not run.status.terminal:
         with node.bus.watch_run(run.id) as changed:
-            read = runs.get if run.watched or timeout <= 0 else runs.watch
             try:
-                run = await call(read, node.store, run.id)
+                if run.watched or timeout <= 0:
+                    run = await call(runs.get, node.store, run.id)
+                else:
+                    run = await call(runs.watch, node.store, run.id, max(0.0, deadline - loop.time()))
             except StoreUnavailable:
                 if not admitted:
                     raise

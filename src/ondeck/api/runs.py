@@ -266,9 +266,9 @@ async def _log_events(node: Node, run_id: str, after: int) -> AsyncIterator[str]
     while True:
         with node.bus.watch_run(run_id) as changed:
             try:
-                if not watched:
-                    await call(runs.watch, node.store, run_id)
-                    watched = True
+                if not watched:  # tried again at each pass while its row is locked long
+                    seen = await call(runs.watch, node.store, run_id, _KEEP_ALIVE_SECONDS)
+                    watched = seen.watched or seen.status.terminal
                 run, entries = await call(runs.logs, node.store, run_id, after=last, limit=batch)
             except StoreUnavailable:
                 failures.failed()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -14,7 +15,7 @@ from ondeck.domain import AttemptRecord, LogEntry, Run, RunStatus, Transition, u
 from ondeck.engine import catalog, states
 from ondeck.errors import Conflict, Forbidden, InvalidRequest, NotFound, UnloadableDefinition
 from ondeck.spec.params import masked
-from ondeck.store.store import Store, Transaction
+from ondeck.store.store import RowBusy, Store, Transaction
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,17 @@ def get(store: Store, run_id: str, principal: Principal | None = None) -> Run:
     return run
 
 
-def watch(store: Store, run_id: str) -> Run:
+def watch(store: Store, run_id: str, patience: float) -> Run:
     """The run, its changes and output announced from now on (``Transaction.watch_run``):
     for a waiter, which reads it again here, once that is committed. A run already
     watched, or finished, is only read: every change it made unannounced committed
-    before the flag did."""
+    before the flag did. If its row stays locked for ``patience`` seconds, the run as it
+    is, not watched (``Run.watched``): the waiter polls, or tries again."""
     run = get(store, run_id)
     if run.watched or run.status.terminal:
         return run
-    with store.transaction() as tx:
-        tx.watch_run(run_id)
+    with contextlib.suppress(RowBusy), store.transaction() as tx:
+        tx.watch_run(run_id, patience)
     return get(store, run_id)
 
 

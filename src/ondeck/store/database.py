@@ -40,7 +40,23 @@ def create_db_engine(url: str) -> Engine:
         connect_args=keepalive(parsed.query),
     )
     event.listen(engine, "handle_error", _concealed)
+    event.listen(engine, "connect", _bounded_session)
     return engine
+
+
+# How long PostgreSQL keeps a transaction whose client sends nothing more (see below).
+IDLE_IN_TRANSACTION_SECONDS = 60
+
+
+def _bounded_session(dbapi_connection: Any, _record: Any) -> None:
+    """A transaction whose client went silent mid-way (a host gone, a partition) keeps its
+    row locks until the server notices, which its TCP keepalives, two hours by default,
+    do late: meanwhile nobody can move the runs it locked, and the reaper skips them.
+    PostgreSQL ends such a session after ``IDLE_IN_TRANSACTION_SECONDS`` instead; none of
+    ondeck's transactions waits that long between two statements."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_SECONDS}s'")
+    dbapi_connection.commit()
 
 
 def _concealed(context: ExceptionContext) -> BaseException | None:

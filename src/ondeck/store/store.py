@@ -244,6 +244,13 @@ _LAST_AUDIT_HASH = Direct(select(audit_entries.c.hash).order_by(audit_entries.c.
 _INSERT_AUDIT = Direct(insert(audit_entries))
 
 
+_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's lock_timeout expired
+
+
+class RowBusy(Exception):
+    """A row stayed locked by another transaction past the patience asked for."""
+
+
 def _call(function: str, arguments: int) -> tuple[str, str]:
     """A call of ``function`` taking ``arguments``, sent with the commit with its values as
     literals (see ``Transaction.commit``), and how an error names it. The functions: see
@@ -657,7 +664,7 @@ class Transaction:
             self.notify("run", run_id)
         return True
 
-    def watch_run(self, run_id: str) -> None:
+    def watch_run(self, run_id: str, patience: float) -> None:
         """Announce the run's changes and output from now on (the ``run`` notification),
         for a waiter about to read it: it must commit before that read. Until then they
         are not, as nearly every run is never watched, and each announcement wakes a
@@ -666,8 +673,19 @@ class Transaction:
         No change is missed: a move or an append reads the flag on the run's row, which
         it locks, in the same statement; one that committed before this did is seen by
         the read that follows this commit, and one after it sees the flag. A finished
-        run, which changes no more, is left as it is."""
-        marked = self._c.execute(_WATCH_RUN, {"run_id": run_id}).first()
+        run, which changes no more, is left as it is.
+
+        On PostgreSQL, ``RowBusy`` if the row stays locked for ``patience`` seconds (a
+        transaction stuck holding it): a waiter is not kept past its wait."""
+        if self._c.dialect.name == "postgresql":
+            timeout = f"{max(1, int(patience * 1000))}ms"
+            self._c.execute(text("SELECT set_config('lock_timeout', :timeout, true)"), {"timeout": timeout})
+        try:
+            marked = self._c.execute(_WATCH_RUN, {"run_id": run_id}).first()
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                raise RowBusy(f"run {run_id} is locked by another transaction") from exc
+            raise
         if marked is not None and marked.status == RunStatus.QUEUED:
             self._locked_queued(marked.worker_group)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -27,9 +28,10 @@ from ondeck.errors import (
     UnloadableDefinition,
 )
 from ondeck.spec.loader import parse_definition
-from ondeck.store import direct
+from ondeck.store import database, direct
 from ondeck.store.store import Store, Transaction
 from ondeck.store.tables import automation_versions
+from ondeck.store.tables import runs as runs_table
 from tests.support import wait_until
 
 LEASE = timedelta(seconds=30)
@@ -679,10 +681,10 @@ def test_only_the_changes_and_output_of_a_watched_run_are_announced(store: Store
     store.subscribe(lambda channel, payload: heard.append((channel, payload)))
     unwatched = admit(store, TriggerRequest("job")).run
     waited = admit(store, TriggerRequest("job", watched=True)).run
-    followed = runs.watch(store, admit(store, TriggerRequest("job")).run.id)
+    followed = runs.watch(store, admit(store, TriggerRequest("job")).run.id, 5)
     assert {channel for channel, _ in heard} == {"queue"}  # workers woken, nobody else
     assert (unwatched.watched, waited.watched, followed.watched) == (False, True, True)
-    assert runs.watch(store, followed.id).watched  # again: nothing changes
+    assert runs.watch(store, followed.id, 5).watched  # again: nothing changes
     claimed = claim(store)
     assert [c.run.id for c in claimed] == [unwatched.id, waited.id, followed.id]
     for each in claimed:
@@ -691,7 +693,7 @@ def test_only_the_changes_and_output_of_a_watched_run_are_announced(store: Store
     announced = [payload for channel, payload in heard if channel == "run"]
     # Each watched run's start, its output and its end.
     assert announced == [waited.id, followed.id] + [waited.id] * 2 + [followed.id] * 2
-    assert not runs.watch(store, unwatched.id).watched  # a finished run changes no more: no write
+    assert not runs.watch(store, unwatched.id, 5).watched  # a finished run changes no more: no write
 
 
 def test_watching_a_queued_run_wakes_the_workers_its_lock_hid_it_from(pg_store: Store) -> None:
@@ -702,13 +704,13 @@ def test_watching_a_queued_run_wakes_the_workers_its_lock_hid_it_from(pg_store: 
     heard: list[tuple[str, str]] = []
     pg_store.subscribe(lambda channel, payload: heard.append((channel, payload)))
     with pg_store.transaction() as tx:
-        tx.watch_run(run.id)
+        tx.watch_run(run.id, 5)
         assert claim(pg_store) == []  # hidden by the lock
     assert heard == [("queue", "default")]
     (claimed,) = claim(pg_store)
     assert claimed.run.id == run.id and claimed.run.watched
     with pg_store.transaction() as tx:
-        tx.watch_run(run.id)  # watched already: nothing to write, nobody to wake
+        tx.watch_run(run.id, 5)  # watched already: nothing to write, nobody to wake
     assert heard == [("queue", "default"), ("run", run.id)]  # and the start announced
 
 
@@ -901,16 +903,50 @@ def test_a_watch_and_a_run_s_change_under_way_wait_for_each_other_and_miss_nothi
         with store.transaction() as tx:  # the end first: the waiter reads it
             assert finish.finish_in(tx, claimed[first.id], Outcome(RunStatus.SUCCEEDED, 0), [])
             holder = _backend(tx)
-            watched = pool.submit(runs.watch, store, first.id)
+            watched = pool.submit(runs.watch, store, first.id, 30)
             wait_until(lambda: _waits_on_a_lock(store, holder, "UPDATE runs SET watched"), message="a watch")
         assert watched.result(timeout=30).status == RunStatus.SUCCEEDED
         with store.transaction() as tx:  # the flag first: the end is announced
-            tx.watch_run(second.id)
+            tx.watch_run(second.id, 30)
             holder = _backend(tx)
             ended = pool.submit(finish.finish, store, claimed[second.id], Outcome(RunStatus.SUCCEEDED, 0), [])
             wait_until(lambda: _waits_on_a_lock(store, holder, "WITH moved AS"), message="an end")
         assert ended.result(timeout=30)
     assert ("run", first.id) not in heard and ("run", second.id) in heard
+
+
+def test_a_watch_waits_for_a_locked_run_no_longer_than_its_patience(pg_store: Store) -> None:
+    """A transaction stuck holding the run's row (its client gone silent) held a waiter,
+    and its request, until it let go: long past the wait it asked for."""
+    store = pg_store
+    define(store)
+    run = admit(store, TriggerRequest("job")).run
+    with ThreadPoolExecutor(1) as pool, store.transaction() as tx:
+        tx.update_run(run.id, priority=1)  # the row locked till this commits
+        started = time.monotonic()
+        seen = pool.submit(runs.watch, store, run.id, 0.5).result(timeout=30)
+        assert time.monotonic() - started < 5 and not seen.watched
+    assert runs.watch(store, run.id, 0.5).watched  # let go: watched
+
+
+def test_a_transaction_whose_client_went_silent_lets_go_of_its_locks(
+    pg_url: str, pg_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until its host's TCP keepalives noticed (two hours by default), nobody could move
+    the runs it had locked, and the reaper passed them by."""
+    monkeypatch.setattr(database, "IDLE_IN_TRANSACTION_SECONDS", 1)
+    define(pg_store)
+    run = admit(pg_store, TriggerRequest("job")).run
+    silent = Store(pg_url)
+    try:
+        connection = silent.engine.connect()
+        connection.begin()
+        connection.execute(update(runs_table).where(runs_table.c.id == run.id).values(priority=1))
+        # ... and its client sends nothing more.
+        wait_until(lambda: runs.watch(pg_store, run.id, 0.2).watched, timeout=30, message="the lock to go")
+        connection.invalidate()
+    finally:
+        silent.dispose()
 
 
 def test_a_lost_claim_s_run_is_found_by_its_lease_once_the_claim_ends(pg_store: Store) -> None:
