@@ -16,7 +16,7 @@ import pytest
 
 from ondeck.settings import Settings
 from ondeck.triggers import standard_webhooks
-from tests.support import Server, put_automation, unique, wait_for_run
+from tests.support import Server, put_automation, unique, wait_for_run, wait_until
 
 PROBLEM = "application/problem+json"
 
@@ -441,11 +441,19 @@ def test_a_hook_with_the_longest_id_runs_as_its_principal(admin: httpx.Client, o
 # --- secrets, access rules, waiting ------------------------------------------------------
 
 
-def test_hook_whose_secret_is_not_set_is_503_saying_so(admin: httpx.Client, outside: httpx.Client) -> None:
+def test_hook_whose_secret_is_not_set_is_503_saying_so_and_naming_it_only_in_the_log(
+    server: Server, admin: httpx.Client, outside: httpx.Client
+) -> None:
+    """The sender is not known yet: the secret's and the automation's names are for the
+    server's log, not for whoever posts to the hook."""
     missing = f"HOOK_{uuid.uuid4().hex[:10].upper()}"
     name, hook_id = hook_automation(admin, "token", missing)
     problem = assert_problem(outside.post(f"/hooks/{hook_id}", headers={"Authorization": "Bearer x"}), 503)
-    assert f"webhook secret {missing} is not set" in problem["detail"]
+    assert "its secret is not set" in problem["detail"]
+    assert missing not in problem["detail"] and name not in problem["detail"]
+    assert wait_until(
+        lambda: f"webhook secret {missing} is not set (for automation {name!r})" in server.log()
+    )
     assert runs_of(admin, name) == []
 
 

@@ -17,6 +17,7 @@ delivery started.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ from ondeck.store.store import Store
 from ondeck.triggers import alertmanager, webhooks
 from ondeck.triggers.webhooks import WebhookRefused
 from ondeck.vault import Vault
+
+log = logging.getLogger(__name__)
 
 WEBHOOK_ROLE = "operator"
 
@@ -132,9 +135,16 @@ def _hook_secret(store: Store, vault: Vault, bound: Bound, name: str) -> str:
     try:
         return secret_store.resolve(store, vault, [name], automation.name, environment)[name]
     except secret_store.MissingSecret as exc:
+        # The sender is not known yet (the secret is what would tell): the server's log,
+        # not the answer, names the secret and the automation.
+        log.warning(
+            "webhook secret %s is not set (for automation %r); an admin sets it with PUT /api/v1/secrets/%s",
+            name,
+            automation.name,
+            name,
+        )
         raise HookSecretMissing(
-            f"webhook secret {name} is not set (for automation {automation.name!r}); "
-            f"an admin sets it with PUT /api/v1/secrets/{name}"
+            "this webhook cannot verify deliveries yet: its secret is not set (the server's log names it)"
         ) from exc
 
 
