@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import typer
+from pydantic import ValidationError
 
 from ondeck import __version__
 from ondeck.settings import TOKEN_FILE, Settings
@@ -152,6 +153,20 @@ def _problem_type(response: httpx.Response) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def _settings() -> Settings:
+    """The settings from ``ONDECK_*``; one that does not read is an error naming it."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"ONDECK_{'_'.join(map(str, error['loc'])).upper() or 'settings'}: {error['msg']}"
+            if error["loc"]
+            else error["msg"]
+            for error in exc.errors(include_url=False)
+        )
+        _fail(f"invalid settings: {problems}", code=2)
+
+
 def _fail(message: str, code: int = EXIT_API) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -208,7 +223,7 @@ def _fail_problem(response: httpx.Response) -> NoReturn:
 
 
 def _api() -> Api:
-    return Api(Settings())
+    return Api(_settings())
 
 
 # --- params ------------------------------------------------------------------
@@ -216,7 +231,7 @@ def _api() -> Api:
 
 def parse_params(pairs: list[str], schema: dict[str, Any]) -> dict[str, Any]:
     """``k=v`` (typed by the automation's schema) or ``k:=<json>`` (taken as JSON)."""
-    from ondeck.spec.params import coerce_text  # imported here: see the module's docstring
+    from ondeck.spec.params import coerce_text, strict_json  # imported here: see the module's docstring
 
     properties = schema.get("properties", {})
     params: dict[str, Any] = {}
@@ -224,7 +239,7 @@ def parse_params(pairs: list[str], schema: dict[str, Any]) -> dict[str, Any]:
         if ":=" in pair and pair.index(":=") < pair.find("=") + 1:
             key, raw = pair.split(":=", 1)
             try:
-                params[key] = json.loads(raw)
+                params[key] = strict_json(raw)
             except ValueError as exc:
                 _fail(f"-p {key}:= needs JSON: {exc}", code=2)
         elif "=" in pair:
@@ -446,7 +461,7 @@ def automations_apply(directory: Path) -> None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply database migrations (the server also does this on start)."""
-    store = _reachable_store(Settings())
+    store = _reachable_store(_settings())
     store.upgrade()
     store.dispose()
     typer.echo("database is up to date")
@@ -469,7 +484,7 @@ def server(
     from ondeck.api.app import create_app
     from ondeck.api.http import HttpProtocol
 
-    settings = Settings()
+    settings = _settings()
     if worker_processes is not None:
         if not worker:
             raise typer.BadParameter("--worker-processes needs the embedded worker: drop --no-worker")
@@ -515,12 +530,12 @@ def worker_command(
     from ondeck.node import Node
 
     if parent_fd is None:  # an embedded worker's server has checked
-        _reachable_store(Settings()).dispose()
+        _reachable_store(_settings()).dispose()
     jsonlog.configure(log_level.upper())
 
     async def serve() -> None:
         node = Node(
-            Settings(),
+            _settings(),
             load_automations=False,
             run_scheduler=False,
             worker_group=group,
@@ -632,7 +647,7 @@ def secrets_rotate_key() -> None:
     from ondeck.engine import secret_store
     from ondeck.vault import Vault
 
-    settings = Settings()
+    settings = _settings()
     store = _existing_store(settings)
     vault = Vault.open(settings.data_dir, settings.master_key)
     new, count = secret_store.rotate_key(store, vault, settings.data_dir)
@@ -650,7 +665,7 @@ def audit_verify() -> None:
     """Recompute the audit chain from the database; exit 1 naming the first broken entry."""
     from ondeck.engine import audit_log
 
-    store = _existing_store(Settings())
+    store = _existing_store(_settings())
     result = audit_log.verify(store)
     store.dispose()
     if not result.intact:

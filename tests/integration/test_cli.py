@@ -71,6 +71,19 @@ def test_bad_param_is_a_clear_error(examples_server: Server) -> None:
     assert "/greeting" in result.stderr and "Invalid parameters" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "param", ["delay=nan", "delay=inf", "delay=-1e999", "delay:=NaN", "delay:=1e999", "delay:=[Infinity]"]
+)
+def test_a_number_json_cannot_hold_is_a_clear_error(examples_server: Server, param: str) -> None:
+    """Each was a traceback (exit 1, "the run failed"): the request body could not be made."""
+    result = ondeck(examples_server, "run", "slow-count", "-p", param)
+    assert "Traceback" not in result.stderr
+    if ":=" in param:
+        assert result.returncode == 2 and "needs JSON" in result.stderr
+    else:  # taken as text, which the schema refuses
+        assert result.returncode == 3 and "/delay" in result.stderr
+
+
 def test_idempotency_key_returns_the_same_run(examples_server: Server) -> None:
     first = ondeck(examples_server, "run", "hello", "--idempotency-key", "cli-k1", "--json")
     again = ondeck(examples_server, "run", "hello", "--idempotency-key", "cli-k1", "--json")
@@ -102,6 +115,19 @@ def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
         [sys.executable, "-m", "ondeck", "runs", "list"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 3 and "cannot reach ondeck" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["server"], ["runs", "list"]], ids=" ".join)
+def test_a_setting_that_does_not_read_is_a_clear_error(tmp_path: Path, command: list[str]) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ONDECK_DATA_DIR": str(tmp_path)}
+    env |= {"ONDECK_LOG_CAP_BYTES": "1000", "ONDECK_PORT": "9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ondeck", *command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stderr) == (
+        2,
+        "error: invalid settings: ONDECK_LOG_CAP_BYTES: Input should be greater than or equal to 1024\n",
+    )
 
 
 @pytest.mark.parametrize("command", [["server"], ["worker"], ["db", "upgrade"]], ids=" ".join)

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import json
+import math
 import operator
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -299,11 +300,29 @@ def coerce_text(text: str, schema: Mapping[str, Any]) -> Any:
         if kind == "integer":
             return int(text)
         if kind == "number":
-            return float(text)
+            return finite_float(text)
         if kind == "boolean" and text.lower() in ("true", "false", "yes", "no", "1", "0"):
             return text.lower() in ("true", "yes", "1")
         if kind in ("array", "object"):
-            return json.loads(text)
+            return strict_json(text)
     except ValueError:
         pass
     return text
+
+
+def finite_float(text: str) -> float:
+    """``text`` as a number JSON can hold: not NaN, not one too large (``1e999``)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a number JSON can hold")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads``, refusing what Python's parser takes beyond JSON: NaN, Infinity, and
+    numbers too large for a float."""
+    return json.loads(text, parse_float=finite_float, parse_constant=_no_constant)
