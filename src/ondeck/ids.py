@@ -7,6 +7,7 @@ import threading
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
+ID_PATTERN = f"[{_ALPHABET}]{{26}}"
 _lock = threading.Lock()
 _last = 0
 

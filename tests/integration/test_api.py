@@ -434,6 +434,8 @@ def test_runs_list_filters_and_paginates_with_link(client: httpx.Client) -> None
     succeeded = client.get("/runs", params={"automation": name, "status": "succeeded,failed"}).json()["items"]
     assert len(succeeded) == 5
     assert client.get("/runs", params={"automation": name, "status": "queued"}).json()["items"] == []
+    for cursor in ("garbage", seen[0].upper(), seen[0] + "0"):  # once a 200 listing runs "before" it
+        assert_problem(client.get("/runs", params={"cursor": cursor}), 400, "cursor is not one a page gave")
 
 
 def test_cancel_and_rerun(client: httpx.Client) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -14,6 +15,7 @@ from ondeck.auth.principals import Permission, Principal
 from ondeck.domain import AttemptRecord, LogEntry, Run, RunStatus, Transition, utcnow
 from ondeck.engine import catalog, states
 from ondeck.errors import Conflict, Forbidden, InvalidRequest, NotFound, UnloadableDefinition
+from ondeck.ids import ID_PATTERN
 from ondeck.spec.params import masked
 from ondeck.store.store import RowBusy, Store, Transaction
 
@@ -117,6 +119,8 @@ def page(
     unknown = [s for s in statuses if s not in RunStatus.__members__.values()]
     if unknown:
         raise InvalidRequest(f"unknown status {', '.join(unknown)}; use one of {', '.join(RunStatus)}")
+    if before is not None and not re.fullmatch(ID_PATTERN, before):
+        raise InvalidRequest("cursor is not one a page gave: pass a page's next_cursor as it is")
     names = catalog.visible_names(store, principal)
     if names is not None and automation is not None and automation not in names:
         return [], None
