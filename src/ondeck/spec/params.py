@@ -59,7 +59,7 @@ def check_schema(schema: dict[str, Any]) -> None:
     properties = schema.get("properties")
     clashes = env_name_clashes(properties) if isinstance(properties, dict) else []
     if clashes:
-        raise ValueError(f"params properties clash: {'; '.join(clashes)}")
+        raise ValueError("; ".join(f"properties {clash}" for clash in clashes))
     unresolved = _unresolved_refs(schema)
     if unresolved:
         refs = ", ".join(map(repr, unresolved))

@@ -274,8 +274,8 @@ def test_params_that_would_share_an_environment_variable_are_refused() -> None:
     with pytest.raises(ValueError) as refused:
         check_schema(clashing)
     assert str(refused.value) == (
-        "params properties clash: 'A', 'a' would all be ONDECK_PARAM_A; "
-        "'a-b', 'a_b' would all be ONDECK_PARAM_A_B"
+        "properties 'A', 'a' would all be ONDECK_PARAM_A; "
+        "properties 'a-b', 'a_b' would all be ONDECK_PARAM_A_B"
     )
     open_ended = {"type": "object", "properties": {"env": {"type": "string"}}, "additionalProperties": True}
     check_schema(open_ended)
