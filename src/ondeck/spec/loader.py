@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,29 @@ def load_yaml(text: str) -> Any:
         if stack:
             stack[-1].deepest = max(stack[-1].deepest, height)
             stack[-1].values += count
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that holds a key twice: it kept the last,
+    so a file with two ``run:`` ran the second, and ``validate`` passed it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # << merges: their keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # unhashable: the base refuses it
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"{key!r} appears twice (first at line {first[key] + 1})",
+                        key_node.start_mark,
+                    )
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 @dataclass

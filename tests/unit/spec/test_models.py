@@ -281,3 +281,17 @@ def test_a_secret_named_as_a_variable_ondeck_sets_or_one_that_changes_loading_is
     with pytest.raises(InvalidDefinition, match=rf"x.yaml: secrets: .*{name}: ondeck sets PATH"):
         parse_definition({**HELLO, "secrets": ["API_KEY", name]}, "x.yaml")
     assert parse_definition({**HELLO, "secrets": ["API_KEY", "PATHS", "MY_LD_X"]}).secrets[0] == "API_KEY"
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    """PyYAML kept the last: a file with two ``run:`` ran the second, and passed validation."""
+    (tmp_path / "dup.yaml").write_text(
+        "name: dup\nrun: {runtime: bash, script: echo first}\nrun: {runtime: bash, script: echo second}\n"
+    )
+    _, problems = load_directory(tmp_path)
+    (problem,) = problems
+    assert "dup.yaml: invalid YAML: 'run' appears twice (first at line 2)" in problem and "line 3" in problem
+    merged = "base: &base {a: 1, b: 2}\nuse: {<<: *base, b: 3}\n"  # a merge's keys may be overridden
+    assert load_yaml(merged)["use"] == {"a": 1, "b": 3}
+    with pytest.raises(yaml.YAMLError, match="'x' appears twice"):
+        load_yaml("outer:\n  inner: {x: 1, x: 2}\n")
