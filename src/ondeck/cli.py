@@ -269,10 +269,12 @@ def _print_run(run: dict[str, Any], as_json: bool) -> None:
         typer.echo(f"  {transition['at']}  -> {transition['to_status']}: {transition['reason']}")
 
 
-def _follow(api: Api, run_id: str) -> None:
+def _follow(api: Api, run_id: str, *, all_to_stderr: bool = False) -> None:
+    """The run's live output, each stream to ours; all of it to stderr where stdout is for
+    the run's JSON (``--json``)."""
     for event, data in api.events(run_id):
         if event == "log":
-            stream = sys.stdout if data["stream"] == "stdout" else sys.stderr
+            stream = sys.stdout if data["stream"] == "stdout" and not all_to_stderr else sys.stderr
             stream.write(data["text"])
             stream.flush()
 
@@ -286,7 +288,7 @@ def _wait(api: Api, run_id: str) -> dict[str, Any]:
 
 def _finish(api: Api, run: dict[str, Any], wait: bool, follow: bool, as_json: bool) -> None:
     if follow:
-        _follow(api, run["id"])
+        _follow(api, run["id"], all_to_stderr=as_json)
     if wait or follow:
         run = _wait(api, run["id"])
         if as_json:

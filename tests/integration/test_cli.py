@@ -42,6 +42,13 @@ def test_run_hello_follow_prints_the_live_log_and_exits_zero(examples_server: Se
     assert "succeeded" in result.stderr
 
 
+def test_run_follow_json_keeps_stdout_for_the_run_s_json(examples_server: Server) -> None:
+    """The live output went to stdout before the JSON: neither the run's output nor JSON."""
+    result = ondeck(examples_server, "run", "hello", "-p", "name=json", "--follow", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "succeeded" and result.stderr == "hello, json!\n"
+
+
 def test_run_that_fails_exits_one_after_retries(examples_server: Server) -> None:
     result = ondeck(examples_server, "run", "always-fails", "--follow")
     assert result.returncode == 1
