@@ -435,11 +435,15 @@ def automations_show(name: str, as_json: JsonOption = False) -> None:
 def _load(directory: Path) -> list[Any]:
     from ondeck.spec.loader import load_directory
 
+    if not directory.is_dir():
+        _fail(f"{directory}: not a directory", code=2)
     automations, problems = load_directory(directory)
     for problem in problems:
         typer.echo(f"error: {problem}", err=True)
     if problems:
         raise typer.Exit(EXIT_RUN_FAILED)
+    if not automations:  # the wrong directory, most likely: not "0 automations valid"
+        _fail(f"{directory}: no automation files (*.yaml, *.yml) under it", code=EXIT_RUN_FAILED)
     return automations
 
 
@@ -456,7 +460,7 @@ def automations_apply(directory: Path) -> None:
     api = _api()
     for automation in _load(directory):
         result = api.request("PUT", f"/automations/{automation.name}", json=automation.definition())
-        state = "updated" if result["changed"] else "unchanged"
+        state = ("created" if result["version"] == 1 else "updated") if result["changed"] else "unchanged"
         typer.echo(f"{result['name']}: version {result['version']} ({state})")
 
 

@@ -158,18 +158,31 @@ def test_an_unreachable_database_is_a_clear_error_at_start(tmp_path: Path, comma
 
 
 def test_automations_validate_and_apply(examples_server: Server, tmp_path: Path) -> None:
-    good = tmp_path / "good"
+    good, bad = tmp_path / "good", tmp_path / "bad"
     good.mkdir()
+    bad.mkdir()
     (good / "a.yaml").write_text("name: cli-applied\nrun: {runtime: bash, script: 'echo applied'}\n")
     assert ondeck(examples_server, "automations", "validate", str(good)).returncode == 0
     applied = ondeck(examples_server, "automations", "apply", str(good))
-    assert applied.returncode == 0 and "cli-applied: version 1 (updated)" in applied.stdout
+    assert applied.returncode == 0 and "cli-applied: version 1 (created)" in applied.stdout
     again = ondeck(examples_server, "automations", "apply", str(good))
     assert "cli-applied: version 1 (unchanged)" in again.stdout
+    (good / "a.yaml").write_text("name: cli-applied\nrun: {runtime: bash, script: 'echo again'}\n")
+    changed = ondeck(examples_server, "automations", "apply", str(good))
+    assert "cli-applied: version 2 (updated)" in changed.stdout
+    for command in ("validate", "apply"):  # the wrong directory, most likely
+        empty = ondeck(examples_server, "automations", command, str(tmp_path / "bad"))
+        assert (empty.returncode, empty.stderr) == (
+            1,
+            f"error: {tmp_path / 'bad'}: no automation files (*.yaml, *.yml) under it\n",
+        )
+        missing = ondeck(examples_server, "automations", command, str(tmp_path / "missing"))
+        assert (missing.returncode, missing.stderr) == (
+            2,
+            f"error: {tmp_path / 'missing'}: not a directory\n",
+        )
     assert "cli-applied" in ondeck(examples_server, "automations", "list").stdout
 
-    bad = tmp_path / "bad"
-    bad.mkdir()
     (bad / "b.yaml").write_text("name: b\nrun: {runtime: bash, script: x}\nretries: {attempts: 0}\n")
     result = ondeck(examples_server, "automations", "validate", str(bad))
     assert result.returncode == 1 and "b.yaml: retries.attempts" in result.stderr
