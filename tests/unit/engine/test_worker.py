@@ -91,11 +91,7 @@ def test_a_worker_s_postgresql_calls_take_turns_on_one_thread_and_renewals_go_on
         release.wait(30)
         return threading.get_ident()
 
-    async def main() -> None:
-        bus.bind(asyncio.get_running_loop())
-        store.subscribe(bus.from_thread)
-        stop = asyncio.Event()
-        running = asyncio.create_task(worker.run(stop))
+    async def scenario() -> None:
         try:
             run = admit(store, TriggerRequest("job")).run
             await _until("the run starts", lambda: runs.get(store, run.id).status == RunStatus.RUNNING)
@@ -117,10 +113,8 @@ def test_a_worker_s_postgresql_calls_take_turns_on_one_thread_and_renewals_go_on
             await _until("the run is cancelled", lambda: runs.get(store, run.id).status.terminal)
         finally:
             release.set()
-            stop.set()
-            await running
 
-    asyncio.run(main())
+    _run_worker(store, settings, scenario, bus, worker)
 
 
 def test_a_claim_that_waited_its_turn_behind_a_slow_call_reckons_its_lease_from_its_write(
@@ -140,24 +134,16 @@ def test_a_claim_that_waited_its_turn_behind_a_slow_call_reckons_its_lease_from_
         held.set()
         time.sleep(2.5)
 
-    async def main() -> None:
-        bus.bind(asyncio.get_running_loop())
-        store.subscribe(bus.from_thread)
-        stop = asyncio.Event()
-        running = asyncio.create_task(worker.run(stop))
-        try:
-            slowly = asyncio.create_task(worker.call(slow))
-            await _until("the slow call holds the thread", held.is_set)
-            run = admit(store, TriggerRequest("job")).run  # the wake-up's claim waits its turn
-            await slowly
-            await _until("the run ends", lambda: runs.get(store, run.id).status.terminal, 20)
-            ended = runs.get(store, run.id)
-            assert (ended.status, ended.error) == (RunStatus.SUCCEEDED, None)
-        finally:
-            stop.set()
-            await running
+    async def scenario() -> None:
+        slowly = asyncio.create_task(worker.call(slow))
+        await _until("the slow call holds the thread", held.is_set)
+        run = admit(store, TriggerRequest("job")).run  # the wake-up's claim waits its turn
+        await slowly
+        await _until("the run ends", lambda: runs.get(store, run.id).status.terminal, 20)
+        ended = runs.get(store, run.id)
+        assert (ended.status, ended.error) == (RunStatus.SUCCEEDED, None)
 
-    asyncio.run(main())
+    _run_worker(store, settings, scenario, bus, worker)
 
 
 def test_an_ending_attempt_claims_the_next_due_run_for_its_slot(store: Store, worker: Worker) -> None:
@@ -490,16 +476,23 @@ def test_an_end_whose_claim_met_a_run_it_could_not_take_wakes_the_claim_loop(
     assert woke, "the end did not wake the claim loop"
 
 
-def _run_worker(store: Store, settings: Settings, scenario: Callable[[], Awaitable[None]]) -> None:
-    """Run a worker while ``scenario`` (a coroutine function) runs, then stop it."""
-    bus = WakeBus()
+def _run_worker(
+    store: Store,
+    settings: Settings,
+    scenario: Callable[[], Awaitable[None]],
+    bus: WakeBus | None = None,
+    worker: Worker | None = None,
+) -> None:
+    """Run a worker (``worker`` on ``bus``, or a new one) while ``scenario`` (a coroutine
+    function) runs, then stop it."""
+    bus = bus or WakeBus()
 
     async def main() -> None:
         bus.bind(asyncio.get_running_loop())
         store.subscribe(bus.from_thread)
-        worker = Worker(store, settings, bus, Vault([Fernet.generate_key()]))
+        running_worker = worker or Worker(store, settings, bus, Vault([Fernet.generate_key()]))
         stop = asyncio.Event()
-        running = asyncio.create_task(worker.run(stop))
+        running = asyncio.create_task(running_worker.run(stop))
         try:
             await scenario()
         finally:
