@@ -32,22 +32,8 @@ def param_env_name(name: str) -> str:
     return "ONDECK_PARAM_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
-def env_name_clashes(names: Iterable[str]) -> list[str]:
-    """For each environment variable two or more of ``names`` would reach a script as (``a``
-    and ``A``, ``a-b`` and ``a_b``), which: only one of them could be in the environment."""
-    by_variable: dict[str, list[str]] = {}
-    for name in names:
-        by_variable.setdefault(param_env_name(name), []).append(name)
-    return [
-        f"{', '.join(map(repr, sorted(clashing)))} would all be {variable}"
-        for variable, clashing in sorted(by_variable.items())
-        if len(clashing) > 1
-    ]
-
-
 def check_schema(schema: dict[str, Any]) -> None:
-    """Raise ``ValueError`` unless ``schema`` is a valid JSON Schema for an object whose
-    properties each have an environment variable of their own."""
+    """Raise ``ValueError`` unless ``schema`` is a valid JSON Schema for an object."""
     if nesting(schema) > SCHEMA_DEPTH_MAX:
         raise ValueError(f"params nests more than {SCHEMA_DEPTH_MAX} levels of objects and arrays")
     try:
@@ -56,10 +42,6 @@ def check_schema(schema: dict[str, Any]) -> None:
         raise ValueError(f"params is not a valid JSON Schema: {exc.message}") from exc
     if schema.get("type") != "object":
         raise ValueError("params must be a JSON Schema with type: object")
-    properties = schema.get("properties")
-    clashes = env_name_clashes(properties) if isinstance(properties, dict) else []
-    if clashes:
-        raise ValueError("; ".join(f"properties {clash}" for clash in clashes))
     unresolved = _unresolved_refs(schema)
     if unresolved:
         refs = ", ".join(map(repr, unresolved))
@@ -263,12 +245,6 @@ def validate_params(schema: dict[str, Any], params: dict[str, Any]) -> dict[str,
     if unstorable:
         summary = "; ".join(f"{item['path'] or 'params'}: {item['message']}" for item in unstorable)
         raise InvalidParams(f"params cannot be stored: {summary}", errors=unstorable)
-    clashes = env_name_clashes(params)  # through additionalProperties, or an older definition
-    if clashes:
-        raise InvalidParams(
-            f"params clash: {'; '.join(clashes)}",
-            errors=[{"path": "", "message": clash} for clash in clashes],
-        )
     filled = copy.deepcopy(params)
     _apply_defaults(schema, filled)
     validator = _validator(json.dumps(schema, sort_keys=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -103,6 +104,18 @@ def test_secrets_change_no_variable_ondeck_sets(tmp_path: Path) -> None:
     outcome, text = execute(attempt)
     assert outcome.status == RunStatus.SUCCEEDED
     assert text.split() == [process.SAFE_PATH, attempt.run_id, "dev"]
+
+
+def test_params_that_would_share_a_variable_are_in_the_file_only(tmp_path: Path) -> None:
+    """``mode`` and ``MODE`` were both ONDECK_PARAM_MODE, the value last in the params
+    winning (PostgreSQL orders a JSON object's keys its own way): one a rule checked could
+    be passed by sending the other, or filled by a default beside it."""
+    params = {"mode": "safe", "MODE": "rm -rf", "a-b": 1, "a_b": 2, "имя": "x", "тип": "y", "ok": "fine"}
+    script = 'env | grep ^ONDECK_PARAM_; echo; cat "$ONDECK_PARAMS"'
+    outcome, text = execute(make(tmp_path, script, params=params))
+    variables, file = text.split("\n\n")
+    assert outcome.status == RunStatus.SUCCEEDED
+    assert (variables, json.loads(file)) == ("ONDECK_PARAM_OK=fine", params)
 
 
 def test_a_param_too_long_for_the_environment_reaches_the_script_in_the_file(

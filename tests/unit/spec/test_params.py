@@ -265,22 +265,3 @@ def test_validating_never_fetches_a_ref_from_the_network() -> None:
         finally:
             server.shutdown()
     assert fetched == []
-
-
-def test_params_that_would_share_an_environment_variable_are_refused() -> None:
-    """``a`` and ``A`` both reached the script as ONDECK_PARAM_A, the last one sent winning:
-    a rule that checked one could be passed by sending the other."""
-    clashing = {"type": "object", "properties": {"a": {}, "A": {}, "a-b": {}, "a_b": {}, "c": {}}}
-    with pytest.raises(ValueError) as refused:
-        check_schema(clashing)
-    assert str(refused.value) == (
-        "properties 'A', 'a' would all be ONDECK_PARAM_A; "
-        "properties 'a-b', 'a_b' would all be ONDECK_PARAM_A_B"
-    )
-    open_ended = {"type": "object", "properties": {"env": {"type": "string"}}, "additionalProperties": True}
-    check_schema(open_ended)
-    clash = "'ENV', 'env' would all be ONDECK_PARAM_ENV"
-    with pytest.raises(InvalidParams, match=f"params clash: {clash}") as sent:
-        validate_params(open_ended, {"env": "dev", "ENV": "prod"})
-    assert sent.value.extensions == {"errors": [{"path": "", "message": clash}]}
-    assert validate_params(open_ended, {"env": "dev", "other": 1}) == {"env": "dev", "other": 1}
