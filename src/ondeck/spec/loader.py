@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,24 +100,38 @@ def load_yaml(text: str) -> Any:
 
 class _UniqueKeys(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a mapping that holds a key twice: it kept the last,
-    so a file with two ``run:`` ran the second, and ``validate`` passed it."""
+    so a file with two ``run:`` ran the second, and ``validate`` passed it.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # << merges: their keys may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            with contextlib.suppress(TypeError):  # unhashable: the base refuses it
-                if key in first:
-                    raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
-                        f"{key!r} appears twice (first at line {first[key] + 1})",
-                        key_node.start_mark,
-                    )
-                first[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
+    Checked on the composed document, before anything is built: building a merge
+    (``<<``) rewrites the nodes it merges from, and what it brings may be overridden."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_repeated_keys(node)
+        return super().construct_document(node)
+
+
+def _refuse_repeated_keys(root: yaml.Node) -> None:
+    """Every mapping of the document, once each (an alias is the node it names), without
+    recursion; keys compared as scalars (``x`` and ``"x"`` are one key)."""
+    pending, seen = [root], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                pending.extend((key, value))
+                if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+                    continue
+                if (key.tag, key.value) in first:
+                    line = first[key.tag, key.value]
+                    twice = f"{key.value!r} appears twice (first at line {line + 1})"
+                    raise yaml.constructor.ConstructorError(None, None, twice, key.start_mark)
+                first[key.tag, key.value] = key.start_mark.line
 
 
 @dataclass

@@ -293,5 +293,10 @@ def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:
     assert "dup.yaml: invalid YAML: 'run' appears twice (first at line 2)" in problem and "line 3" in problem
     merged = "base: &base {a: 1, b: 2}\nuse: {<<: *base, b: 3}\n"  # a merge's keys may be overridden
     assert load_yaml(merged)["use"] == {"a": 1, "b": 3}
+    # Building a merge rewrites the node merged from: one built later held both x's then.
+    chained = "a: &a {x: 1}\ndefs: {inner: {b: &b {<<: *a, x: 2}}}\nc: {<<: *b, y: 3}\n"
+    assert load_yaml(chained)["c"]["y"] == 3  # loads (what x is, is PyYAML's own doing)
+    with pytest.raises(yaml.YAMLError, match="'x' appears twice"):
+        load_yaml('x: 1\n"x": 2\n')
     with pytest.raises(yaml.YAMLError, match="'x' appears twice"):
         load_yaml("outer:\n  inner: {x: 1, x: 2}\n")
