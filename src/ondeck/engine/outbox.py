@@ -238,7 +238,7 @@ async def deliver_forever(
                     status_code, error = await send(delivery, client, secret, destinations)
                 except Exception as exc:  # a bug: fails this delivery's attempt, not the sender
                     log.exception("sending delivery %s failed", delivery["id"])
-                    status_code, error = None, f"{type(exc).__name__}: {exc}"
+                    status_code, error = None, f"{type(exc).__name__} in sending (the server's log has more)"
                 elapsed = int((time.monotonic() - started) * 1000)
                 try:
                     await blocking.run(_record, store, delivery, status_code, error, elapsed, first_retry)

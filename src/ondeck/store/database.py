@@ -52,10 +52,15 @@ def _bounded_session(dbapi_connection: Any, _record: Any) -> None:
     """A transaction whose client went silent mid-way (a host gone, a partition) keeps its
     row locks until the server notices, which its TCP keepalives, two hours by default,
     do late: meanwhile nobody can move the runs it locked, and the reaper skips them.
-    PostgreSQL ends such a session after ``IDLE_IN_TRANSACTION_SECONDS`` instead; none of
-    ondeck's transactions waits that long between two statements."""
+    PostgreSQL ends such a session after ``IDLE_IN_TRANSACTION_SECONDS`` instead, unless
+    its administrator chose a limit already; none of ondeck's transactions waits that long
+    between two statements."""
     with dbapi_connection.cursor() as cursor:
-        cursor.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_SECONDS}s'")
+        cursor.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)"
+            " WHERE current_setting('idle_in_transaction_session_timeout') = '0'",
+            [f"{IDLE_IN_TRANSACTION_SECONDS}s"],
+        )
     dbapi_connection.commit()
 
 
