@@ -11,6 +11,7 @@ half the time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -498,7 +499,15 @@ def server(
     _reachable_store(settings).dispose()
     jsonlog.configure(log_level.upper())
     application = create_app(settings, run_worker=worker)
-    uvicorn.run(
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            node = getattr(application.state, "node", None)
+            if node is not None:
+                node.closing = True  # live log streams end (see api.runs._log_events)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         application,
         host=host or settings.host,
         port=port or settings.port,
@@ -512,6 +521,11 @@ def server(
         timeout_keep_alive=75,
         timeout_graceful_shutdown=int(settings.kill_grace_seconds) + 5,
     )
+    served = Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        served.run()
+    if not served.started:  # as uvicorn.run does: the port taken, say (uvicorn logged why)
+        raise typer.Exit(3)
 
 
 def _ignore() -> None:

@@ -68,6 +68,9 @@ class Node:
     _worker_processes: list[WorkerProcess] = field(init=False, default_factory=list)
     detached: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     """Set when the server this worker was started by is gone."""
+    closing: bool = field(init=False, default=False)
+    """Set when the server was told to stop: the HTTP server waits for open requests to
+    end before the application's own shutdown, so what streams (live logs) ends itself."""
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.resolved_database_url)

@@ -15,12 +15,15 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from ondeck.engine import runs
+from ondeck.store.store import Store
 from tests.support import (
     TERMINAL,
     OndeckProcess,
@@ -519,7 +522,7 @@ def test_several_embedded_workers_each_execute_runs_and_stop_with_the_server(
 
 
 def test_a_stop_signal_to_server_and_worker_together_stops_both_without_a_restart(
-    start_server: Callable[..., tuple[Server, dict[str, str]]], run_ids: list[str]
+    start_server: Callable[..., tuple[Server, dict[str, str]]], run_ids: list[str], database_url: str
 ) -> None:
     """As Ctrl-C in a terminal or a service manager's stop signals the whole group."""
     server, _ = start_server()
@@ -532,14 +535,22 @@ def test_a_stop_signal_to_server_and_worker_together_stops_both_without_a_restar
         run_ids.append(run_id := trigger(client, name)["id"])
         wait_running(client, run_id)
 
-        # An open log stream keeps the server draining for a while after the signal: the
-        # time in which a worker that stopped on the signal would have been started again.
-        with client.stream("GET", f"/runs/{run_id}/logs/stream") as stream:
-            assert stream.status_code == 200
+        # A request waiting on the run keeps the server draining for a while after the
+        # signal: the time in which a worker that stopped on the signal would have been
+        # started again. (A live log stream ends at once, see the next test.)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client.get, f"/runs/{run_id}", params={"wait": 60})
+            store = Store(database_url)
+            try:  # the wait's first step marks the run watched
+                wait_until(lambda: runs.get(store, run_id).watched, timeout=30, message="the wait")
+            finally:
+                store.dispose()
             for pid in (server.pid, child):
                 os.kill(pid, signal.SIGTERM)
             assert server.process is not None
             server.process.wait(timeout=60)
+            with contextlib.suppress(httpx.HTTPError):
+                waiting.result(timeout=60)
     wait_until(lambda: not _alive(child), timeout=30, message="the worker to stop")
     assert "restarting" not in server.log()
     assert embedded_workers(server.pid) == []
@@ -554,6 +565,31 @@ def test_a_stop_signal_to_server_and_worker_together_stops_both_without_a_restar
     assert [(a["status"], a["error"]) for a in run["attempts"]] == [
         ("failed", "worker shut down during the attempt")
     ]
+
+
+def test_a_stop_signal_ends_open_log_streams_at_once_without_an_error(
+    start_server: Callable[..., tuple[Server, dict[str, str]]], run_ids: list[str]
+) -> None:
+    """The server waited for each open stream its whole graceful period (kill grace + 5 s),
+    then cut it with an error in its log; the client resumes elsewhere with Last-Event-ID."""
+    server, _ = start_server()
+    name = unique_name("stream-stop")
+    with server.client() as client:
+        script = f"echo started; sleep {unique_sleep(60)}"
+        put_automation(client, {"name": name, "run": {"runtime": "bash", "script": script}})
+        run_ids.append(run_id := trigger(client, name)["id"])
+        wait_running(client, run_id)
+        with client.stream("GET", f"/runs/{run_id}/logs/stream") as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if "started" in line)
+            signalled = time.monotonic()
+            os.kill(server.pid, signal.SIGTERM)
+            rest = list(lines)  # until the server ends the stream
+            ended = time.monotonic() - signalled
+    assert ended < 5 and not [line for line in rest if line.startswith("event: end")]
+    assert server.process is not None
+    server.process.wait(timeout=60)
+    assert "Exception in ASGI application" not in server.log()
 
 
 # --- 4. an output flood is capped and does not stall the server ------------------

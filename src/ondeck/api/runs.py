@@ -256,7 +256,8 @@ async def _log_events(node: Node, run_id: str, after: int) -> AsyncIterator[str]
 
     The stream outlives an outage of the store (a restart, a failover): it waits, trying
     less and less often, and goes on where it was, as not every client reconnects with
-    ``Last-Event-ID``."""
+    ``Last-Event-ID``. It ends without ``end`` when the server is stopping
+    (``Node.closing``), which would otherwise wait for it, then cut it with an error."""
     loop = asyncio.get_running_loop()
     last, sent = after, loop.time()
     batch = 1000
@@ -286,6 +287,8 @@ async def _log_events(node: Node, run_id: str, after: int) -> AsyncIterator[str]
                 yield _sse("end", json.dumps({"status": run.status.value, "exit_code": run.exit_code}))
                 return
             await changed.wait(pause)
+            if node.closing:  # ended for the server to stop; the client resumes elsewhere
+                return
             if loop.time() - sent >= _KEEP_ALIVE_SECONDS:
                 yield ": keep-alive\n\n"
                 sent = loop.time()
