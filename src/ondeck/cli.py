@@ -232,7 +232,8 @@ def _api() -> Api:
 
 def parse_params(pairs: list[str], schema: dict[str, Any]) -> dict[str, Any]:
     """``k=v`` (typed by the automation's schema) or ``k:=<json>`` (taken as JSON)."""
-    from ondeck.spec.params import coerce_text, strict_json  # imported here: see the module's docstring
+    from ondeck.spec.params import coerce_text  # imported here: see the module's docstring
+    from ondeck.storable import strict_json
 
     properties = schema.get("properties", {})
     params: dict[str, Any] = {}

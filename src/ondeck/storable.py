@@ -16,6 +16,7 @@ JSON input is also parsed with one parser (``parse_json``), whose limits every r
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -83,6 +84,26 @@ def parse_json(text: str | bytes) -> Any:
     limit, and the code that walks a value (validation, rendering, masking) then ran out of
     it: a 500."""
     return pydantic_core.from_json(text)
+
+
+def finite_float(text: str) -> float:
+    """``text`` as a float JSON can hold: for ``json.loads``, a number too large for a
+    float (``1e400``) would be infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads``, refusing what Python's parser takes beyond JSON: ``NaN`` and
+    ``Infinity``, which JSON has no form for and no store keeps, and numbers too large
+    for a float."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=finite_float)
 
 
 def load_json(raw: bytes) -> Any:

@@ -15,7 +15,6 @@ import fcntl
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import stat
@@ -365,21 +364,6 @@ class _Child:
             self.exited.set_result(code)
 
 
-def _refuse(name: str) -> Any:
-    """For ``json.loads``, which would take ``NaN`` and ``Infinity`` as numbers: JSON has
-    no form for them, and the store (PostgreSQL) refuses them, so the run's end could not
-    be recorded at all."""
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    """For ``json.loads``: a number too large for a float (``1e400``) would be infinite."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is too large a number")
-    return value
-
-
 def _read_outputs(path: Path, owner: int) -> tuple[dict[str, Any] | None, str | None]:
     """The outputs a script left at ``path``, or why they cannot be taken. Only a regular
     file of the script user's (``owner``) is read: read by the worker, which may be root,
@@ -413,7 +397,7 @@ def _read_outputs(path: Path, owner: int) -> tuple[dict[str, Any] | None, str | 
         return None, f"outputs file holds text that cannot be stored: {problem}"
     deep = f"outputs file nests more than {storable.DEPTH_MAX} levels of objects and arrays"
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse, parse_float=_finite)
+        value = storable.strict_json(raw.decode("utf-8"))
     except RecursionError:
         return None, deep
     except (ValueError, UnicodeDecodeError) as exc:

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import functools
 import json
-import math
 import operator
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,7 +19,7 @@ from referencing.jsonschema import DRAFT202012
 
 from ondeck.errors import InvalidParams
 from ondeck.masking import MASK, Masker
-from ondeck.storable import nesting, value_problems
+from ondeck.storable import finite_float, nesting, strict_json, value_problems
 
 # Checking a schema against the metaschema takes a dozen frames per level: one nested far
 # less deep than a JSON body may be (200 levels) ran out of Python's recursion limit.
@@ -284,21 +283,3 @@ def coerce_text(text: str, schema: Mapping[str, Any]) -> Any:
     except ValueError:
         pass
     return text
-
-
-def finite_float(text: str) -> float:
-    """``text`` as a number JSON can hold: not NaN, not one too large (``1e999``)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is not a number JSON can hold")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def strict_json(text: str) -> Any:
-    """``json.loads``, refusing what Python's parser takes beyond JSON: NaN, Infinity, and
-    numbers too large for a float."""
-    return json.loads(text, parse_float=finite_float, parse_constant=_no_constant)
