@@ -75,14 +75,15 @@ def build_env(attempt: Attempt, workspace: Workspace) -> dict[str, str]:
         "ONDECK_PARAMS": str(workspace.params_file),
         "ONDECK_OUTPUTS": str(workspace.outputs_file),
     }
-    variables = collections.Counter(param_env_name(name) for name in attempt.params)
+    variables = {name: param_env_name(name) for name in attempt.params}
+    taken = collections.Counter(variables.values())
     for name, value in attempt.params.items():
-        variable, text = param_env_name(name), _env_value(value)
+        variable, text = variables[name], _env_value(value)
         # The JSON file has every param; the environment not one whose variable another
         # param would be too (``a`` and ``A``, ``a-b`` and ``a_b``, names not in ASCII),
         # one not representable there (a NUL), nor one longer than the kernel passes.
         if (
-            variables[variable] == 1
+            taken[variable] == 1
             and "\0" not in text
             and len(variable) + len(text.encode()) + 2 <= _ENV_STRING_MAX
         ):
