@@ -103,6 +103,12 @@ _RUN_FIELDS = [f.name for f in fields(Run)]
 _AUDIT_LOCK = 0x0ADA0D17  # serialises appends to the audit chain on PostgreSQL
 _CLAIMS_LOCK = 0x0ADC  # with the worker's name: held by each of its claims until it commits
 
+
+def _claims_lock(worker: Any) -> Any:
+    """Take ``worker``'s claims lock (``_CLAIMS_LOCK``) until the transaction ends."""
+    return func.pg_advisory_xact_lock(_CLAIMS_LOCK, func.hashtext(worker))
+
+
 __all__ = ["IntegrityError", "Store", "Transaction"]
 
 # Statements every run goes through, built once. SQLAlchemy then skips building the
@@ -159,7 +165,7 @@ def _pg_start_queued() -> Direct:
     locked = _QUEUED_CANDIDATES.statement
     assert isinstance(locked, Select)
     # An uncorrelated subquery: evaluated once, before the scan.
-    claims_lock = select(func.pg_advisory_xact_lock(_CLAIMS_LOCK, func.hashtext(worker))).subquery()
+    claims_lock = select(_claims_lock(worker)).subquery()
     candidate = locked.where(select(func.count()).select_from(claims_lock).scalar_subquery() == 1).cte(
         "candidate"
     )
@@ -677,7 +683,7 @@ class Transaction:
 
         On PostgreSQL, ``RowBusy`` if the row stays locked for ``patience`` seconds (a
         transaction stuck holding it): a waiter is not kept past its wait."""
-        if self._c.dialect.name == "postgresql":
+        if self.postgres:
             timeout = f"{max(1, int(patience * 1000))}ms"
             self._c.execute(text("SELECT set_config('lock_timeout', :timeout, true)"), {"timeout": timeout})
         try:
@@ -833,8 +839,7 @@ class Transaction:
         ``worker`` still under way has ended (on PostgreSQL; see ``_pg_start_queued``): a
         run it is starting is not yet running, and so not waited for by the read itself."""
         if self.postgres:
-            lock = func.pg_advisory_xact_lock(_CLAIMS_LOCK, func.hashtext(worker))
-            self._c.execute(select(lock))
+            self._c.execute(select(_claims_lock(worker)))
         rows = self._c.execute(
             select(runs)
             .where(
