@@ -160,7 +160,7 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         problems = "; ".join(
-            f"ONDECK_{'_'.join(map(str, error['loc'])).upper() or 'settings'}: {error['msg']}"
+            f"ONDECK_{'_'.join(map(str, error['loc'])).upper()}: {error['msg']}"
             if error["loc"]
             else error["msg"]
             for error in exc.errors(include_url=False)
